@@ -1,0 +1,100 @@
+"""`build_sam`: one code path for every size, from scratch, an official checkpoint or MAE weights."""
+import logging
+from dataclasses import dataclass, field, asdict
+from typing import Optional, Sequence, Tuple
+
+import torch.nn as nn
+
+from .checkpoint import load_mae_encoder, load_official
+from .image_encoder import ImageEncoderViT
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+from .sam import Sam
+from .transformer import TwoWayTransformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Every architectural number; `build_sam(variant, **overrides)` replaces any of them."""
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: Tuple[int, ...]
+    img_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    # training switches (the release has none; the paper uses drop path and decoder dropout 0.1)
+    drop_path_rate: float = 0.0
+    decoder_dropout: float = 0.0
+    grad_checkpointing: bool = False
+
+
+VARIANTS = {
+    "vit_b": SamConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": SamConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": SamConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+    # for CPU tests and the demo: 256 px -> 16x16 tokens, low-res masks 64x64
+    "vit_tiny": SamConfig(embed_dim=192, depth=6, num_heads=3, global_attn_indexes=(2, 5), img_size=256,
+                          window_size=8),
+}
+
+
+def sam_config(variant: str, **overrides) -> SamConfig:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    fields = asdict(VARIANTS[variant])
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown build_sam override(s) {unknown}; valid keys: {sorted(fields)}")
+    fields.update(overrides)
+    fields["global_attn_indexes"] = tuple(fields["global_attn_indexes"])
+    bad = [i for i in fields["global_attn_indexes"] if not 0 <= i < fields["depth"]]
+    if bad:
+        raise ValueError(f"global_attn_indexes {bad} out of range for depth {fields['depth']}")
+    return SamConfig(**fields)
+
+
+def build_sam(variant: str = "vit_b", checkpoint: Optional[str] = None, encoder_init: Optional[str] = None,
+              **overrides) -> Sam:
+    """Build SAM of size `variant`; `checkpoint` loads an official SAM .pth strictly,
+    `encoder_init` loads MAE/timm ViT weights into the image encoder (pos-embed resized)."""
+    cfg = sam_config(variant, **overrides)
+    grid = cfg.img_size // cfg.patch_size
+    image_encoder = ImageEncoderViT(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads, global_attn_indexes=cfg.global_attn_indexes, window_size=cfg.window_size,
+        out_chans=cfg.prompt_embed_dim, drop_path_rate=cfg.drop_path_rate,
+        grad_checkpointing=cfg.grad_checkpointing,
+    )
+    prompt_encoder = PromptEncoder(embed_dim=cfg.prompt_embed_dim, image_embedding_size=(grid, grid),
+                                   input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=cfg.mask_in_chans)
+    transformer = TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_embed_dim,
+                                    num_heads=cfg.decoder_heads, mlp_dim=cfg.decoder_mlp_dim,
+                                    dropout=cfg.decoder_dropout)
+    mask_decoder = MaskDecoder(transformer_dim=cfg.prompt_embed_dim, transformer=transformer,
+                               num_multimask_outputs=cfg.num_multimask_outputs, iou_head_depth=cfg.iou_head_depth,
+                               iou_head_hidden_dim=cfg.iou_head_hidden_dim)
+    model = Sam(image_encoder, prompt_encoder, mask_decoder)
+    model.config = cfg
+    if checkpoint is not None:
+        load_official(model, checkpoint)
+    if encoder_init is not None:
+        if checkpoint is not None:
+            raise ValueError("pass either checkpoint= (whole SAM) or encoder_init= (MAE encoder), not both")
+        model.encoder_init_report = load_mae_encoder(model.image_encoder, encoder_init)
+        log.info("MAE init from %s: %s", encoder_init, model.encoder_init_report)
+    return model
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

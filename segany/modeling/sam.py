@@ -1,0 +1,107 @@
+"""Sam: image encoder + prompt encoder + mask decoder, with the release's pre/post-processing.
+
+Beyond the release's API (`forward(batched_input, multimask_output)`, `preprocess`,
+`postprocess_masks`), `decode` runs the decoder for B images x M prompts in one call.
+Nothing here is under `no_grad`: the same module trains.
+"""
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .constants import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
+from .image_encoder import ImageEncoderViT
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+
+class Sam(nn.Module):
+    mask_threshold: float = MASK_THRESHOLD
+    image_format: str = "RGB"
+
+    def __init__(self, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
+                 pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        # not in the release's state_dict
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float).view(-1, 1, 1), False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def img_size(self) -> int:
+        return self.image_encoder.img_size
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., 3, h, w) 0-255 RGB, already resized -> normalised, zero-padded to (S, S)."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+    def postprocess_masks(self, masks: torch.Tensor, input_size: Tuple[int, ...],
+                          original_size: Tuple[int, ...]) -> torch.Tensor:
+        """(B, K, 4h, 4w) low-res logits -> (B, K, H, W) logits at the original image size."""
+        masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised, padded -> (B, 256, S/16, S/16)."""
+        return self.image_encoder(images)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,  # (B, C, h, w)
+        point_coords: Optional[torch.Tensor] = None,  # (B, M, P, 2) input-frame pixels
+        point_labels: Optional[torch.Tensor] = None,  # (B, M, P) in {-1, 0, 1, 2, 3}
+        boxes: Optional[torch.Tensor] = None,  # (B, M, 4) xyxy
+        mask_inputs: Optional[torch.Tensor] = None,  # (B, M, 4h, 4w) logits
+        multimask_output: Optional[bool] = True,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """B images x M prompts in one call -> masks (B, M, K, 4h, 4w), iou_pred (B, M, K).
+
+        K = 3 with multimask_output, 1 without, 4 (every mask token) with None.
+        """
+        ref = next((t for t in (point_labels, boxes, mask_inputs) if t is not None), None)
+        if ref is None:
+            raise ValueError("decode needs at least one of points, boxes or mask_inputs")
+        b, m = ref.shape[:2]
+        points = None
+        if point_coords is not None:
+            points = (point_coords.flatten(0, 1), point_labels.flatten(0, 1))
+        sparse, dense = self.prompt_encoder(
+            points=points,
+            boxes=None if boxes is None else boxes.flatten(0, 1),
+            masks=None if mask_inputs is None else mask_inputs.flatten(0, 1).unsqueeze(1),
+        )
+        image_pe = self.prompt_encoder.get_dense_pe()
+        if multimask_output is None:
+            masks, iou = self.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
+        else:
+            masks, iou = self.mask_decoder(image_embeddings, image_pe, sparse, dense, multimask_output)
+        return masks.unflatten(0, (b, m)), iou.unflatten(0, (b, m))
+
+    def forward(self, batched_input: List[Dict[str, Any]], multimask_output: bool) -> List[Dict[str, torch.Tensor]]:
+        """The release's API: a list of per-image dicts with 'image' (3, h, w) resized 0-255,
+        'original_size', and optional 'point_coords' (M, P, 2), 'point_labels' (M, P),
+        'boxes' (M, 4), 'mask_inputs' (M, 1, 4h, 4w). Images are encoded in one batch;
+        prompts are decoded per image since their layouts may differ."""
+        images = torch.stack([self.preprocess(x["image"]) for x in batched_input])
+        embeddings = self.encode_image(images)
+        outputs = []
+        for record, embedding in zip(batched_input, embeddings):
+            points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
+            sparse, dense = self.prompt_encoder(points=points, boxes=record.get("boxes"),
+                                                masks=record.get("mask_inputs"))
+            low_res, iou = self.mask_decoder(embedding.unsqueeze(0), self.prompt_encoder.get_dense_pe(),
+                                             sparse, dense, multimask_output)
+            masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
+            outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou,
+                            "low_res_logits": low_res})
+        return outputs

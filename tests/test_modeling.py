@@ -1,0 +1,296 @@
+"""Parity of segany's SAM with the official `segment_anything` package, and checkpoint I/O."""
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import segany
+from segany.modeling import CheckpointError, build_sam
+from segany.modeling.checkpoint import to_official
+from segany.modeling.transforms import ResizeLongestSide
+
+sa = pytest.importorskip("segment_anything")
+from segment_anything import modeling as om  # noqa: E402
+from segment_anything.utils.transforms import ResizeLongestSide as OfficialResize  # noqa: E402
+
+ATOL = 1e-4
+
+
+def official_tiny(seed: int = 0) -> "om.Sam":
+    """The release's classes at segany's vit_tiny size, every tensor randomised."""
+    torch.manual_seed(seed)
+    enc = om.ImageEncoderViT(depth=6, embed_dim=192, img_size=256, mlp_ratio=4,
+                             norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=3, patch_size=16,
+                             qkv_bias=True, use_rel_pos=True, global_attn_indexes=(2, 5), window_size=8,
+                             out_chans=256)
+    pe = om.PromptEncoder(embed_dim=256, image_embedding_size=(16, 16), input_image_size=(256, 256),
+                          mask_in_chans=16)
+    dec = om.MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+                         transformer=om.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
+    sam = om.Sam(image_encoder=enc, prompt_encoder=pe, mask_decoder=dec,
+                 pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375]).eval()
+    with torch.no_grad():  # zero-initialised tables (pos_embed, rel-pos) would hide bugs: randomise all
+        for p in sam.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return sam
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    official = official_tiny()
+    path = tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth"
+    torch.save(official.state_dict(), path)
+    ours = build_sam("vit_tiny", checkpoint=str(path)).eval()
+    return official, ours, path
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(1)
+    return {
+        "one point": dict(points=(torch.rand(3, 1, 2, generator=g) * 256, torch.ones(3, 1, dtype=torch.long))),
+        "points": dict(points=(torch.rand(3, 4, 2, generator=g) * 256, torch.tensor([[1, 0, 1, 0]] * 3))),
+        "box": dict(boxes=torch.tensor([[10., 20., 100., 200.], [0., 0., 255., 255.], [50., 60., 70., 90.]])),
+        "box+points": dict(points=(torch.rand(3, 2, 2, generator=g) * 256, torch.tensor([[1, 0]] * 3)),
+                           boxes=torch.tensor([[10., 20., 100., 200.]] * 3)),
+        "mask": dict(points=(torch.rand(3, 1, 2, generator=g) * 256, torch.ones(3, 1, dtype=torch.long)),
+                     masks=torch.randn(3, 1, 64, 64, generator=g)),
+        "mask only": dict(masks=torch.randn(3, 1, 64, 64, generator=g)),
+    }
+
+
+@torch.no_grad()
+def test_image_embedding_matches_official(pair):
+    official, ours, _ = pair
+    x = torch.randn(2, 3, 256, 256)
+    torch.testing.assert_close(ours.image_encoder(x), official.image_encoder(x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(_prompts()))
+@pytest.mark.parametrize("multimask", [False, True])
+@torch.no_grad()
+def test_prompt_encoder_and_decoder_match_official(pair, name, multimask):
+    official, ours, _ = pair
+    prompt = {"points": None, "boxes": None, "masks": None, **_prompts()[name]}
+    emb = official.image_encoder(torch.randn(1, 3, 256, 256))
+    sparse_o, dense_o = official.prompt_encoder(**prompt)
+    sparse, dense = ours.prompt_encoder(**prompt)
+    torch.testing.assert_close(sparse, sparse_o, atol=ATOL, rtol=0)
+    torch.testing.assert_close(dense, dense_o, atol=ATOL, rtol=0)
+    pe_o, pe = official.prompt_encoder.get_dense_pe(), ours.prompt_encoder.get_dense_pe()
+    torch.testing.assert_close(pe, pe_o, atol=ATOL, rtol=0)
+    masks_o, iou_o = official.mask_decoder(emb, pe_o, sparse_o, dense_o, multimask)
+    masks, iou = ours.mask_decoder(emb, pe, sparse, dense, multimask)
+    assert masks.shape == masks_o.shape == (3, 3 if multimask else 1, 64, 64)
+    torch.testing.assert_close(masks, masks_o, atol=ATOL, rtol=0)
+    torch.testing.assert_close(iou, iou_o, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_sam_forward_matches_official(pair):
+    """The release's list-of-dicts API end to end: preprocess, encode, decode, postprocess."""
+    official, ours, _ = pair
+    g = torch.Generator().manual_seed(2)
+    batch = [
+        {"image": torch.rand(3, 256, 171, generator=g) * 255, "original_size": (300, 200),
+         "point_coords": torch.rand(2, 3, 2, generator=g) * 170, "point_labels": torch.tensor([[1, 0, 1], [1, 1, 0]])},
+        {"image": torch.rand(3, 192, 256, generator=g) * 255, "original_size": (150, 200),
+         "boxes": torch.tensor([[5., 5., 100., 150.]]), "mask_inputs": torch.randn(1, 1, 64, 64, generator=g)},
+    ]
+    for multimask in (False, True):
+        out_o = official(batch, multimask_output=multimask)
+        out = ours(batch, multimask_output=multimask)
+        for a, b in zip(out, out_o):
+            torch.testing.assert_close(a["low_res_logits"], b["low_res_logits"], atol=ATOL, rtol=0)
+            torch.testing.assert_close(a["iou_predictions"], b["iou_predictions"], atol=ATOL, rtol=0)
+            # thresholded masks may differ only where the logit is within tolerance of 0
+            logits = ours.postprocess_masks(a["low_res_logits"], batch[0]["image"].shape[-2:], (1, 1))
+            assert a["masks"].shape == b["masks"].shape
+            assert (a["masks"] != b["masks"]).float().mean() < 1e-3
+
+
+@torch.no_grad()
+def test_batched_decoder_equals_per_image(pair):
+    """2 images x 5 prompts in one call == each image decoded alone by the release's decoder."""
+    official, ours, _ = pair
+    emb = ours.image_encoder(torch.randn(2, 3, 256, 256))  # (2, 256, 16, 16)
+    g = torch.Generator().manual_seed(3)
+    coords = torch.rand(2, 5, 3, 2, generator=g) * 256
+    labels = torch.tensor([1, 0, -1]).expand(2, 5, 3)
+    boxes = torch.rand(2, 5, 2, generator=g).mul(100).repeat(1, 1, 2) + torch.tensor([0., 0., 50., 50.])
+    mask_in = torch.randn(2, 5, 64, 64, generator=g)
+    masks, iou = ours.decode(emb, coords, labels, boxes, mask_in, multimask_output=True)
+    assert masks.shape == (2, 5, 3, 64, 64) and iou.shape == (2, 5, 3)
+    for b in range(2):
+        sparse, dense = official.prompt_encoder((coords[b], labels[b]), boxes[b], mask_in[b].unsqueeze(1))
+        m_o, iou_o = official.mask_decoder(emb[b:b + 1], official.prompt_encoder.get_dense_pe(), sparse, dense, True)
+        torch.testing.assert_close(masks[b], m_o, atol=ATOL, rtol=0)
+        torch.testing.assert_close(iou[b], iou_o, atol=ATOL, rtol=0)
+    all4, iou4 = ours.decode(emb, coords, labels, boxes, mask_in, multimask_output=None)
+    torch.testing.assert_close(all4[:, :, 1:], masks)
+    torch.testing.assert_close(iou4[:, :, 1:], iou)
+
+
+def test_preprocess_and_resize_match_official(pair):
+    official, ours, _ = pair
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (300, 451, 3), dtype=np.uint8)
+    ours_t, off_t = ResizeLongestSide(256), OfficialResize(256)
+    np.testing.assert_array_equal(ours_t.apply_image(img), off_t.apply_image(img))
+    assert ours_t.apply_image(img).shape == (int(300 * 256 / 451 + 0.5), 256, 3)
+    pts = rng.random((4, 2)) * 300
+    np.testing.assert_allclose(ours_t.apply_coords(pts, (300, 451)), off_t.apply_coords(pts, (300, 451)))
+    t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    # the release's apply_image_torch sizes the output from (B, C) instead of (H, W) (a known bug);
+    # segany resizes the longest side like apply_image does
+    resized = ours_t.apply_image_torch(t)
+    want = F.interpolate(t, (170, 256), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(resized, want)
+    resized = resized[0]
+    torch.testing.assert_close(ours.preprocess(resized), official.preprocess(resized))
+    low = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(ours.postprocess_masks(low, resized.shape[-2:], (300, 451)),
+                               official.postprocess_masks(low, resized.shape[-2:], (300, 451)))
+
+
+def test_save_official_round_trip(pair, tmp_path):
+    official, ours, _ = pair
+    out = tmp_path / "segany_export.pth"
+    segany.save_official(ours, str(out))
+    sd = torch.load(out, weights_only=True)
+    fresh = official_tiny(seed=5)
+    fresh.load_state_dict(sd, strict=True)  # the release's classes take it unchanged
+    for k, v in official.state_dict().items():
+        torch.testing.assert_close(sd[k], v, atol=0, rtol=0)
+    again = build_sam("vit_tiny", checkpoint=str(out))
+    for (k, a), b in zip(again.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_vit_b_matches_official_registry(tmp_path):
+    """The release's own builder at full size: keys, counts, round trip and the 1024-px embedding."""
+    torch.manual_seed(0)
+    official = sa.sam_model_registry["vit_b"]().eval()
+    sd = official.state_dict()
+    assert len(sd) == 314
+    path = tmp_path / "sam_vit_b.pth"
+    torch.save(sd, path)
+    ours = build_sam("vit_b", checkpoint=str(path)).eval()
+    assert sum(p.numel() for p in ours.image_encoder.parameters()) == pytest.approx(89.7e6, rel=1e-3)
+    assert sum(p.numel() for p in ours.parameters()) == pytest.approx(93.7e6, rel=1e-3)
+    x = torch.randn(1, 3, 1024, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.image_encoder(x), official.image_encoder(x), atol=ATOL, rtol=0)
+    out = tmp_path / "export.pth"
+    segany.save_official(ours, str(out))
+    sa.sam_model_registry["vit_b"](checkpoint=str(out))  # loads strictly in the release's builder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,n_keys,enc_params", [("vit_l", 482, 308e6), ("vit_h", 594, 637e6)])
+def test_large_variants_match_official(tmp_path, variant, n_keys, enc_params):
+    torch.manual_seed(0)
+    official = sa.sam_model_registry[variant]().eval()
+    sd = official.state_dict()
+    assert len(sd) == n_keys
+    path = tmp_path / f"sam_{variant}.pth"
+    torch.save(sd, path)
+    del sd
+    ours = build_sam(variant, checkpoint=str(path)).eval()
+    assert sum(p.numel() for p in ours.image_encoder.parameters()) == pytest.approx(enc_params, rel=2e-3)
+    x = torch.randn(1, 3, 1024, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.image_encoder(x), official.image_encoder(x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant,n_keys", [("vit_b", 314), ("vit_l", 482), ("vit_h", 594)])
+def test_official_key_names_and_shapes(variant, n_keys):
+    """segany's release-format state_dict has exactly the release's keys and shapes (meta device)."""
+    with torch.device("meta"):
+        official = getattr(sa, f"build_sam_{variant}")()
+        ours = build_sam(variant)
+    theirs = {k: tuple(v.shape) for k, v in official.state_dict().items()}
+    mine = {k: tuple(v.shape) for k, v in to_official(ours.state_dict()).items()}
+    assert len(mine) == n_keys
+    assert mine == theirs
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_truncated_checkpoint_is_a_clear_error(pair, tmp_path):
+    _, _, path = pair
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cut.pth.*truncated"):
+        build_sam("vit_tiny", checkpoint=str(cut))
+
+
+def test_foreign_state_dict_lists_missing_and_unexpected(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, path)
+    with pytest.raises(CheckpointError) as e:
+        build_sam("vit_tiny", checkpoint=str(path))
+    msg = str(e.value)
+    assert "resnet.pth" in msg and "missing key(s)" in msg and "2 unexpected key(s)" in msg and "conv1.weight" in msg
+
+
+def test_wrong_size_checkpoint_lists_wrong_shapes(pair, tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        build_sam("vit_tiny", checkpoint=str(pair[2]), embed_dim=96, num_heads=3, depth=7)
+    msg = str(e.value)
+    assert "wrong shape" in msg and "image_encoder.pos_embed" in msg and "missing key(s)" in msg
+    assert "image_encoder.blocks.6" in msg  # depth 7 has a block the checkpoint lacks
+
+
+def test_bad_override_fails_before_building():
+    with pytest.raises(ValueError, match="unknown build_sam override.*embed_dimm"):
+        build_sam("vit_tiny", embed_dimm=3)
+    with pytest.raises(ValueError, match="unknown SAM variant"):
+        build_sam("vit_x")
+
+
+# --------------------------------------------------------------------------- MAE init
+
+
+def test_mae_init_loads_timm_vit_with_resized_pos_embed(tmp_path):
+    timm = pytest.importorskip("timm")
+    from timm.layers import resample_abs_pos_embed
+    mae = timm.create_model("vit_base_patch16_224", pretrained=False)
+    sd = mae.state_dict()
+    path = tmp_path / "mae_pretrain_vit_base.pth"
+    torch.save({"model": sd}, path)
+    model = build_sam("vit_b", encoder_init=str(path))
+    enc = model.image_encoder.state_dict()
+    assert torch.equal(enc["blocks.3.attn.qkv.weight"], sd["blocks.3.attn.qkv.weight"])
+    assert torch.equal(enc["blocks.11.mlp.fc2.bias"], sd["blocks.11.mlp.fc2.bias"])
+    assert torch.equal(enc["patch_embed.proj.weight"], sd["patch_embed.proj.weight"])
+    # independent truth for the 14x14 -> 64x64 resize: timm's own resampler (drops the class token)
+    want = resample_abs_pos_embed(sd["pos_embed"], (64, 64), num_prefix_tokens=1, interpolation="bicubic",
+                                  antialias=False)  # MAE's own interpolate_pos_embed: plain bicubic
+    torch.testing.assert_close(enc["pos_embed"], want[:, 1:].reshape(1, 64, 64, 768), atol=1e-5, rtol=0)
+    report = model.encoder_init_report
+    assert {"cls_token", "norm.weight", "head.weight"} <= set(report.unused)
+    assert "blocks.0.attn.rel_pos_h" in report.not_initialised and "neck.0.weight" in report.not_initialised
+
+
+def test_mae_init_of_wrong_size_is_a_clear_error(tmp_path):
+    timm = pytest.importorskip("timm")
+    path = tmp_path / "vit_small.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", pretrained=False).state_dict(), path)
+    with pytest.raises(CheckpointError, match="vit_small.pth.*does not fit"):
+        build_sam("vit_b", encoder_init=str(path))
+
+
+def test_training_switches_reach_the_modules():
+    model = build_sam("vit_tiny", drop_path_rate=0.3, decoder_dropout=0.1, grad_checkpointing=True)
+    assert model.image_encoder.grad_checkpointing
+    assert model.image_encoder.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)
+    assert model.mask_decoder.transformer.layers[0].cross_attn_token_to_image.dropout == 0.1
+    x = torch.randn(1, 3, 256, 256)
+    model.train()
+    emb = model.encode_image(x)
+    emb.sum().backward()
+    assert model.image_encoder.blocks[0].attn.qkv.weight.grad is not None
