@@ -1,10 +1,5 @@
 """segany: train Segment Anything models."""
+from .inference import SamAutomaticMaskGenerator, SamPredictor
 from .modeling import CheckpointError, Sam, build_sam, save_official
 
-__all__ = ["Sam", "build_sam", "save_official", "CheckpointError"]
-
-try:  # the inference package lands beside the model
-    from .inference import SamAutomaticMaskGenerator, SamPredictor  # noqa: F401
-    __all__ += ["SamPredictor", "SamAutomaticMaskGenerator"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["Sam", "build_sam", "save_official", "CheckpointError", "SamPredictor", "SamAutomaticMaskGenerator"]

@@ -133,6 +133,16 @@ def test_batched_decoder_equals_per_image(pair):
     torch.testing.assert_close(iou4[:, :, 1:], iou)
 
 
+@torch.no_grad()
+def test_float64_points_accepted_like_the_release(pair):
+    official, ours, _ = pair
+    coords, labels = torch.rand(2, 3, 2, dtype=torch.float64) * 256, torch.ones(2, 3, dtype=torch.long)
+    sparse, _ = ours.prompt_encoder((coords, labels), None, None)
+    sparse_o, _ = official.prompt_encoder((coords.float(), labels), None, None)
+    assert sparse.dtype == torch.float32
+    torch.testing.assert_close(sparse, sparse_o, atol=ATOL, rtol=0)
+
+
 def test_preprocess_and_resize_match_official(pair):
     official, ours, _ = pair
     rng = np.random.default_rng(0)

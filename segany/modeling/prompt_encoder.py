@@ -32,7 +32,7 @@ class PositionEmbeddingRandom(nn.Module):
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         """(..., 2) coords normalised to [0, 1] -> (..., C)."""
-        coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix.to(coords.dtype)
+        coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix
         coords = 2 * torch.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
 
@@ -47,8 +47,8 @@ class PositionEmbeddingRandom(nn.Module):
 
     def forward_with_coords(self, coords: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
         """(..., 2) pixel coords (x, y) in an image of (h, w) = image_size -> (..., C)."""
-        scale = coords.new_tensor([image_size[1], image_size[0]])
-        return self._pe_encoding(coords.float() / scale)
+        coords = coords.float()  # float64 coordinates (numpy) are accepted, as in the release
+        return self._pe_encoding(coords / coords.new_tensor([image_size[1], image_size[0]]))
 
 
 class PromptEncoder(nn.Module):

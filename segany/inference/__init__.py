@@ -1,0 +1,11 @@
+"""Inference on trained SAM models: prompted prediction and automatic mask generation.
+
+``SamPredictor`` and ``SamAutomaticMaskGenerator`` mirror the official
+``segment_anything`` classes (constructor arguments, methods, outputs), so code
+written for the release ports by changing the import.
+"""
+
+from .amg import SamAutomaticMaskGenerator
+from .predictor import SamPredictor
+
+__all__ = ["SamAutomaticMaskGenerator", "SamPredictor"]

@@ -1,0 +1,326 @@
+"""Automatic ("segment everything") mask generation.
+
+Drop-in replacement for ``segment_anything.SamAutomaticMaskGenerator``: same
+constructor options, same ``generate`` output records.
+
+Pipeline per crop (layer 0 = the whole image, then 2x2, 4x4, ... crops):
+  embed crop -> prompt a point grid in batches (3 masks per point) -> drop masks with
+  low predicted IoU or stability, or touching an inner crop edge -> RLE-encode ->
+  box NMS inside the crop.
+Across crops: box NMS preferring masks from smaller crops. Optionally remove small
+holes/islands (OpenCV) and re-run NMS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms, box_area
+
+from .amg_utils import (
+    area_from_rle,
+    batch_iterator,
+    batched_mask_to_box,
+    box_xyxy_to_xywh,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    coco_encode_rle,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    mask_to_rle_pytorch,
+    remove_small_regions,
+    rle_to_mask,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+    uncrop_points,
+)
+from .predictor import SamPredictor
+
+_OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+@dataclass
+class _Proposals:
+    """Surviving mask proposals, all aligned along dim 0 (N), image frame."""
+
+    rles: List[Dict[str, Any]]  # N uncompressed RLEs, (H, W) image frame
+    boxes: torch.Tensor  # (N, 4) int64 xyxy, inclusive right/bottom
+    iou_preds: torch.Tensor  # (N,) float32
+    points: torch.Tensor  # (N, 2) float64 xy px, the prompt of each mask
+    stability_score: torch.Tensor  # (N,) float32
+    crop_boxes: torch.Tensor  # (N, 4) int64 xyxy of the crop each mask came from
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def take(self, idx: torch.Tensor) -> "_Proposals":
+        """Subset by an index tensor (keeps its order)."""
+        idx = idx.cpu().long()
+        return _Proposals(
+            rles=[self.rles[i] for i in idx.tolist()],
+            **{
+                f.name: getattr(self, f.name)[idx.to(getattr(self, f.name).device)]
+                for f in fields(self)
+                if f.name != "rles"
+            },
+        )
+
+    @staticmethod
+    def cat(parts: Sequence["_Proposals"]) -> "_Proposals":
+        return _Proposals(
+            rles=[r for p in parts for r in p.rles],
+            **{
+                f.name: torch.cat([getattr(p, f.name) for p in parts])
+                for f in fields(_Proposals)
+                if f.name != "rles"
+            },
+        )
+
+    @staticmethod
+    def empty() -> "_Proposals":
+        return _Proposals(
+            rles=[],
+            boxes=torch.zeros((0, 4), dtype=torch.long),
+            iou_preds=torch.zeros(0),
+            points=torch.zeros((0, 2), dtype=torch.float64),
+            stability_score=torch.zeros(0),
+            crop_boxes=torch.zeros((0, 4), dtype=torch.long),
+        )
+
+
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Class-agnostic NMS; returns kept indices by decreasing score."""
+    boxes = boxes.float()
+    return batched_nms(boxes, scores.to(boxes.device), torch.zeros(len(boxes), device=boxes.device), iou_threshold)
+
+
+class SamAutomaticMaskGenerator:
+    """Generate masks for a whole image by prompting SAM with a grid of points.
+
+    Arguments (defaults are the release's, tuned for ViT-H):
+      model: the ``Sam`` to use.
+      points_per_side: grid points per image side (layer 0); None if ``point_grids`` given.
+      points_per_batch: points decoded at once.
+      pred_iou_thresh: keep masks whose predicted IoU is above this (0 disables).
+      stability_score_thresh: keep masks whose stability score is >= this (0 disables).
+      stability_score_offset: logit offset used for the stability score.
+      box_nms_thresh: box IoU threshold of the NMS within a crop.
+      crop_n_layers: extra crop layers; layer i has (2**i)**2 crops.
+      crop_nms_thresh: box IoU threshold of the NMS across crops.
+      crop_overlap_ratio: overlap of first-layer crops as a fraction of the short side.
+      crop_n_points_downscale_factor: layer i uses points_per_side / factor**i points.
+      point_grids: explicit per-layer grids, each (P, 2) in [0, 1] xy.
+      min_mask_region_area: if > 0, remove holes/islands smaller than this (OpenCV).
+      output_mode: "binary_mask" | "uncompressed_rle" | "coco_rle" (pycocotools).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        points_per_side: Optional[int] = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[List[np.ndarray]] = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+    ) -> None:
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
+        if points_per_side is not None:
+            self.point_grids = build_all_layer_point_grids(
+                points_per_side, crop_n_layers, crop_n_points_downscale_factor
+            )
+        else:
+            self.point_grids = list(point_grids)  # type: ignore[arg-type]
+        if len(self.point_grids) < crop_n_layers + 1:
+            raise ValueError(f"need {crop_n_layers + 1} point grids (one per crop layer), got {len(self.point_grids)}")
+        if output_mode not in _OUTPUT_MODES:
+            raise ValueError(f"Unknown output_mode {output_mode!r}; expected one of {_OUTPUT_MODES}.")
+        # fail at construction, not after minutes of decoding, if a dependency is missing
+        if output_mode == "coco_rle":
+            import pycocotools.mask  # type: ignore # noqa: F401
+        if min_mask_region_area > 0:
+            import cv2  # type: ignore # noqa: F401
+
+        self.predictor = SamPredictor(model)
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+        """Masks for an (H, W, 3) uint8 image (in the model's ``image_format``).
+
+        Returns one record per mask: ``segmentation`` ((H, W) bool array or RLE dict,
+        by ``output_mode``), ``area`` (int), ``bbox`` ([x, y, w, h]), ``predicted_iou``,
+        ``point_coords`` ([[x, y]]), ``stability_score``, ``crop_box`` ([x, y, w, h]).
+        """
+        props = self._generate_masks(image)
+        if self.min_mask_region_area > 0:
+            props = self.postprocess_small_regions(
+                props, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
+            )
+
+        if self.output_mode == "coco_rle":
+            segmentations = [coco_encode_rle(r) for r in props.rles]
+        elif self.output_mode == "binary_mask":
+            segmentations = [rle_to_mask(r) for r in props.rles]
+        else:
+            segmentations = props.rles
+
+        bboxes = box_xyxy_to_xywh(props.boxes).tolist()
+        crop_boxes = box_xyxy_to_xywh(props.crop_boxes).tolist()
+        ious = props.iou_preds.tolist()
+        stabilities = props.stability_score.tolist()
+        points = props.points.tolist()
+        return [
+            {
+                "segmentation": segmentations[i],
+                "area": area_from_rle(props.rles[i]),
+                "bbox": bboxes[i],
+                "predicted_iou": ious[i],
+                "point_coords": [points[i]],
+                "stability_score": stabilities[i],
+                "crop_box": crop_boxes[i],
+            }
+            for i in range(len(props))
+        ]
+
+    # ------------------------------------------------------------------ stages
+
+    def _generate_masks(self, image: np.ndarray) -> _Proposals:
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        props = _Proposals.cat(
+            [self._process_crop(image, box, layer, orig_size) for box, layer in zip(crop_boxes, layer_idxs)]
+        )
+        if len(crop_boxes) > 1 and len(props):
+            # duplicates across crops: prefer the mask from the smaller crop
+            keep = _nms(props.boxes, 1 / box_area(props.crop_boxes), self.crop_nms_thresh)
+            props = props.take(keep)
+        return props
+
+    def _process_crop(
+        self, image: np.ndarray, crop_box: List[int], layer: int, orig_size: Tuple[int, ...]
+    ) -> _Proposals:
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        crop_size = crop.shape[:2]
+        self.predictor.set_image(crop)
+
+        grid = self.point_grids[layer]  # (P, 2) in [0, 1]
+        points = grid * np.array([[crop_size[1], crop_size[0]]])  # (P, 2) xy px, crop frame
+        parts = [
+            self._process_batch(batch, crop_size, crop_box, orig_size)
+            for (batch,) in batch_iterator(self.points_per_batch, points)
+        ]
+        self.predictor.reset_image()
+
+        props = _Proposals.cat(parts) if parts else _Proposals.empty()
+        if len(props):
+            props = props.take(_nms(props.boxes, props.iou_preds, self.box_nms_thresh))
+        props.boxes = uncrop_boxes_xyxy(props.boxes, crop_box)
+        props.points = uncrop_points(props.points, crop_box)
+        props.crop_boxes = torch.tensor([crop_box], dtype=torch.long).expand(len(props), 4).clone()
+        return props
+
+    def _process_batch(
+        self, points: np.ndarray, crop_size: Tuple[int, ...], crop_box: List[int], orig_size: Tuple[int, ...]
+    ) -> _Proposals:
+        """Decode one batch of grid points (B, 2) (crop frame px) into filtered proposals."""
+        orig_h, orig_w = orig_size
+        pred = self.predictor
+        in_points = torch.as_tensor(
+            pred.transform.apply_coords(points, crop_size), dtype=torch.float, device=pred.device
+        )  # (B, 2) input frame
+        in_labels = torch.ones(len(in_points), dtype=torch.int, device=pred.device)  # (B,)
+        logits, iou, _ = pred.predict_torch(
+            in_points[:, None, :], in_labels[:, None], multimask_output=True, return_logits=True
+        )  # logits (B, 3, h, w) crop frame; iou (B, 3)
+        k = logits.shape[1]
+        logits = logits.flatten(0, 1)  # (B*3, h, w); row i*3+j = mask j of point i
+        iou = iou.flatten(0, 1)  # (B*3,)
+        pts = torch.as_tensor(points).repeat_interleave(k, dim=0)  # (B*3, 2) float64
+
+        # quality filters; the stability score is only computed for IoU survivors
+        keep = torch.arange(len(iou), device=iou.device)
+        if self.pred_iou_thresh > 0.0:
+            keep = keep[iou[keep] > self.pred_iou_thresh]
+        stability = calculate_stability_score(
+            logits[keep], pred.model.mask_threshold, self.stability_score_offset
+        )  # (K,)
+        if self.stability_score_thresh > 0.0:
+            ok = stability >= self.stability_score_thresh
+            keep, stability = keep[ok], stability[ok]
+
+        masks = logits[keep] > pred.model.mask_threshold  # (K, h, w) bool
+        boxes = batched_mask_to_box(masks)  # (K, 4) crop frame
+        inner = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])  # (K,)
+        if not bool(inner.all()):
+            keep, stability, masks, boxes = keep[inner], stability[inner], masks[inner], boxes[inner]
+
+        masks = uncrop_masks(masks, crop_box, orig_h, orig_w)  # (K, H, W) image frame
+        keep_cpu = keep.cpu()
+        return _Proposals(
+            rles=mask_to_rle_pytorch(masks),
+            boxes=boxes,
+            iou_preds=iou[keep],
+            points=pts[keep_cpu],
+            stability_score=stability,
+            crop_boxes=torch.zeros((len(keep), 4), dtype=torch.long),  # set per crop
+        )
+
+    @staticmethod
+    def postprocess_small_regions(props: _Proposals, min_area: int, nms_thresh: float) -> _Proposals:
+        """Fill small holes and remove small islands of every mask, then NMS again,
+        preferring masks that needed no change."""
+        if len(props) == 0:
+            return props
+        cleaned, unchanged = [], []
+        for rle in props.rles:
+            mask, filled = remove_small_regions(rle_to_mask(rle), min_area, mode="holes")
+            mask, removed = remove_small_regions(mask, min_area, mode="islands")
+            cleaned.append(mask)
+            unchanged.append(not (filled or removed))
+        masks = torch.from_numpy(np.stack(cleaned))  # (N, H, W) bool
+        boxes = batched_mask_to_box(masks)  # (N, 4)
+        scores = torch.tensor(unchanged, dtype=torch.float)
+        keep = _nms(boxes, scores, nms_thresh)
+
+        rles = list(props.rles)
+        new_boxes = props.boxes.clone()
+        changed = [i for i in keep.tolist() if not unchanged[i]]
+        if changed:
+            idx = torch.tensor(changed)
+            for i, rle in zip(changed, mask_to_rle_pytorch(masks[idx])):
+                rles[i] = rle
+            new_boxes[idx] = boxes[idx].to(new_boxes)
+        props = _Proposals(
+            rles=rles,
+            boxes=new_boxes,
+            iou_preds=props.iou_preds,
+            points=props.points,
+            stability_score=props.stability_score,
+            crop_boxes=props.crop_boxes,
+        )
+        return props.take(keep)

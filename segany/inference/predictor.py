@@ -1,0 +1,184 @@
+"""Prompted mask prediction on a fixed image: embed once, prompt many times.
+
+Drop-in replacement for ``segment_anything.SamPredictor`` (same constructor,
+methods, arguments and return values).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..modeling.transforms import ResizeLongestSide
+
+
+class SamPredictor:
+    """Compute a SAM image embedding once, then predict masks for prompts on it.
+
+    Arguments:
+      sam_model: a ``Sam`` (``segany.build_sam(...)`` or the official one).
+
+    ``set_torch_image`` also accepts a batch of B same-size images; ``predict_torch``
+    then takes ``B*M`` prompt rows, rows ``b*M .. b*M+M-1`` belonging to image ``b``.
+    """
+
+    def __init__(self, sam_model: Any) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
+        self.reset_image()
+
+    # ------------------------------------------------------------------ image
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embed an (H, W, 3) uint8 image given in ``image_format`` ("RGB" or "BGR")."""
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if image_format != self.model.image_format:
+            image = image[..., ::-1]
+        resized = self.transform.apply_image(np.ascontiguousarray(image))  # (h, w, 3) uint8
+        if not resized.flags.writeable:  # PIL-backed arrays are read-only; torch wants writable
+            resized = resized.copy()
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self.set_torch_image(x, image.shape[:2])  # x: (1, 3, h, w)
+
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
+        """Embed image(s) already resized with ``ResizeLongestSide``.
+
+        transformed_image: (B, 3, h, w), 0-255 values, ``max(h, w) == img_size``.
+        original_image_size: (H, W) before resizing (shared by the batch).
+        """
+        img_size = self.model.image_encoder.img_size
+        if transformed_image.ndim != 4 or transformed_image.shape[1] != 3 or max(transformed_image.shape[2:]) != img_size:
+            raise ValueError(
+                f"set_torch_image expects (B, 3, h, w) with long side {img_size}, got {tuple(transformed_image.shape)}"
+            )
+        self.reset_image()
+        self.original_size = tuple(original_image_size)
+        self.input_size = tuple(transformed_image.shape[-2:])
+        x = self.model.preprocess(transformed_image)  # (B, 3, S, S) normalised, padded
+        self.features = self.model.image_encoder(x)  # (B, 256, S/16, S/16)
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current image embedding, (B, 256, h, w) (B = 1 after ``set_image``)."""
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
+        return self.features
+
+    def reset_image(self) -> None:
+        """Forget the current image."""
+        self.is_image_set = False
+        self.features: Optional[torch.Tensor] = None
+        self.original_size: Optional[Tuple[int, ...]] = None
+        self.input_size: Optional[Tuple[int, ...]] = None
+        # kept for attribute compatibility with the official predictor
+        self.orig_h = self.orig_w = self.input_h = self.input_w = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ------------------------------------------------------------------ prompts
+
+    def predict(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predict masks for one prompt set, in original-image pixel coordinates.
+
+        point_coords: (P, 2) xy px; point_labels: (P,) 1 = foreground, 0 = background;
+        box: (4,) xyxy px; mask_input: (1, 4h, 4w) low-res logits from a previous call.
+
+        Returns masks (C, H, W) (bool, or float logits if ``return_logits``),
+        iou predictions (C,) and low-res logits (C, 4h, 4w); C = 3 if multimask else 1.
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        coords = labels = boxes = masks_in = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be supplied together with point_coords.")
+            xy = self.transform.apply_coords(point_coords, self.original_size)
+            coords = torch.as_tensor(xy, dtype=torch.float, device=self.device)[None]  # (1, P, 2)
+            labels = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]  # (1, P)
+        if box is not None:
+            xyxy = self.transform.apply_boxes(box, self.original_size)
+            boxes = torch.as_tensor(xyxy, dtype=torch.float, device=self.device)[None]  # (1, 1, 4)
+        if mask_input is not None:
+            masks_in = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]  # (1, 1, 4h, 4w)
+
+        masks, iou, low_res = self.predict_torch(
+            coords, labels, boxes, masks_in, multimask_output, return_logits=return_logits
+        )
+        return tuple(t[0].detach().cpu().numpy() for t in (masks, iou, low_res))  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: Optional[torch.Tensor],
+        point_labels: Optional[torch.Tensor],
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predict masks for N prompt sets already in the resized-input frame.
+
+        point_coords: (N, P, 2) xy px; point_labels: (N, P); boxes: (N, 4) xyxy px;
+        mask_input: (N, 1, 4h, 4w) logits.
+
+        Returns masks (N, C, H, W) (bool unless ``return_logits``), iou predictions
+        (N, C) and low-res logits (N, C, 4h, 4w).
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        points = None
+        if point_coords is not None:
+            if point_coords.dtype == torch.float64:  # the release accepts float64 coords
+                point_coords = point_coords.float()
+            points = (point_coords, point_labels)
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        # sparse: (N, T, 256); dense: (N, 256, h, w)
+        low_res, iou = self._decode(sparse, dense, multimask_output)  # (N, C, 4h, 4w), (N, C)
+
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)  # (N, C, H, W)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res
+
+    def _decode(
+        self, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Run the mask decoder; with B > 1 images, each image gets its own N/B rows."""
+        image_pe = self.model.prompt_encoder.get_dense_pe()  # (1, 256, h, w)
+        n_images = self.features.shape[0]
+        if n_images == 1:
+            return self.model.mask_decoder(
+                image_embeddings=self.features,
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+        if sparse.shape[0] % n_images:
+            raise ValueError(f"{sparse.shape[0]} prompt rows cannot be split over {n_images} images")
+        rows = sparse.shape[0] // n_images
+        outs = [
+            self.model.mask_decoder(
+                image_embeddings=self.features[b : b + 1],
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse[b * rows : (b + 1) * rows],
+                dense_prompt_embeddings=dense[b * rows : (b + 1) * rows],
+                multimask_output=multimask_output,
+            )
+            for b in range(n_images)
+        ]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
