@@ -1,16 +1,14 @@
 """Image-encoder forward: segany (timm, fused attention) vs the release, same weights.
 
 Timing: both encoders in one process, runs alternated (A B A B ...), median reported.
-Peak memory: each encoder's forward in a fresh subprocess, peak RSS growth over the
-RSS after building the model (ru_maxrss), so the weights themselves are not counted.
+Peak memory: growth of the process's peak RSS during one forward of each encoder, the
+high-water mark reset before each (Linux `/proc/self/clear_refs`), weights not counted.
 
     python benchmarks/encoder_speed.py --variant vit_b --size 1024 --runs 3
 """
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,22 +24,20 @@ def build(impl: str, variant: str, ckpt: str):
     return segany.build_sam(variant, checkpoint=ckpt).image_encoder.eval()
 
 
-def peak_memory(impl: str, variant: str, ckpt: str, size: int, threads: int) -> float:
-    """MiB of peak RSS growth during one forward, measured in a fresh process."""
-    code = f"""
-import resource, torch, sys
-sys.path.insert(0, {sys.path[0]!r})
-from encoder_speed import build
-torch.set_num_threads({threads})
-enc = build({impl!r}, {variant!r}, {ckpt!r})
-x = torch.randn(1, 3, {size}, {size})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-with torch.inference_mode():
-    enc(x)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def _vm_hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+
+
+def peak_memory(enc, x) -> float:
+    """MiB of peak RSS growth during one forward: reset the kernel's high-water mark
+    (`clear_refs` 5, Linux), run, read VmHWM back."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _vm_hwm_mib()
+    with torch.inference_mode():
+        enc(x)
+    return _vm_hwm_mib() - before
 
 
 def main() -> None:
@@ -70,9 +66,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     enc(x)
                     times[impl].append(time.perf_counter() - t0)
-        del encoders
-        mem = {impl: peak_memory(impl, args.variant, f.name, args.size, args.threads)
-               for impl in ("official", "segany")}
+        mem = {impl: peak_memory(enc, x) for impl, enc in encoders.items()}
     med = {impl: statistics.median(t) for impl, t in times.items()}
     result = {
         "variant": args.variant, "size": args.size, "threads": args.threads, "runs": args.runs,
