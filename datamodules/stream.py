@@ -1,0 +1,146 @@
+"""Per-worker sample streams: split by rank x worker, an epoch quota, resumable position,
+fault counts attached to the samples.
+
+Every DataLoader worker of every rank owns a slot (slot = rank * workers + worker) and
+runs an endless, deterministic stream of records drawn by its own RNG (seeded from
+seed, rank, worker). A training epoch is a quota cut from that stream: `epoch_length`
+batches per rank, shared out between the workers. After each sample the worker's
+position (its source position and RNG state, a few hundred bytes) rides along in the
+sample as `_data_state`; the datamodule keeps the latest one of each worker from the
+batches the training loop actually consumed, saves them in the checkpoint, and hands
+them back to the workers on the next epoch or after a resume: nothing replayed, nothing
+skipped. Validation streams are finite, in a fixed order, and carry no state.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import zlib
+from typing import Iterator, Optional
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .faults import FaultCounter, SampleFault
+from .sample import Record, SampleConfig, make_sample
+
+log = logging.getLogger("datamodules")
+
+MAX_CONSECUTIVE_FAULTS = 1000
+
+
+class StreamDataset(IterableDataset):
+    """Base class. Subclasses provide the records:
+    _fresh_position(rng, slot, n_slots) -> dict     initial source position (may use rng)
+    _train_records(pos, rng, faults, slot, n_slots)  endless records; updates `pos` in place
+                                                     before yielding each record
+    _val_records(faults, slot, n_slots)              finite records of this slot
+    """
+
+    def __init__(self, cfg: SampleConfig, *, train: bool, batch_size: int = 1,
+                 epoch_length: Optional[int] = None, seed: int = 0, max_fault_warnings: int = 20):
+        self.cfg = cfg
+        self.train = train
+        self.batch_size = int(batch_size)
+        self.epoch_length = None if epoch_length is None else int(epoch_length)
+        self.seed = int(seed)
+        self.max_fault_warnings = max_fault_warnings
+        self.rank, self.world_size = 0, 1
+        self.resume: dict = {}     # worker id -> position snapshot, shared with the datamodule
+        self.restart_salt = 0      # != 0: saved positions did not fit this topology, reseed
+
+    def set_topology(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in a world of {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def __len__(self) -> int:
+        if not self.train or self.epoch_length is None:
+            raise TypeError("only training streams with an epoch_length have a length")
+        return self.epoch_length * self.batch_size
+
+    # -- iteration ---------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, n_slots = self.rank * workers + worker, self.world_size * workers
+        faults = FaultCounter(self.max_fault_warnings, where=f"rank {self.rank} worker {worker}")
+        if self.train:
+            return self._train_iter(worker, workers, slot, n_slots, faults)
+        return self._val_iter(slot, n_slots, faults)
+
+    def _sample(self, rec: Record, rng: np.random.Generator, faults: FaultCounter) -> Optional[dict]:
+        try:
+            return make_sample(rec, self.cfg, rng)
+        except SampleFault as f:
+            faults.add(f.kind, rec.source, rec.key, f.message)
+        except Exception as exc:  # noqa: BLE001 - never let one sample end the run
+            log.debug("sample %s of %s failed", rec.key, rec.source, exc_info=True)
+            faults.add("sample_error", rec.source, rec.key, repr(exc))
+        return None
+
+    def _val_iter(self, slot, n_slots, faults) -> Iterator[dict]:
+        held = None   # yielded one sample late, so that faults after the last one still ride along
+        for rec in self._val_records(faults, slot, n_slots):
+            rng = np.random.default_rng([self.seed, zlib.crc32(rec.key.encode())])
+            sample = self._sample(rec, rng, faults)
+            if sample is not None:
+                if held is not None:
+                    held["faults"] = faults.pop()
+                    yield held
+                held = sample
+        if held is not None:
+            held["faults"] = faults.pop()
+            yield held
+
+    def _quota(self, worker: int, workers: int) -> int:
+        if self.epoch_length is None:
+            raise ValueError("a training stream needs epoch_length (batches per rank per epoch)")
+        batches = self.epoch_length // workers + (worker < self.epoch_length % workers)
+        return batches * self.batch_size
+
+    def _start(self, worker, workers, slot, n_slots):
+        """(position, rng, samples done) of this worker: the saved ones if they fit, else fresh."""
+        saved = self.resume.get(worker)
+        fits = (saved is not None and saved["rank"] == self.rank and saved["world_size"] == self.world_size
+                and saved["num_workers"] == workers)
+        if fits:
+            rng = np.random.Generator(np.random.PCG64(0))
+            rng.bit_generator.state = saved["rng"]
+            return copy.deepcopy(saved["position"]), rng, saved["samples"]
+        rng = np.random.default_rng([self.seed, self.rank, worker, self.restart_salt])
+        return self._fresh_position(rng, slot, n_slots), rng, 0
+
+    def _train_iter(self, worker, workers, slot, n_slots, faults) -> Iterator[dict]:
+        quota = self._quota(worker, workers)
+        position, rng, done = self._start(worker, workers, slot, n_slots)
+        records = self._train_records(position, rng, faults, slot, n_slots)
+        produced, failed = 0, 0
+        while produced < quota:
+            rec = next(records)
+            sample = self._sample(rec, np.random.default_rng(int(rng.integers(2**63))), faults)
+            if sample is None:
+                failed += 1
+                if failed >= MAX_CONSECUTIVE_FAULTS:
+                    raise RuntimeError(f"{failed} consecutive samples were skipped as faulty (rank {self.rank}, "
+                                       f"worker {worker}, last {rec.source} {rec.key}); see the warnings")
+                continue
+            failed = 0
+            produced += 1
+            done += 1
+            sample["faults"] = faults.pop()
+            sample["_data_state"] = {
+                "rank": self.rank, "world_size": self.world_size, "worker": worker, "num_workers": workers,
+                "samples": done, "rng": rng.bit_generator.state, "position": copy.deepcopy(position),
+            }
+            yield sample
+
+    # -- subclass interface --------------------------------------------------------------
+    def _fresh_position(self, rng, slot, n_slots) -> dict:
+        raise NotImplementedError
+
+    def _train_records(self, position, rng, faults, slot, n_slots) -> Iterator[Record]:
+        raise NotImplementedError
+
+    def _val_records(self, faults, slot, n_slots) -> Iterator[Record]:
+        raise NotImplementedError
