@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import cv2
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -28,7 +27,9 @@ log = logging.getLogger("datamodules")
 
 
 def _worker_init(_):
-    cv2.setNumThreads(1)   # one core per worker: no oversubscription
+    # one core per worker: no oversubscription. Not cv2.setNumThreads here: in a forked worker
+    # whose parent already ran a parallel OpenCV op it deadlocks (OpenCV re-creates its pool
+    # lazily in the child, which is safe).
     torch.set_num_threads(1)
 
 

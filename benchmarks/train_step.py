@@ -1,0 +1,208 @@
+"""One SAM training step, split: image encoder forward / backward and the decoder rounds
+(forward / backward), with the simulation's own overhead (point sampling, mask selection,
+bookkeeping) measured apart from the decoder and the loss; plus the decoder's activation
+memory per mask per round with and without per-round recomputation, projected to ViT-H at
+1024 px on an 80 GB GPU.
+
+    python benchmarks/train_step.py                          # vit_tiny and vit_b, 1024 px, 64 masks, 11 rounds
+    python benchmarks/train_step.py --models vit_b --masks 16 --rounds 3
+
+Timing runs on CUDA when available, else on the CPU (2 threads here). The decoder rounds
+are timed with per-round recomputation on (``checkpoint_rounds``): without it 64 x 11
+rounds of activations exceed this machine's memory (see the projection). Memory figures
+are counted from the tensors autograd saves for backward (saved-tensor hooks), on the
+meta device: exact shapes and dtypes, no compute, so ViT-H is counted directly.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import contextmanager
+
+import torch
+
+import segany
+from segany.training import simulation as sim
+from segany.training.losses import SamLoss
+from segany.training.prompting import PromptConfig
+from segany.training.toy import toy_batch
+
+GB = 1024 ** 3
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Timers:
+    """Accumulated wall time of wrapped callables (synchronised on CUDA)."""
+
+    def __init__(self, device):
+        self.device, self.t = device, {}
+
+    def wrap(self, name, fn):
+        def timed(*a, **k):
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            sync(self.device)
+            self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return timed
+
+
+@contextmanager
+def patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def prompt_cfg(rounds: int, **kw) -> PromptConfig:
+    """``rounds`` predictions: 1 initial + point rounds + up to 2 mask rounds, as the default 11."""
+    mask_rounds = min(2, max(0, rounds - 2))
+    return PromptConfig(point_rounds=rounds - 1 - mask_rounds, mask_rounds=mask_rounds, **kw)
+
+
+def time_step(variant: str, img_size: int, masks: int, rounds: int, device, warmup: bool = True) -> dict:
+    torch.manual_seed(0)
+    model = segany.build_sam(variant, img_size=img_size).to(device)
+    batch = toy_batch(1, masks, img_size, device=device)
+    cfg = prompt_cfg(rounds, checkpoint_rounds=True)
+    loss_fn = SamLoss()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        tm = Timers(device)
+        # decoder = prompt encoder + mask decoder; loss = SamLoss; the rest of simulate = overhead
+        timed_loss = tm.wrap("loss", loss_fn)
+        with patched(model.prompt_encoder, "forward", tm.wrap("decoder", model.prompt_encoder.forward)), \
+             patched(model.mask_decoder, "predict_masks", tm.wrap("decoder", model.mask_decoder.predict_masks)):
+            with amp:
+                sync(device); t0 = time.perf_counter()
+                emb = model.image_encoder(batch["image"])
+                sync(device); t1 = time.perf_counter()
+                leaf = emb.detach().requires_grad_(True)
+                out = sim.simulate(model, leaf, batch, cfg, timed_loss)
+                sync(device); t2 = time.perf_counter()
+                dec, loss = tm.t.get("decoder", 0.0), tm.t.get("loss", 0.0)   # forward only
+            out["loss"].backward()            # decoder rounds backward (recomputes each round)
+            sync(device); t3 = time.perf_counter()
+            emb.backward(leaf.grad)          # encoder backward
+            sync(device); t4 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        return {"encoder_fwd": t1 - t0, "rounds_fwd": t2 - t1, "rounds_bwd": t3 - t2, "encoder_bwd": t4 - t3,
+                "decoder_fwd": dec, "loss_fwd": loss, "overhead_fwd": (t2 - t1) - dec - loss}
+
+    if warmup:   # first calls pay allocator / kernel setup; time the second step
+        small = prompt_cfg(2, checkpoint_rounds=True)
+        with patched(cfg, "point_rounds", small.point_rounds), patched(cfg, "mask_rounds", small.mask_rounds):
+            step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    res = step()
+    if device.type == "cuda":
+        res["peak_gb"] = torch.cuda.max_memory_allocated() / GB
+    return res
+
+
+def saved_bytes(fn, model) -> int:
+    """Bytes of the storages autograd saves for backward while running fn, each storage
+    once, the model's parameters excluded (they are not activations)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen = set()
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in params:
+            seen.add((st._cdata, st.nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(n for _, n in seen)
+
+
+def memory(variant: str, img_size: int, masks: int, rounds: int, dtype=torch.float32) -> dict:
+    """Activation bytes on the meta device: encoder per image, decoder per mask per round
+    (stored without recomputation), the fed-back logits kept per mask per round with it."""
+    dev = torch.device("meta")
+    with torch.device(dev):
+        model = segany.build_sam(variant, img_size=img_size).to(dtype)
+    S, h = img_size, img_size // 16
+    R = masks
+    batch = {"image": torch.empty(1, 3, S, S, device=dev, dtype=dtype),
+             "masks": torch.empty(1, R, S, S, device=dev, dtype=torch.bool),
+             "masks_lowres": torch.empty(1, R, S // 4, S // 4, device=dev, dtype=torch.bool),
+             "valid": torch.ones(1, R, device=dev, dtype=torch.bool),
+             "boxes": torch.empty(1, R, 4, device=dev, dtype=dtype)}
+    enc = saved_bytes(lambda: model.image_encoder(batch["image"]), model)
+    emb = torch.empty(1, 256, h, h, device=dev, dtype=dtype, requires_grad=True)
+    cfg = prompt_cfg(rounds)
+    dec = saved_bytes(lambda: sim.simulate(model, emb, batch, cfg, SamLoss()), model)
+    per = dec / (R * cfg.num_rounds)
+    kept = (S // 4) ** 2 * torch.empty((), dtype=dtype).element_size()   # fed-back logits (R,1,S/4,S/4)
+    params = sum(p.numel() for p in model.parameters())
+    return {"encoder_act": enc, "per_mask_round": per, "kept_per_mask_round": kept, "params": params}
+
+
+def projection(masks: int, rounds: int, per_round: float, kept: float, enc_act: float, params: int,
+               chunk: int) -> dict:
+    states = params * (4 + 4 + 8)              # fp32 weights, grads, AdamW moments
+    no_rc = states + enc_act + masks * rounds * per_round
+    rc = states + enc_act + masks * rounds * kept + chunk * per_round
+    return {"states": states, "no_recompute": no_rc, "recompute": rc}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["vit_tiny", "vit_b"])
+    ap.add_argument("--img-size", type=int, default=1024)
+    ap.add_argument("--masks", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--no-timing", action="store_true", help="memory figures only")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device {device} ({torch.get_num_threads()} threads), {args.img_size} px, {args.masks} masks, "
+          f"{args.rounds} rounds")
+    if not args.no_timing:
+        for v in args.models:
+            r = time_step(v, args.img_size, args.masks, args.rounds, device)
+            total = r["encoder_fwd"] + r["encoder_bwd"] + r["rounds_fwd"] + r["rounds_bwd"]
+            print(f"\n[{v}] one step: {total:.1f} s")
+            print(f"  encoder   fwd {r['encoder_fwd']:7.2f} s   bwd {r['encoder_bwd']:7.2f} s")
+            print(f"  rounds    fwd {r['rounds_fwd']:7.2f} s   bwd {r['rounds_bwd']:7.2f} s (recomputes the forward)")
+            print(f"  in rounds fwd: decoder {r['decoder_fwd']:.2f} s, loss {r['loss_fwd']:.2f} s, "
+                  f"simulation overhead {r['overhead_fwd']:.2f} s = "
+                  f"{100 * r['overhead_fwd'] / r['decoder_fwd']:.1f}% of the decoder")
+            if "peak_gb" in r:
+                print(f"  peak memory {r['peak_gb']:.2f} GB")
+    print("\nactivation memory (fp32, counted on the meta device):")
+    mem = {}
+    for v in dict.fromkeys(list(args.models) + ["vit_h"]):
+        mem[v] = memory(v, args.img_size, args.masks, args.rounds)
+        m = mem[v]
+        print(f"  [{v}] encoder {m['encoder_act'] / GB:.2f} GB/image; decoder per mask per round: "
+              f"{m['per_mask_round'] / 2**20:.1f} MiB stored without recompute, "
+              f"{m['kept_per_mask_round'] / 2**20:.2f} MiB with (+ one round's {m['per_mask_round'] / 2**20:.1f} MiB "
+              f"x chunk transient)")
+    h = mem["vit_h"]
+    print(f"\nprojection, ViT-H at {args.img_size} px, 1 image/GPU, {args.masks} masks x {args.rounds} rounds, "
+          f"fp32 activations (bf16 autocast roughly halves them):")
+    for i, chunk in enumerate((args.masks, 16)):
+        p = projection(args.masks, args.rounds, h["per_mask_round"], h["kept_per_mask_round"], h["encoder_act"],
+                       h["params"], chunk)
+        if i == 0:
+            print(f"  weights+grads+AdamW {p['states'] / GB:.1f} GB, encoder activations {h['encoder_act'] / GB:.1f} GB")
+            print(f"  decoder without recompute: total {p['no_recompute'] / GB:.1f} GB "
+                  f"({'fits' if p['no_recompute'] < 80 * GB else 'does NOT fit'} 80 GB)")
+        print(f"  decoder with per-round recompute, mask_chunk={chunk}: total {p['recompute'] / GB:.1f} GB "
+              f"({'fits' if p['recompute'] < 80 * GB else 'does NOT fit'} 80 GB)")
+
+
+if __name__ == "__main__":
+    main()

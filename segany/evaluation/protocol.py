@@ -1,0 +1,123 @@
+"""Interactive single-point evaluation (SAM paper, section 7.1 / appendix D.1).
+
+Per GT mask: click 1 at the mask centre (clicks.center_click), each later click on the
+largest error (clicks.next_click) of the previous prediction. After click 1 the model gives
+3 masks (multimask): *default* = the one with the highest predicted IoU, *oracle* = the one
+with the best IoU with the GT. From click 2 on it gives the single-mask output (token 0),
+with the previous round's low-res logits as mask prompt (``use_prev_mask``); *oracle* is
+then the best of all 4 output tokens.
+
+IoUs are measured in the resized input frame (longest side S) inside the unpadded region:
+low-res logits -> bilinear to S x S -> cropped to ``input_size``.
+All masks of an image go through the decoder together; only the click placement (distance
+transforms) runs per mask on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .clicks import center_click, next_click
+
+PAD = -1
+
+
+@dataclass
+class ClickProtocol:
+    clicks: Sequence[int] = (1, 3, 5, 9)   # report mIoU after these numbers of clicks
+    multimask_first: bool = True
+    use_prev_mask: bool = True
+
+    def __post_init__(self):
+        self.clicks = tuple(int(c) for c in self.clicks)
+        if not self.clicks or min(self.clicks) < 1:
+            raise ValueError(f"evaluation.clicks={list(self.clicks)}: positive click counts")
+
+
+def _inside(batch: dict, S: int, device) -> torch.Tensor:
+    """(B, S, S) bool: the unpadded image region of each image."""
+    h, w = batch["input_size"][:, 0], batch["input_size"][:, 1]
+    ar = torch.arange(S, device=device)
+    return (ar[None, :, None] < h[:, None, None].to(device)) & (ar[None, None, :] < w[:, None, None].to(device))
+
+
+@torch.no_grad()
+def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Optional[torch.Tensor] = None) -> dict:
+    """Run the protocol on one batch. Returns {"iou": {k: [per-mask IoU]}, "iou_oracle":
+    {k: [...]}, "count": valid masks, "pred_first": (B, N, S, S) bool default prediction
+    after click 1, "clicks_first": (B, N, 2) (x, y) of click 1}."""
+    masks, valid = batch["masks"], batch["valid"]
+    B, N, S, _ = masks.shape
+    R, dev = B * N, masks.device
+    emb = model.image_encoder(batch["image"]) if embeddings is None else embeddings
+    pe = model.prompt_encoder.get_dense_pe()
+    inside = _inside(batch, S, dev)[:, None].expand(B, N, S, S).reshape(R, S, S)
+    gt = masks.reshape(R, S, S) & inside
+    v = valid.reshape(R)
+    gt_np, v_np = gt.cpu().numpy(), v.cpu().numpy()
+
+    coords = torch.zeros(R, 0, 2, device=dev)
+    labels = torch.zeros(R, 0, dtype=torch.long, device=dev)
+    mask_in, pred_np = None, None
+    res = {"iou": {k: [] for k in protocol.clicks}, "iou_oracle": {k: [] for k in protocol.clicks},
+           "count": int(v_np.sum())}
+    for k in range(1, max(protocol.clicks) + 1):
+        c = np.zeros((R, 2), np.float32)
+        l = np.full((R,), PAD, np.int64)
+        for r in np.nonzero(v_np)[0]:     # click placement: a distance transform per mask, on the CPU
+            click = center_click(gt_np[r]) if k == 1 else next_click(pred_np[r], gt_np[r])
+            if click is not None:
+                c[r] = (click[1], click[0])
+                l[r] = 1 if k == 1 else click[2]
+        coords = torch.cat((coords, torch.from_numpy(c).to(dev)[:, None]), 1)
+        labels = torch.cat((labels, torch.from_numpy(l).to(dev)[:, None]), 1)
+
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_in)
+        low, iou_pred = model.mask_decoder.predict_masks(emb, pe, sparse, dense)     # (R, 4, 4h, 4w), (R, 4)
+        low, iou_pred = low.float(), iou_pred.float()
+        true_iou = torch.stack([mask_iou(_full(low[:, i:i + 1], S).masked_fill(~inside[:, None], -1.0),
+                                         gt[:, None])[:, 0] for i in range(low.shape[1])], 1)   # (R, 4)
+        if k == 1 and protocol.multimask_first:
+            default = iou_pred[:, 1:].argmax(1) + 1
+            oracle = true_iou[:, 1:].max(1).values
+        else:
+            default = torch.zeros(R, dtype=torch.long, device=dev)
+            oracle = true_iou.max(1).values
+        rows = torch.arange(R, device=dev)
+        chosen_low = low[rows, default][:, None]                                         # (R, 1, 4h, 4w)
+        pred = (_full(chosen_low, S)[:, 0] > 0) & inside
+        pred_np = pred.cpu().numpy()
+        if protocol.use_prev_mask:
+            mask_in = chosen_low
+        if k == 1:
+            res["pred_first"] = pred.view(B, N, S, S)
+            res["clicks_first"] = coords[:, 0].view(B, N, 2)
+        if k in res["iou"]:
+            res["iou"][k] = true_iou[rows, default][v].tolist()
+            res["iou_oracle"][k] = oracle[v].tolist()
+    return res
+
+
+def mask_iou(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """(R, K, H, W) logits, (R, K, H, W) bool -> (R, K) IoU of logits > 0; 1 if both empty."""
+    pred, t = (logits > 0).flatten(2), gt.flatten(2)
+    inter, union = (pred & t).sum(-1).float(), (pred | t).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def _full(low: torch.Tensor, S: int) -> torch.Tensor:
+    return F.interpolate(low, (S, S), mode="bilinear", align_corners=False)
+
+
+def summarize(per_mask: dict) -> dict:
+    """Concatenated per-mask lists {"iou": {k: [...]}, "iou_oracle": ...} -> metrics."""
+    out = {}
+    for k, v in per_mask["iou"].items():
+        out[f"miou@{k}"] = float(np.mean(v)) if v else float("nan")
+        out[f"miou_oracle@{k}"] = float(np.mean(per_mask["iou_oracle"][k])) if v else float("nan")
+    out["num_masks"] = len(next(iter(per_mask["iou"].values()), []))
+    return out

@@ -1,0 +1,91 @@
+"""SAM's mask losses (appendix A): focal (alpha 0.25, gamma 2) : dice = 20 : 1 per
+predicted mask, backpropagated only through the lowest-loss mask of a multimask output,
+plus the IoU head's MSE (weight 1) against the actual IoU of each predicted mask.
+
+Shapes: R rows (masks of all images), K candidate masks per row (3 multimask, 1 single),
+H x W the loss resolution. Per-row losses come out un-reduced over rows; the caller sums
+over rows and rounds and divides by the number of valid masks (across ranks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """(R, K, H, W) logits, targets (same shape, float) -> (R, K) focal loss, mean over
+    pixels (= torchvision.ops.sigmoid_focal_loss(..., reduction="none").mean((-2, -1)))."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(dim=(-2, -1))
+
+
+def dice_loss(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tensor:
+    """(R, K, H, W) -> (R, K): 1 - (2 |p t| + s) / (|p| + |t| + s) on sigmoid probabilities."""
+    p = logits.sigmoid().flatten(-2)
+    t = targets.flatten(-2)
+    return 1 - (2 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
+
+
+@torch.no_grad()
+def mask_iou(logits: Tensor, targets: Tensor, threshold: float = 0.0) -> Tensor:
+    """(R, K, H, W) logits, bool/float targets -> (R, K) IoU of (logits > threshold) with
+    the target; 1 when both are empty. No gradient (it is the IoU head's regression target)."""
+    pred = (logits > threshold).flatten(-2)
+    t = targets.flatten(-2) > 0.5
+    inter = (pred & t).sum(-1).float()
+    union = (pred | t).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def iou_mse(iou_pred: Tensor, iou_true: Tensor) -> Tensor:
+    """(R, K), (R, K) -> (R, K) squared error."""
+    return (iou_pred - iou_true) ** 2
+
+
+@dataclass
+class SamLoss:
+    """weights and options of the per-round loss (config node ``loss``)."""
+
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    supervise_all_iou: bool = True   # IoU MSE on every candidate (SAM 2) or only the backpropagated one
+
+    def __call__(self, logits: Tensor, iou_pred: Tensor, target: Tensor, valid: Tensor) -> dict:
+        """logits (R, K, H, W), iou_pred (R, K), target (R, H, W) bool, valid (R,) bool.
+
+        Returns a dict of (R,) tensors: ``loss`` (total, zero for invalid rows, with zero
+        gradient), ``focal``, ``dice``, ``iou`` (the chosen mask's components), ``best``
+        (index of the backpropagated candidate) and ``true_iou`` (actual IoU of the chosen).
+        """
+        logits, iou_pred = logits.float(), iou_pred.float()                      # losses in fp32 under autocast
+        t = target[:, None].to(logits.dtype).expand_as(logits)                    # (R, K, H, W)
+        focal = sigmoid_focal_loss(logits, t, self.focal_alpha, self.focal_gamma)  # (R, K)
+        dice = dice_loss(logits, t)                                               # (R, K)
+        true_iou = mask_iou(logits, t)                                            # (R, K)
+        iou_err = iou_mse(iou_pred, true_iou.to(iou_pred.dtype))                  # (R, K)
+
+        combo = self.focal_weight * focal + self.dice_weight * dice               # (R, K)
+        best = combo.detach().argmin(dim=1, keepdim=True)                         # (R, 1)
+        pick = lambda x: x.gather(1, best).squeeze(1)                             # (R, K) -> (R,)
+        iou_term = iou_err.mean(dim=1) if self.supervise_all_iou else pick(iou_err)
+        total = pick(combo) + self.iou_weight * iou_term
+        zero = torch.zeros((), device=total.device, dtype=total.dtype)
+        return {
+            "loss": torch.where(valid, total, zero),
+            "focal": pick(focal).detach(),
+            "dice": pick(dice).detach(),
+            "iou": iou_term.detach(),
+            "best": best.squeeze(1),
+            "true_iou": pick(true_iou),
+        }

@@ -1,0 +1,160 @@
+"""SamModule: the SAM training recipe as a LightningModule.
+
+training_step = image encoder once per image -> ``simulate`` (all prompting rounds for all
+masks, see simulation.py) -> loss / (valid masks across all ranks).
+validation_step = the same simulation without gradients, plus the single-point protocol of
+segany.evaluation at a few click counts, and a few images with their predicted masks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ..evaluation.protocol import ClickProtocol, interactive_eval
+from .losses import SamLoss
+from .optim import SamOptim
+from .prompting import PromptConfig
+from .simulation import simulate
+from .visualize import draw_masks
+
+log = logging.getLogger(__name__)
+
+
+class SamModule(pl.LightningModule):
+    """model: a ``segany.build_sam`` Sam (drop path / decoder dropout / init are its own keys).
+    prompting, loss, optim: the config nodes of the same names. freeze_*: exclude a part
+    from the optimiser (a frozen image encoder also runs in eval mode under no_grad).
+    val_clicks: click counts of the single-point protocol logged in validation.
+    val_images: how many validation images to draw per validation run."""
+
+    def __init__(self, model: nn.Module, prompting: Optional[PromptConfig] = None, loss: Optional[SamLoss] = None,
+                 optim: Optional[SamOptim] = None, freeze_image_encoder: bool = False,
+                 freeze_prompt_encoder: bool = False, freeze_mask_decoder: bool = False,
+                 val_clicks=(1, 3), val_images: int = 4, run_config: Optional[dict] = None):
+        super().__init__()
+        self.model = model
+        self.prompting = prompting or PromptConfig()
+        self.loss_fn = loss or SamLoss()
+        self.optim = optim or SamOptim()
+        self.freeze = {"image_encoder": bool(freeze_image_encoder), "prompt_encoder": bool(freeze_prompt_encoder),
+                       "mask_decoder": bool(freeze_mask_decoder)}
+        for part, frozen in self.freeze.items():
+            if frozen:
+                getattr(self.model, part).requires_grad_(False)
+        if all(self.freeze.values()):
+            raise ValueError("module.freeze_*: all three parts frozen, nothing to train")
+        self.val_protocol = ClickProtocol(clicks=tuple(val_clicks))
+        self.val_images = int(val_images)
+        self.run_config = run_config       # the resolved Hydra config, stored in checkpoints
+        self._faults: dict = {}
+        self._val_drawn = 0
+
+    # ---------------------------------------------------------------- helpers
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for part, frozen in self.freeze.items():   # frozen parts: no drop path / dropout
+            if frozen:
+                getattr(self.model, part).eval()
+        return self
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> (B, 256, S/16, S/16), once per image per step."""
+        if self.freeze["image_encoder"]:
+            with torch.no_grad():
+                return self.model.image_encoder(images)
+        return self.model.image_encoder(images)
+
+    def _global_count(self, n: torch.Tensor) -> torch.Tensor:
+        n = n.detach().float()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            n = self.trainer.strategy.reduce(n, reduce_op="sum")
+        return n
+
+    # ---------------------------------------------------------------- steps
+    def training_step(self, batch: dict, batch_idx: int):
+        B = batch["image"].shape[0]
+        emb = self.embed(batch["image"])
+        out = simulate(self.model, emb, batch, self.prompting, self.loss_fn)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        n_global = self._global_count(out["n_valid"]).clamp(min=1)
+        # DDP/FSDP average gradients over ranks: x world makes it sum / global valid masks
+        loss = out["loss"] * world / n_global
+
+        n_local = out["n_valid"].float().clamp(min=1)
+        logs = {"train/loss": loss.detach()}
+        for t, (l, i) in enumerate(zip(out["round_loss"], out["round_iou"])):
+            logs[f"train_round/loss_{t:02d}"] = l / n_local
+            logs[f"train_round/iou_{t:02d}"] = i / n_local
+        logs["train/iou_last"] = out["round_iou"][-1] / n_local
+        logs["train/masks_per_image"] = out["n_valid"].float() / B
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=B)
+        self.log("train/loss_epoch", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=B)
+        for k, v in (batch.get("faults") or {}).items():
+            self._faults[k] = self._faults.get(k, 0) + int(v)
+        if self._faults:
+            self.log_dict({f"faults/{k}": float(v) for k, v in self._faults.items()}, on_step=True, batch_size=B)
+        self._last_masks = int(out["n_valid"])
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        dt = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        if dt > 0:
+            B = batch["image"].shape[0]
+            opt = self.optimizers()
+            lr = max(g["lr"] for g in opt.param_groups) if opt is not None else 0.0
+            self.log_dict({"perf/images_per_s": B / dt, "perf/masks_per_s": self._last_masks / dt,
+                           "train/lr": lr}, on_step=True, batch_size=B)
+
+    def on_validation_epoch_start(self):
+        self._val_drawn = 0
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        B = batch["image"].shape[0]
+        emb = self.model.image_encoder(batch["image"])
+        out = simulate(self.model, emb, batch, self.prompting, self.loss_fn)
+        n = out["n_valid"].float().clamp(min=1)
+        logs = {"val/loss": out["loss"] / n, "val/iou_last": out["round_iou"][-1] / n}
+        ev = interactive_eval(self.model, batch, self.val_protocol, embeddings=emb)
+        for k, v in ev["iou"].items():
+            if ev["count"] > 0:
+                logs[f"val/miou@{k}"] = float(np.mean(v))
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=B, sync_dist=True,
+                      prog_bar=False)
+        if self.val_images > self._val_drawn and self.global_rank == 0:
+            self._log_images(batch, ev, self.val_images - self._val_drawn)
+
+    def _log_images(self, batch, ev, k):
+        images = draw_masks(batch, ev["pred_first"], ev["clicks_first"], max_images=k)
+        self._val_drawn += len(images)
+        if not images:
+            return
+        logger = self.logger
+        if hasattr(logger, "log_image"):      # WandbLogger
+            logger.log_image(key="val/predictions", images=list(images), step=self.global_step)
+        elif self.trainer is not None and self.trainer.log_dir:
+            import os
+            import cv2
+            d = os.path.join(self.trainer.log_dir, "val_images")
+            os.makedirs(d, exist_ok=True)
+            for i, im in enumerate(images):
+                cv2.imwrite(os.path.join(d, f"step{self.global_step:07d}_{self._val_drawn - len(images) + i}.png"),
+                            im[..., ::-1])
+
+    # ---------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        opt, sched = self.optim(self.model)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["segany_config"] = self.run_config
+

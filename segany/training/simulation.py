@@ -1,0 +1,120 @@
+"""The interactive training rounds: prompt -> decode -> loss -> next prompt, ``num_rounds``
+times, for all masks of all images at once.
+
+Rows are the B x N (image, mask) pairs, flattened image-major (rows b*N .. b*N+N-1 belong
+to image b, the decoder's grouping). The image encoder is not run here: the caller passes
+its embeddings, computed once per image per step.
+
+One *unit* = one round for one chunk of masks: prompt encoder + all four decoder mask
+tokens + the loss. With ``checkpoint_rounds`` a unit stores only its inputs and is
+recomputed in backward, so the stored activations are those of one unit instead of
+rounds x masks of them. Prompt sampling happens between units, outside the graph.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .losses import SamLoss, mask_iou
+from .prompting import INIT, MASK, POINT, PromptConfig, error_points, initial_prompts, round_schedule
+
+MULTI_TOKENS = (1, 2, 3)    # multimask outputs; token 0 is the single-mask output
+
+
+def loss_targets(batch: dict, resolution: str) -> Tensor:
+    """GT masks at the loss resolution: (B, N, S/4, S/4) for "low" (the datamodule's
+    ``masks_lowres`` when present, else area-downsampled > 0.5, as the datamodules do),
+    (B, N, S, S) for "full"."""
+    masks = batch["masks"]
+    if resolution == "full":
+        return masks
+    if "masks_lowres" in batch:
+        return batch["masks_lowres"]
+    B, N, S, _ = masks.shape
+    low = F.avg_pool2d(masks.view(B * N, 1, S, S).float(), 4) > 0.5
+    return low.view(B, N, S // 4, S // 4)
+
+
+def _unit(model, emb: Tensor, pe: Tensor, coords: Tensor, labels: Tensor, mask_in: Optional[Tensor],
+          target: Tensor, valid: Tensor, multi_rows: Optional[Tensor], loss_fn: SamLoss):
+    """One round for one chunk of rows (the checkpointed function).
+
+    emb (B, C, h, w), pe (1, C, h, w), coords (R, P, 2), labels (R, P), mask_in (R, 1, 4h, 4w)
+    or None, target (R, H, W) bool at the loss resolution, valid (R,), multi_rows (R,) bool
+    (rows answered with the 3 multimask tokens; None = every row single-mask).
+    Returns loss sum (scalar), fed-back logits (R, 1, 4h, 4w), binary prediction at the
+    loss resolution (R, H, W), its IoU with the target (R,), per-row loss (R,).
+    """
+    sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_in)
+    masks, iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)   # (R, 4, 4h, 4w), (R, 4)
+    if multi_rows is None:
+        cand, cand_iou = masks[:, :1], iou[:, :1]                             # (R, 1, ...)
+    else:  # multimask rows: tokens 1..3; single rows: token 0 three times (same min)
+        idx = torch.where(multi_rows[:, None], torch.tensor(MULTI_TOKENS, device=masks.device),
+                          torch.zeros(3, dtype=torch.long, device=masks.device))          # (R, 3)
+        cand = masks.gather(1, idx[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))  # (R, 3, 4h, 4w)
+        cand_iou = iou.gather(1, idx)                                                     # (R, 3)
+    H, W = target.shape[-2:]
+    logits = cand if cand.shape[-2:] == (H, W) else F.interpolate(cand, (H, W), mode="bilinear",
+                                                                   align_corners=False)
+    out = loss_fn(logits, cand_iou, target, valid)
+    # the mask with the highest predicted IoU is fed back and defines the error region
+    top = cand_iou.detach().argmax(dim=1)                                                  # (R,)
+    feedback = cand[torch.arange(cand.shape[0], device=cand.device), top][:, None]          # (R, 1, 4h, 4w)
+    chosen = logits.detach()[torch.arange(cand.shape[0], device=cand.device), top]          # (R, H, W)
+    pred = chosen > 0
+    chosen_iou = mask_iou(chosen[:, None], target[:, None])[:, 0]
+    return out["loss"].sum(), feedback, pred, chosen_iou, out["loss"].detach()
+
+
+def simulate(model, embeddings: Tensor, batch: dict, cfg: PromptConfig, loss_fn: SamLoss,
+             generator: Optional[torch.Generator] = None, schedule: Optional[list] = None) -> dict:
+    """Run all rounds on a batch. embeddings (B, 256, h, w) from the image encoder.
+
+    Returns {"loss": sum over rounds and valid masks (scalar, the caller normalises),
+    "round_loss": (T,) summed per round, "round_iou": (T,) IoU of the highest-predicted-IoU
+    mask summed over valid masks per round, "n_valid": number of valid masks, "schedule"}.
+    """
+    masks, boxes, valid = batch["masks"], batch["boxes"], batch["valid"]
+    B, N, S, _ = masks.shape
+    schedule = schedule or round_schedule(cfg, generator)
+    target_all = loss_targets(batch, cfg.resolution)                     # (B, N, H, W)
+    pe = model.prompt_encoder.get_dense_pe()
+    chunk = cfg.mask_chunk or N
+    total = embeddings.new_zeros(())
+    T = len(schedule)
+    round_loss = torch.zeros(T, device=masks.device)
+    round_iou = torch.zeros(T, device=masks.device)
+    first_point = schedule.index(POINT) if POINT in schedule else T
+
+    for n0 in range(0, N, chunk):        # chunks of masks (all images together), not single masks
+        sl = slice(n0, min(N, n0 + chunk))
+        R = B * (sl.stop - sl.start)
+        gt = masks[:, sl].reshape(R, S, S)
+        target = target_all[:, sl].reshape(R, *target_all.shape[-2:])
+        v = valid[:, sl].reshape(R)
+        coords, labels, is_box = initial_prompts(gt, boxes[:, sl].reshape(R, 4), v, cfg, generator)
+        multi = (~is_box) if cfg.multimask else None
+        mask_in, pred = None, None
+        for t, kind in enumerate(schedule):
+            if kind == POINT:
+                c, l = error_points(pred, target, v, S, generator)
+                coords, labels = torch.cat((coords, c), 1), torch.cat((labels, l), 1)
+            ambiguous = t < first_point                   # still a single point (or a box)
+            args = (model, embeddings, pe, coords, labels, mask_in, target, v,
+                    multi if ambiguous else None, loss_fn)
+            if cfg.checkpoint_rounds and torch.is_grad_enabled():
+                loss, fb, pred, iou, row_loss = checkpoint(_unit, *args, use_reentrant=False)
+            else:
+                loss, fb, pred, iou, row_loss = _unit(*args)
+            total = total + loss
+            round_loss[t] += row_loss.sum()
+            round_iou[t] += torch.where(v, iou, 0.0).sum()
+            if cfg.feed_back_mask:
+                mask_in = fb.detach() if cfg.detach_feedback else fb
+    return {"loss": total, "round_loss": round_loss, "round_iou": round_iou,
+            "n_valid": valid.sum(), "schedule": schedule}

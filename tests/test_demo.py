@@ -1,0 +1,46 @@
+"""The demo through its command lines: a few steps fast, the full run (slow) must learn."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=600):
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_demo_cli_a_few_steps_then_evaluate(tmp_path):
+    data = [f"data.root={tmp_path}/synthetic", "data.num_train=8", "data.num_val=4", "data.shard_size=4",
+            "data.num_workers=0"]
+    _run("train.py", f"paths.root_dir={tmp_path}", "trainer.max_steps=3", "logger=csv", *data)
+    ckpt = tmp_path / "demo" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and (tmp_path / "demo" / "config.yaml").is_file()
+    _run("evaluate.py", f"ckpt_path={ckpt}", "max_batches=1", "clicks=[1,3]", *data)
+    m = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
+    assert {"miou@1", "miou_oracle@1", "miou@3", "num_masks"} <= set(m) and m["num_masks"] > 0
+    assert 0 <= m["miou@1"] <= m["miou_oracle@1"] <= 1
+
+
+@pytest.mark.slow
+def test_full_demo_learns(tmp_path):
+    """`python train.py` (the demo, defaults) then evaluate.py on the held-out scenes."""
+    t0 = time.time()
+    _run("train.py", f"paths.root_dir={tmp_path}", timeout=1800)
+    minutes = (time.time() - t0) / 60
+    _run("evaluate.py", f"ckpt_path={tmp_path}/demo/checkpoints/last.ckpt", timeout=900)
+    trained = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
+    _run("evaluate.py", f"paths.root_dir={tmp_path}", timeout=900)
+    untrained = json.loads((tmp_path / "eval_untrained" / "metrics.json").read_text())
+    print(f"demo: {minutes:.1f} min, mIoU@1 trained {trained['miou@1']:.3f}, untrained {untrained['miou@1']:.3f}")
+    assert trained["miou@1"] >= 0.60
+    assert untrained["miou@1"] < 0.3
+    assert minutes <= 10, f"demo took {minutes:.1f} min (2 dedicated cores expected)"

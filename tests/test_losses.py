@@ -1,0 +1,96 @@
+"""Losses against hand-computed values and torchvision."""
+import math
+
+import torch
+from torchvision.ops import sigmoid_focal_loss as tv_focal
+
+from segany.training.losses import SamLoss, dice_loss, mask_iou, sigmoid_focal_loss
+
+
+def test_focal_matches_hand_computation():
+    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]])      # (1, 1, 2, 2)
+    t = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    vals = []
+    for x, y in zip(logits.flatten().tolist(), t.flatten().tolist()):
+        p = 1 / (1 + math.exp(-x))
+        pt = p if y else 1 - p
+        a = 0.25 if y else 0.75
+        vals.append(-a * (1 - pt) ** 2 * math.log(pt))
+    assert torch.allclose(sigmoid_focal_loss(logits, t), torch.tensor([[sum(vals) / 4]]), atol=1e-6)
+
+
+def test_focal_matches_torchvision():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 16, 16, generator=g) * 3
+    t = (torch.rand(3, 2, 16, 16, generator=g) > 0.5).float()
+    ref = tv_focal(logits, t, alpha=0.25, gamma=2.0, reduction="none").mean((-2, -1))
+    assert torch.allclose(sigmoid_focal_loss(logits, t), ref, atol=1e-6)
+
+
+def test_dice_matches_hand_computation():
+    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]])
+    t = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    p = torch.sigmoid(logits).flatten()
+    inter = p[0] + p[3]
+    expected = 1 - (2 * inter + 1) / (p.sum() + 2 + 1)
+    assert torch.allclose(dice_loss(logits, t), expected.view(1, 1), atol=1e-6)
+
+
+def test_mask_iou():
+    logits = torch.tensor([[[[1.0, 1.0], [-1.0, -1.0]]]])
+    t = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    assert torch.allclose(mask_iou(logits, t), torch.tensor([[1 / 3]]))
+    assert mask_iou(-torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)).item() == 1.0
+
+
+def test_sam_loss_total_is_20_focal_plus_dice_plus_iou_mse():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 1, 8, 8, generator=g)
+    iou_pred = torch.rand(2, 1, generator=g)
+    target = torch.rand(2, 8, 8, generator=g) > 0.5
+    out = SamLoss()(logits, iou_pred, target, torch.tensor([True, True]))
+    t = target[:, None].float()
+    true_iou = mask_iou(logits, t)
+    expected = (20 * tv_focal(logits, t, reduction="none").mean((-2, -1))
+                + dice_loss(logits, t) + (iou_pred - true_iou) ** 2)[:, 0]
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+
+
+def test_multimask_backprops_only_the_lowest_loss_mask():
+    target = torch.zeros(4, 8, 8, dtype=torch.bool)
+    target[:, 2:6, 2:6] = True
+    good = torch.where(target, 5.0, -5.0)                         # (4, 8, 8) near-perfect
+    logits = torch.randn(4, 3, 8, 8)
+    best = torch.tensor([0, 2, 1, 2])
+    logits[torch.arange(4), best] = good
+    logits.requires_grad_(True)
+    iou_pred = torch.rand(4, 3, requires_grad=True)
+    out = SamLoss()(logits, iou_pred, target, torch.ones(4, dtype=torch.bool))
+    assert torch.equal(out["best"], best)
+    out["loss"].sum().backward()
+    has_grad = logits.grad.flatten(2).abs().sum(-1) > 0            # (4, 3)
+    assert torch.equal(has_grad.sum(1), torch.ones(4, dtype=torch.long))
+    assert has_grad[torch.arange(4), best].all()
+    assert (iou_pred.grad != 0).all()                               # IoU head: all 3 supervised
+
+
+def test_supervise_only_chosen_iou():
+    logits = torch.randn(2, 3, 8, 8)
+    iou_pred = torch.rand(2, 3, requires_grad=True)
+    target = torch.rand(2, 8, 8) > 0.5
+    out = SamLoss(supervise_all_iou=False)(logits, iou_pred, target, torch.ones(2, dtype=torch.bool))
+    out["loss"].sum().backward()
+    assert ((iou_pred.grad != 0).sum(1) == 1).all()
+
+
+def test_invalid_rows_give_zero_loss_and_zero_gradient():
+    logits = torch.randn(3, 3, 8, 8, requires_grad=True)
+    iou_pred = torch.rand(3, 3, requires_grad=True)
+    target = torch.zeros(3, 8, 8, dtype=torch.bool)               # padding rows have empty targets
+    target[0, :4] = True
+    valid = torch.tensor([True, False, False])
+    out = SamLoss()(logits, iou_pred, target, valid)
+    assert (out["loss"][1:] == 0).all() and out["loss"][0] > 0
+    out["loss"].sum().backward()
+    assert (logits.grad[1:] == 0).all() and (iou_pred.grad[1:] == 0).all()
+    assert logits.grad[0].abs().sum() > 0

@@ -1,0 +1,219 @@
+"""Optimiser groups, schedule, and the prompting simulation on the tiny model."""
+import pytest
+import torch
+
+import segany
+from segany.training import PromptConfig, SamLoss, SamOptim, WarmupStepDecay, param_groups, simulate
+from segany.training.toy import toy_batch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # the vit_tiny geometry (256 px, 16x16 tokens, 64x64 masks) with a narrow decoder and 2
+    # blocks: the logic under test is the same, the CPU time a fraction
+    torch.manual_seed(0)
+    return segany.build_sam("vit_tiny", depth=2, global_attn_indexes=(1,), prompt_embed_dim=64,
+                            decoder_mlp_dim=128)
+
+
+# ---------------------------------------------------------------- optimiser
+def _lr_of(opt, param):
+    for g in opt.param_groups:
+        if any(p is param for p in g["params"]):
+            return g["lr"], g["weight_decay"]
+    raise KeyError
+
+
+def test_layer_decay_groups_get_the_stated_lrs(tiny):
+    base, decay, depth = 1e-3, 0.5, 2
+    opt, sched = SamOptim(lr=base, layer_decay=decay, weight_decay=0.1, warmup_iters=0)(tiny)
+    enc = tiny.image_encoder
+    for i, blk in enumerate(enc.blocks):
+        lr, wd = _lr_of(opt, blk.attn.qkv.weight)
+        assert lr == pytest.approx(base * decay ** (depth - i)) and wd == 0.1
+        lr, wd = _lr_of(opt, blk.attn.qkv.bias)
+        assert lr == pytest.approx(base * decay ** (depth - i)) and wd == 0.0
+        assert _lr_of(opt, blk.attn.rel_pos_h)[1] == 0.0
+        assert _lr_of(opt, blk.norm1.weight)[1] == 0.0
+    assert _lr_of(opt, enc.patch_embed.proj.weight) == (pytest.approx(base * decay ** 3), 0.1)
+    assert _lr_of(opt, enc.pos_embed) == (pytest.approx(base * decay ** 3), 0.0)
+    assert _lr_of(opt, enc.neck[0].weight) == (pytest.approx(base), 0.1)
+    assert _lr_of(opt, tiny.mask_decoder.iou_token.weight) == (pytest.approx(base), 0.1)
+    assert _lr_of(opt, tiny.prompt_encoder.mask_downscaling[0].bias) == (pytest.approx(base), 0.0)
+    # every trainable parameter exactly once
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(tiny.parameters()))
+
+
+def test_scheduler_scales_each_groups_own_lr(tiny):
+    opt, sched = SamOptim(lr=1.0, layer_decay=0.5, warmup_iters=4, milestones=[6, 8], gamma=0.1)(tiny)
+    initial = [g["initial_lr"] for g in opt.param_groups]
+    assert initial == pytest.approx(sorted(initial, key=lambda _: 0)) and max(initial) == 1.0
+    factors = []
+    for step in range(10):
+        factors.append([g["lr"] / i for g, i in zip(opt.param_groups, initial)])
+        opt.step()
+        sched.step()
+    expected = [0, 0.25, 0.5, 0.75, 1, 1, 0.1, 0.1, 0.01, 0.01]
+    for f, e in zip(factors, expected):
+        assert f == pytest.approx([e] * len(initial))
+
+
+def test_schedule_per_milestone_factors_and_errors():
+    s = WarmupStepDecay(warmup_iters=0, milestones=[10, 20], gamma=[0.5, 0.2])
+    assert [s(0), s(10), s(25)] == pytest.approx([1, 0.5, 0.1])
+    with pytest.raises(ValueError, match="optim.gamma"):
+        WarmupStepDecay(milestones=[1, 2], gamma=[0.1])
+    with pytest.raises(ValueError, match="optim.milestones"):
+        WarmupStepDecay(milestones=[5, 2])
+
+
+def test_frozen_parts_are_left_out(tiny):
+    tiny.image_encoder.requires_grad_(False)
+    try:
+        groups = param_groups(tiny, 1e-3, 0.1, 0.8)
+        names = [n for g in groups for n in g["names"]]
+        assert names and not any(n.startswith("image_encoder.") for n in names)
+    finally:
+        tiny.image_encoder.requires_grad_(True)
+
+
+# ---------------------------------------------------------------- simulation
+def _run(model, batch, cfg, seed=0, grad=True):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(grad):
+        emb = model.image_encoder(batch["image"])
+        out = simulate(model, emb, batch, cfg, SamLoss())
+        if grad:
+            out["loss"].backward()
+    return out
+
+
+def test_eleven_predictions_with_the_two_mask_rounds(tiny, monkeypatch):
+    batch = toy_batch(1, 2, 256)
+    calls = []
+    orig_pe = tiny.prompt_encoder.forward
+
+    def spy(points, boxes, masks):
+        calls.append((points[1].clone(), masks is None))
+        return orig_pe(points, boxes, masks)
+
+    monkeypatch.setattr(tiny.prompt_encoder, "forward", spy)
+    cfg = PromptConfig(p_box=0.0)
+    out = _run(tiny, batch, cfg, grad=False)
+    sched = out["schedule"]
+    assert len(calls) == 11 and len(sched) == 11
+    n_points = [int((lab >= 0).sum(1).max()) for lab, _ in calls]
+    expected, n = [], 1
+    for kind in sched:
+        n += kind == "point"
+        expected.append(n)
+    assert n_points == expected                                  # mask rounds add no point
+    assert calls[0][1] and not any(m for _, m in calls[1:])      # mask prompt from round 1 on
+    assert n_points[-1] == 9 and sched[-1] == "mask"
+    assert out["round_loss"].shape == (11,) and (out["round_loss"] > 0).all()
+
+
+def _grad_hook_on_decoder(model, monkeypatch, store):
+    orig = model.mask_decoder.predict_masks
+
+    def wrapped(*a, **k):
+        masks, iou = orig(*a, **k)
+        if masks.requires_grad:
+            masks.register_hook(lambda g: store.append(g.clone()))
+        return masks, iou
+
+    monkeypatch.setattr(model.mask_decoder, "predict_masks", wrapped)
+
+
+def test_multimask_backprops_exactly_one_mask_per_target(tiny, monkeypatch):
+    batch = toy_batch(2, 8, 256, num_valid=6)
+    grads = []
+    _grad_hook_on_decoder(tiny, monkeypatch, grads)
+    torch.manual_seed(3)
+    cfg = PromptConfig(point_rounds=0, mask_rounds=0, p_box=0.5)
+    from segany.training import prompting
+    seen = {}
+    orig_init = prompting.initial_prompts
+
+    def spy(*a, **k):
+        out = orig_init(*a, **k)
+        seen["is_box"] = out[2]
+        return out
+
+    monkeypatch.setattr("segany.training.simulation.initial_prompts", spy)
+    _run(tiny, batch, cfg, seed=3)
+    g = grads[0].flatten(2).abs().sum(-1) > 0                      # (R, 4) tokens with gradient
+    valid, is_box = batch["valid"].view(-1), seen["is_box"]
+    assert (valid & ~is_box).any() and (valid & is_box).any()
+    pt, bx = valid & ~is_box, valid & is_box
+    assert (g[pt, 0] == 0).all() and (g[pt, 1:].sum(1) == 1).all()   # one of the 3 multimask outputs
+    assert (g[bx, 0]).all() and (g[bx, 1:] == 0).all()               # box: the single-mask output
+    assert (g[~valid] == 0).all()                                     # padding rows: nothing
+
+
+def test_invalid_masks_contribute_nothing(tiny):
+    cfg = PromptConfig(point_rounds=1, mask_rounds=1)
+    a = toy_batch(2, 4, 256, num_valid=2, generator=torch.Generator().manual_seed(5))
+    b = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in a.items()}
+    # garbage in the padding rows of b: masks and boxes that would give large losses
+    b["masks"][:, 2:] = True
+    b["masks_lowres"][:, 2:] = True
+    b["boxes"][:, 2:] = torch.tensor([0.0, 0.0, 255.0, 255.0])
+    out_a = _run(tiny, a, cfg, seed=1)
+    ga = [p.grad.clone() for p in tiny.parameters()]
+    out_b = _run(tiny, b, cfg, seed=1)
+    gb = [p.grad.clone() for p in tiny.parameters()]
+    assert torch.allclose(out_a["loss"], out_b["loss"])
+    assert out_a["n_valid"] == out_b["n_valid"] == 4
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-6, rtol=1e-4)
+
+
+def test_round_checkpointing_and_chunking_give_the_same_loss_and_gradients(tiny):
+    batch = toy_batch(2, 4, 256, num_valid=3, generator=torch.Generator().manual_seed(2))
+    base = PromptConfig(point_rounds=2, mask_rounds=1)
+    out_a = _run(tiny, batch, base, seed=7)
+    ga = [p.grad.clone() for p in tiny.parameters()]
+    out_b = _run(tiny, batch, PromptConfig(point_rounds=2, mask_rounds=1, checkpoint_rounds=True), seed=7)
+    gb = [p.grad.clone() for p in tiny.parameters()]
+    assert torch.allclose(out_a["loss"], out_b["loss"], rtol=1e-5)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-6, rtol=1e-3)
+    # chunks draw their random numbers in a different order: same statistics, not the same draws
+    out_c = _run(tiny, batch, PromptConfig(point_rounds=2, mask_rounds=1, checkpoint_rounds=True, mask_chunk=2), seed=7)
+    assert torch.isfinite(out_c["loss"]) and out_c["n_valid"] == 6
+
+
+def test_feedback_gradient_switch(tiny):
+    batch = toy_batch(1, 2, 256)
+    for detach in (True, False):
+        out = _run(tiny, batch, PromptConfig(point_rounds=1, mask_rounds=0, p_box=1.0, detach_feedback=detach))
+        g = tiny.prompt_encoder.mask_downscaling[0].weight.grad
+        # the mask prompt embedding always learns; only the path into the previous round differs
+        assert g is not None and g.abs().sum() > 0
+
+
+def test_full_resolution_losses(tiny):
+    batch = toy_batch(1, 2, 256)
+    out = _run(tiny, batch, PromptConfig(point_rounds=1, mask_rounds=0, resolution="full"), grad=False)
+    assert torch.isfinite(out["loss"]) and out["round_iou"].shape == (2,)
+
+
+# ---------------------------------------------------------------- logger
+def test_wandb_is_offline_without_credentials(tmp_path, monkeypatch):
+    from segany.training.loggers import wandb_credentials, wandb_logger
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.com login a password b\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert not wandb_credentials()
+    logger = wandb_logger(save_dir=str(tmp_path / "run"), name="t")
+    assert logger._offline and __import__("os").environ["WANDB_MODE"] == "offline"
+    netrc.write_text("machine api.wandb.ai login user password k\n")
+    netrc.chmod(0o600)
+    assert wandb_credentials()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_credentials()
