@@ -10,6 +10,7 @@ resumes from checkpoints/last.ckpt (resume=auto).
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 
@@ -19,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from segany.training.checkpointing import resolve_checkpoint
 from segany.training.config import check_train_config, register_resolvers
 
 log = logging.getLogger("train")
@@ -38,18 +40,49 @@ def build(cfg: DictConfig):
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    apply_global_batch(cfg, trainer)
     return module, datamodule, trainer
 
 
 def resume_path(cfg: DictConfig):
+    """resume=auto: the newest of <run_dir>/checkpoints/last.ckpt and the hpc_ckpt_*.ckpt
+    Lightning writes on a SLURM requeue signal (a file, or a directory under fsdp; an
+    interrupted directory swap leaves last.ckpt.old, which counts too). resume=last is the
+    same but fails when there is nothing to resume; resume=PATH uses PATH."""
     if cfg.get("resume") in (None, "none", False):
         return None
-    if cfg.resume == "auto":
-        last = os.path.join(cfg.paths.run_dir, "checkpoints", "last.ckpt")
-        return last if os.path.isfile(last) else None
-    if not os.path.isfile(cfg.resume):
+    if cfg.resume in ("auto", "last"):
+        found = [resolve_checkpoint(os.path.join(cfg.paths.run_dir, "checkpoints", "last.ckpt"))]
+        found += glob.glob(os.path.join(cfg.paths.run_dir, "hpc_ckpt_*.ckpt"))
+        found = [p for p in found if p]
+        if not found and cfg.resume == "last":
+            raise FileNotFoundError(f"resume=last: no checkpoint in {cfg.paths.run_dir}")
+        return max(found, key=os.path.getmtime) if found else None
+    if not os.path.exists(cfg.resume):
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
     return cfg.resume
+
+
+def apply_global_batch(cfg: DictConfig, trainer: pl.Trainer) -> None:
+    """global_batch (images per optimiser step over all ranks) = data.batch_size x world size
+    x accumulate_grad_batches. Sets the accumulation from the world size this job really
+    has; fails before training when no whole number of micro-batches gives it."""
+    gb = cfg.get("global_batch")
+    if gb is None:
+        return
+    per_pass = int(cfg.data.batch_size) * trainer.world_size
+    if gb % per_pass:
+        raise ValueError(f"global_batch={gb} cannot be met: data.batch_size={cfg.data.batch_size} x world size "
+                         f"{trainer.world_size} = {per_pass} images per pass does not divide it; change "
+                         f"trainer.devices / trainer.num_nodes or data.batch_size")
+    acc = gb // per_pass
+    set_acc = cfg.trainer.get("accumulate_grad_batches")
+    if set_acc not in (None, 1, acc):
+        raise ValueError(f"trainer.accumulate_grad_batches={set_acc} contradicts global_batch={gb} "
+                         f"(needs {acc} with {per_pass} images per pass); leave it unset")
+    trainer.accumulate_grad_batches = acc
+    log.info("global batch %d = %d per rank x %d ranks x %d accumulated", gb, cfg.data.batch_size,
+             trainer.world_size, acc)
 
 
 def train(cfg: DictConfig) -> dict:

@@ -16,10 +16,13 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from pytorch_lightning.strategies import ModelParallelStrategy
+
 from ..evaluation.protocol import ClickProtocol, interactive_eval
 from .losses import SamLoss
 from .optim import SamOptim
 from .prompting import PromptConfig
+from .sharding import ShardingConfig, is_sharded
 from .simulation import simulate
 from .visualize import draw_masks
 
@@ -31,12 +34,18 @@ class SamModule(pl.LightningModule):
     prompting, loss, optim: the config nodes of the same names. freeze_*: exclude a part
     from the optimiser (a frozen image encoder also runs in eval mode under no_grad).
     val_clicks: click counts of the single-point protocol logged in validation.
-    val_images: how many validation images to draw per validation run."""
+    val_images: how many validation images to draw per validation run.
+    sharding: the FSDP2 settings (configs/strategy/fsdp.yaml), applied in configure_model.
+    seed: every training step reseeds torch's RNGs from (seed, global step, rank), so the
+    prompts, dropout and drop path of step k are the same whether or not the run was
+    interrupted and resumed before it (no RNG state needs to travel in checkpoints);
+    validation reseeds from (seed, "val") so its numbers are comparable across a run."""
 
     def __init__(self, model: nn.Module, prompting: Optional[PromptConfig] = None, loss: Optional[SamLoss] = None,
                  optim: Optional[SamOptim] = None, freeze_image_encoder: bool = False,
                  freeze_prompt_encoder: bool = False, freeze_mask_decoder: bool = False,
-                 val_clicks=(1, 3), val_images: int = 4, run_config: Optional[dict] = None):
+                 val_clicks=(1, 3), val_images: int = 4, run_config: Optional[dict] = None,
+                 sharding: Optional[dict] = None, seed: int = 0):
         super().__init__()
         self.model = model
         self.prompting = prompting or PromptConfig()
@@ -52,8 +61,22 @@ class SamModule(pl.LightningModule):
         self.val_protocol = ClickProtocol(clicks=tuple(val_clicks))
         self.val_images = int(val_images)
         self.run_config = run_config       # the resolved Hydra config, stored in checkpoints
+        self.sharding = ShardingConfig(**sharding) if sharding else None
+        self.seed = int(seed)
         self._faults: dict = {}
         self._val_drawn = 0
+
+    def configure_model(self):
+        """FSDP2: shard on the strategy's data-parallel mesh (called once per process by
+        Lightning, before the optimiser is built)."""
+        if is_sharded(self.model):
+            return
+        if self.sharding is None:
+            if self.trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+                raise ValueError("trainer.strategy is ModelParallelStrategy but module.sharding is not set "
+                                 "(use +strategy=fsdp, which sets both)")
+            return
+        self.sharding.apply(self.model, mesh=self.device_mesh["data_parallel"])
 
     # ---------------------------------------------------------------- helpers
     def train(self, mode: bool = True):
@@ -102,7 +125,17 @@ class SamModule(pl.LightningModule):
         self._last_masks = int(out["n_valid"])
         return loss
 
+    def step_seed(self, step: int, stream: int = 0) -> int:
+        """A 63-bit seed from (seed, step, rank, stream): independent streams per rank and step."""
+        x = (self.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + self.global_rank * 0x94D049BB133111EB
+             + stream * 0xD6E8FEB86659FD93) % (1 << 64)
+        x ^= x >> 31
+        return (x * 0x2545F4914F6CDD1D % (1 << 64)) >> 1
+
     def on_train_batch_start(self, batch, batch_idx):
+        acc = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        # CPU and every CUDA device; micro-batches of one accumulated step get their own streams
+        torch.manual_seed(self.step_seed(self.global_step, stream=2 + batch_idx % acc))
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -116,6 +149,7 @@ class SamModule(pl.LightningModule):
 
     def on_validation_epoch_start(self):
         self._val_drawn = 0
+        torch.manual_seed(self.step_seed(0, stream=1))        # the same validation prompts every time
 
     def validation_step(self, batch: dict, batch_idx: int):
         B = batch["image"].shape[0]
