@@ -19,7 +19,7 @@ from .datamodule import StreamDataModule
 from .faults import FaultCounter, SampleFault
 from .sample import Record, SampleConfig
 from .shard_reader import ShardSample, read_pairs
-from .shards import assign, resolve
+from .shards import assign, resolve, subset
 from .stream import StreamDataset
 
 log = logging.getLogger("datamodules")
@@ -142,11 +142,14 @@ class SA1BStream(StreamDataset):
 class SA1BDataModule(StreamDataModule):
     """SA-1B (or any SA-1B-format shards). Keys: see configs/data/sa1b.yaml."""
 
-    def __init__(self, train_shards=None, val_shards=None, *, interleave: int = 4, resampled: bool = True,
-                 check_shards: bool = True, **kwargs):
+    def __init__(self, train_shards=None, val_shards=None, *, train_num_shards: Optional[int] = None,
+                 interleave: int = 4, resampled: bool = True, check_shards: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.train_shards = train_shards
         self.val_shards = val_shards
+        self.train_num_shards = train_num_shards
+        if train_num_shards is not None:
+            subset([""] * train_num_shards, train_num_shards, "data.train_num_shards")   # type / range check now
         self.interleave = int(interleave)
         self.resampled = bool(resampled)
         self.check_shards = bool(check_shards)
@@ -154,7 +157,11 @@ class SA1BDataModule(StreamDataModule):
     def _stream(self, spec, train: bool, what: str) -> Optional[SA1BStream]:
         if not spec:
             return None
-        urls = resolve(spec, check=self.check_shards, what=what)
+        urls = resolve(spec, check=False, what=what)
+        if train:
+            urls = subset(urls, self.train_num_shards, "data.train_num_shards")
+        if self.check_shards:
+            resolve(urls, check=True, what=what)       # only the shards that will be read
         return SA1BStream(urls, self.cfg, interleave=self.interleave, resampled=self.resampled, train=train,
                           batch_size=self.batch_size if train else self.val_batch_size,
                           epoch_length=self.epoch_length, seed=self.seed,

@@ -88,6 +88,19 @@ def resolve(spec, check: bool = True, what: str = "shards") -> list[str]:
     return urls
 
 
+def subset(urls: list[str], num_shards, what: str = "num_shards") -> list[str]:
+    """The first `num_shards` of `urls` in listing order (brace ranges expand in order, globs
+    sorted): a fixed, reproducible training subset (SA-1B: ~11k images per shard, so 9 / 91 /
+    1000 shards are the paper's 0.1M / 1M / 11M images). None: all of them."""
+    if num_shards is None:
+        return list(urls)
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"{what}={num_shards!r}: a positive number of shards, or null for all")
+    if num_shards > len(urls):
+        raise ValueError(f"{what}={num_shards}: the shard list has only {len(urls)} shards")
+    return list(urls[:num_shards])
+
+
 def open_shard(url: str, offset: int = 0):
     """Binary stream of the shard positioned at byte `offset` (seek, or read and discard)."""
     s = _scheme(url)

@@ -58,7 +58,8 @@ def test_paper_numbers(name):
     assert cfg.optim.gamma == 0.1 and cfg.optim.warmup_iters == 250 and cfg.optim.weight_decay == 0.1
     assert list(cfg.optim.betas) == [0.9, 0.999]
     assert cfg.model.drop_path_rate == dp and cfg.optim.layer_decay == ld and cfg.model.decoder_dropout == 0.1
-    assert cfg.trainer.devices * cfg.trainer.num_nodes * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == batch
+    assert cfg.global_batch == batch
+    assert cfg.trainer.devices * cfg.trainer.num_nodes * cfg.data.batch_size == batch   # the paper's layout: no accumulation
     assert cfg.data.max_masks == 64
     p = instantiate(cfg.prompting)
     assert p.num_rounds == 11 and p.p_box == 0.5

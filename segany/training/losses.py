@@ -1,6 +1,7 @@
 """SAM's mask losses (appendix A): focal (alpha 0.25, gamma 2) : dice = 20 : 1 per
 predicted mask, backpropagated only through the lowest-loss mask of a multimask output,
-plus the IoU head's MSE (weight 1) against the actual IoU of each predicted mask.
+plus the IoU head's MSE (weight 1; ``iou_loss="l1"`` for the ablation) against the actual IoU
+of each predicted mask.
 
 Shapes: R rows (masks of all images), K candidate masks per row (3 multimask, 1 single),
 H x W the loss resolution. Per-row losses come out un-reduced over rows; the caller sums
@@ -50,6 +51,14 @@ def iou_mse(iou_pred: Tensor, iou_true: Tensor) -> Tensor:
     return (iou_pred - iou_true) ** 2
 
 
+def iou_l1(iou_pred: Tensor, iou_true: Tensor) -> Tensor:
+    """(R, K), (R, K) -> (R, K) absolute error."""
+    return (iou_pred - iou_true).abs()
+
+
+IOU_LOSSES = {"mse": iou_mse, "l1": iou_l1}
+
+
 @dataclass
 class SamLoss:
     """weights and options of the per-round loss (config node ``loss``)."""
@@ -60,6 +69,16 @@ class SamLoss:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     supervise_all_iou: bool = True   # IoU MSE on every candidate (SAM 2) or only the backpropagated one
+    iou_loss: str = "mse"            # IoU head regression loss: "mse" (paper) or "l1"
+
+    def __post_init__(self):
+        for key in ("focal_weight", "dice_weight", "iou_weight"):
+            if not float(getattr(self, key)) >= 0:
+                raise ValueError(f"loss.{key}={getattr(self, key)!r}: must be >= 0")
+        if self.focal_weight == 0 and self.dice_weight == 0:
+            raise ValueError("loss.focal_weight and loss.dice_weight are both 0: no mask loss")
+        if self.iou_loss not in IOU_LOSSES:
+            raise ValueError(f"loss.iou_loss={self.iou_loss!r}: expected one of {sorted(IOU_LOSSES)}")
 
     def __call__(self, logits: Tensor, iou_pred: Tensor, target: Tensor, valid: Tensor) -> dict:
         """logits (R, K, H, W), iou_pred (R, K), target (R, H, W) bool, valid (R,) bool.
@@ -73,7 +92,7 @@ class SamLoss:
         focal = sigmoid_focal_loss(logits, t, self.focal_alpha, self.focal_gamma)  # (R, K)
         dice = dice_loss(logits, t)                                               # (R, K)
         true_iou = mask_iou(logits, t)                                            # (R, K)
-        iou_err = iou_mse(iou_pred, true_iou.to(iou_pred.dtype))                  # (R, K)
+        iou_err = IOU_LOSSES[self.iou_loss](iou_pred, true_iou.to(iou_pred.dtype))  # (R, K)
 
         combo = self.focal_weight * focal + self.dice_weight * dice               # (R, K)
         best = combo.detach().argmin(dim=1, keepdim=True)                         # (R, 1)

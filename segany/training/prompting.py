@@ -46,7 +46,8 @@ class PromptConfig:
     """
 
     point_rounds: int = 8          # rounds adding one error point after round 0
-    mask_rounds: int = 2           # rounds with no new point (mask prompt only)
+    mask_rounds: int = 2           # rounds with no new point (mask prompt only); with no point
+                                   # rounds they follow round 0 back to back
     mask_round_last: bool = True   # one mask round is the last round; the others random
     p_box: float = 0.5             # round 0: probability of the noisy GT box (else a point)
     box_noise_frac: float = 0.1    # box noise std as a fraction of the box side
@@ -65,8 +66,6 @@ class PromptConfig:
             bad("point_rounds", "must be >= 0")
         if self.mask_rounds < 0:
             bad("mask_rounds", "must be >= 0")
-        if self.mask_rounds > 1 and self.point_rounds == 0:
-            bad("mask_rounds", "more than one mask round needs point rounds to sit between")
         if not 0.0 <= self.p_box <= 1.0:
             bad("p_box", "a probability in [0, 1]")
         if self.box_noise_frac < 0 or self.box_noise_max < 0:
