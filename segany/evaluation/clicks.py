@@ -1,5 +1,6 @@
-"""Deterministic clicks of the interactive evaluation protocol (RITM, used by the SAM paper):
-the first click at the maximum of the mask's distance transform (its "centre"), each next
+"""Clicks of the interactive evaluation protocol (RITM, used by the SAM paper):
+the first click at the maximum of the mask's distance transform (its "centre"; or, as an
+option, uniform at random in the mask), each next
 click at the point of the error region farthest from the region's boundary, positive in a
 false negative, negative in a false positive region.
 
@@ -27,6 +28,15 @@ def center_click(gt: np.ndarray) -> Optional[Tuple[int, int]]:
         return None
     d = distance_to_boundary(gt)
     return tuple(int(v) for v in np.unravel_index(int(d.argmax()), d.shape))
+
+
+def random_click(gt: np.ndarray, rng: np.random.Generator) -> Optional[Tuple[int, int]]:
+    """(y, x) of a GT pixel drawn uniformly; None for an empty mask."""
+    ys, xs = np.nonzero(gt)
+    if len(ys) == 0:
+        return None
+    i = int(rng.integers(len(ys)))
+    return int(ys[i]), int(xs[i])
 
 
 def next_click(pred: np.ndarray, gt: np.ndarray) -> Optional[Tuple[int, int, int]]:

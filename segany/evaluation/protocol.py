@@ -1,6 +1,7 @@
 """Interactive single-point evaluation (SAM paper, section 7.1 / appendix D.1).
 
-Per GT mask: click 1 at the mask centre (clicks.center_click), each later click on the
+Per GT mask: click 1 at the mask centre (clicks.center_click; or uniform in the mask with
+``first_click="random"``), each later click on the
 largest error (clicks.next_click) of the previous prediction. After click 1 the model gives
 3 masks (multimask): *default* = the one with the highest predicted IoU, *oracle* = the one
 with the best IoU with the GT. From click 2 on it gives the single-mask output (token 0),
@@ -14,6 +15,7 @@ transforms) runs per mask on the CPU.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -21,21 +23,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clicks import center_click, next_click
+from .clicks import center_click, next_click, random_click
 
 PAD = -1
 
 
 @dataclass
 class ClickProtocol:
-    clicks: Sequence[int] = (1, 3, 5, 9)   # report mIoU after these numbers of clicks
+    clicks: Sequence[int] = (1, 2, 3, 5, 9)   # report mIoU after these numbers of clicks
     multimask_first: bool = True
     use_prev_mask: bool = True
+    first_click: str = "center"               # "center" (distance-transform maximum) | "random" (uniform in the mask)
+    seed: int = 0                             # random first clicks: drawn from (seed, image id)
 
     def __post_init__(self):
         self.clicks = tuple(int(c) for c in self.clicks)
         if not self.clicks or min(self.clicks) < 1:
             raise ValueError(f"evaluation.clicks={list(self.clicks)}: positive click counts")
+        if self.first_click not in ("center", "random"):
+            raise ValueError(f"first_click={self.first_click!r}: expected 'center' or 'random'")
 
 
 def _inside(batch: dict, S: int, device) -> torch.Tensor:
@@ -63,13 +69,19 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
     coords = torch.zeros(R, 0, 2, device=dev)
     labels = torch.zeros(R, 0, dtype=torch.long, device=dev)
     mask_in, pred_np = None, None
+    ids = batch.get("image_id") or [str(b) for b in range(B)]
+    rngs = ([np.random.default_rng([protocol.seed, zlib.crc32(str(ids[r // N]).encode()), r % N]) for r in range(R)]
+            if protocol.first_click == "random" else None)
     res = {"iou": {k: [] for k in protocol.clicks}, "iou_oracle": {k: [] for k in protocol.clicks},
            "count": int(v_np.sum())}
     for k in range(1, max(protocol.clicks) + 1):
         c = np.zeros((R, 2), np.float32)
         l = np.full((R,), PAD, np.int64)
         for r in np.nonzero(v_np)[0]:     # click placement: a distance transform per mask, on the CPU
-            click = center_click(gt_np[r]) if k == 1 else next_click(pred_np[r], gt_np[r])
+            if k > 1:
+                click = next_click(pred_np[r], gt_np[r])
+            else:
+                click = center_click(gt_np[r]) if protocol.first_click == "center" else random_click(gt_np[r], rngs[r])
             if click is not None:
                 c[r] = (click[1], click[0])
                 l[r] = 1 if k == 1 else click[2]

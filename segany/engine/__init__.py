@@ -1,0 +1,17 @@
+"""segany.engine: the SAM data engine (paper §4) on unlabelled or partly labelled images.
+
+    python -m segany.engine auto --ckpt runs/demo/checkpoints/last.ckpt --input IMAGES_DIR --out OUT
+    python -m segany.engine semi --ckpt ... --input SA1B_SHARDS --out OUT
+
+``auto`` (fully automatic stage) runs the mask generator with the SA-1B settings over every
+image and writes SA-1B-format shards; ``semi`` (semi-automatic stage) keeps the confident
+masks an image already has and prompts only its unannotated area. Both split the output
+shards over ranks x workers and skip shards that already exist, so a killed job resumes
+where it stopped. SA1BDataModule reads the output as training data: train -> annotate ->
+retrain.
+"""
+from .annotate import SA1B_SETTINGS, AutoAnnotator, SemiAnnotator
+from .run import run_stage
+from .sources import plan_jobs
+
+__all__ = ["SA1B_SETTINGS", "AutoAnnotator", "SemiAnnotator", "run_stage", "plan_jobs"]

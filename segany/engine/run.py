@@ -1,0 +1,77 @@
+"""Run a data-engine stage over planned jobs: this slot's share (job index mod slots), one
+output shard per job, written to a temporary file and renamed when complete — a shard that
+exists is done, so a restarted job skips it and a killed one leaves only a temp file (removed
+by the next run of the slot)."""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+from typing import Callable
+
+from webdataset import TarWriter
+
+from ..evaluation.sources import decode_rgb
+
+log = logging.getLogger("segany.engine")
+
+
+def image_json(item, h: int, w: int, anns: list) -> dict:
+    return {"image": {"image_id": int(item.image_id), "width": int(w), "height": int(h),
+                      "file_name": f"{item.key}.{item.ext}"}, "annotations": anns}
+
+
+def write_shard(job, annotate: Callable, path: str) -> dict:
+    """Annotate every image of a job into the shard `path` (atomically). Images without any
+    mask are left out (SA1BDataModule would skip them as faults)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    stats = {"images": 0, "written": 0, "masks": 0}
+    writer = TarWriter(tmp, mtime=1.0)
+    try:
+        for item in job.items():
+            image = decode_rgb(item.data, f"{job.name}:{item.key}")
+            anns = annotate(image, item.image_id, item.meta)
+            stats["images"] += 1
+            if not anns:
+                continue
+            meta = image_json(item, image.shape[0], image.shape[1], anns)
+            writer.write({"__key__": item.key, item.ext: item.data, "json": json.dumps(meta).encode()})
+            stats["written"] += 1
+            stats["masks"] += len(anns)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    writer.close()
+    os.replace(tmp, path)
+    return stats
+
+
+def run_stage(jobs: list, annotate: Callable, out_dir: str, slot: int = 0, n_slots: int = 1) -> dict:
+    """Write the shards of jobs[slot::n_slots] that are not in out_dir yet.
+    Returns {"done": shards written now, "skipped": already there, "images", "masks"}."""
+    if not 0 <= slot < n_slots:
+        raise ValueError(f"slot {slot} is not in 0..{n_slots - 1}")
+    os.makedirs(out_dir, exist_ok=True)
+    totals = {"done": 0, "skipped": 0, "images": 0, "written": 0, "masks": 0}
+    for job in jobs:
+        if job.index % n_slots != slot:
+            continue
+        path = os.path.join(out_dir, job.name)
+        for stale in glob.glob(glob.escape(path) + ".tmp-*"):     # left by a killed run of this slot
+            os.remove(stale)
+        if os.path.exists(path):
+            totals["skipped"] += 1
+            continue
+        t0 = time.time()
+        stats = write_shard(job, annotate, path)
+        for k in ("images", "written", "masks"):
+            totals[k] += stats[k]
+        totals["done"] += 1
+        with open(os.path.join(out_dir, f"{os.path.splitext(job.name)[0]}.stats.json"), "w") as f:
+            json.dump(dict(stats, seconds=round(time.time() - t0, 1)), f)
+        log.info("wrote %s: %d images, %d masks (%.1f s)", path, stats["written"], stats["masks"], time.time() - t0)
+    return totals

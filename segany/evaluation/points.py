@@ -1,0 +1,48 @@
+"""The ``points`` task: interactive single-point mIoU (protocol.py) per dataset, sharded
+over ranks, and the mean over datasets (the paper averages its 23 datasets this way)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .protocol import ClickProtocol, interactive_eval, summarize
+
+
+@torch.no_grad()
+def points_part(model, dm, protocol: ClickProtocol, device, rank: int = 0, world: int = 1,
+                max_batches=None) -> dict:
+    """Per-mask IoUs of this rank's share of the datamodule's validation split:
+    {"iou": {"k": [...]}, "iou_oracle": {"k": [...]}, "num_images": n} (json-safe keys)."""
+    loader = dm.val_dataloader()
+    dm.val_dataset.set_topology(rank, world)          # the loader iterates the dataset lazily
+    per_mask = {"iou": {str(k): [] for k in protocol.clicks}, "iou_oracle": {str(k): [] for k in protocol.clicks}}
+    images = 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = dm.on_before_batch_transfer(batch, 0)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        res = interactive_eval(model, batch, protocol)
+        for key in per_mask:
+            for k in protocol.clicks:
+                per_mask[key][str(k)] += res[key][k]
+        images += batch["image"].shape[0]
+    return dict(per_mask, num_images=images)
+
+
+def points_merge(parts: list) -> dict:
+    """Rank parts of one dataset -> {miou@k, miou_oracle@k, num_masks, num_images}."""
+    keys = list(parts[0]["iou"])
+    merged = {name: {int(k): [v for p in parts for v in p[name][k]] for k in keys} for name in ("iou", "iou_oracle")}
+    out = summarize(merged)
+    out["num_images"] = int(sum(p["num_images"] for p in parts))
+    return out
+
+
+def mean_over_datasets(per_dataset: dict) -> dict:
+    """Unweighted mean of each miou@k / miou_oracle@k over datasets; num_masks summed."""
+    first = next(iter(per_dataset.values()))
+    out = {k: float(np.mean([d[k] for d in per_dataset.values()])) for k in first if k.startswith("miou")}
+    out["num_masks"] = int(sum(d["num_masks"] for d in per_dataset.values()))
+    out["num_images"] = int(sum(d["num_images"] for d in per_dataset.values()))
+    return out

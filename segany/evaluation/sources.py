@@ -1,0 +1,125 @@
+"""Evaluation datasets: named datamodule configs, and the raw images + original-size
+annotations of their validation split (for the tasks that work in the image frame:
+proposals, instances, edges).
+
+A dataset entry is a datamodule config (``_target_: datamodules.CocoDataModule`` with
+``val_annotations`` / ``val_images``, ``datamodules.SA1BDataModule`` with ``val_shards``,
+``datamodules.SyntheticDataModule``, ...); the ``points`` task batches it through the
+datamodule itself, the other tasks read its records (the encoded image and the COCO RLE
+of every annotation) and decode them here at full resolution.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import cv2
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pycocotools import mask as mask_utils
+
+log = logging.getLogger("evaluate")
+
+
+@dataclass
+class EvalImage:
+    key: str                 # sample key (COCO: str(image id); SA-1B: sa_<id>)
+    image_id: int            # COCO image id, else the digits of the key
+    image: np.ndarray        # (H, W, 3) uint8 RGB
+    anns: list = field(default_factory=list)  # {id, segmentation {size, counts str}, area, bbox xywh, iscrowd, category_id}
+
+    @property
+    def size(self) -> tuple:
+        return self.image.shape[:2]
+
+
+def dataset_configs(cfg: DictConfig) -> dict:
+    """name -> datamodule config: ``cfg.datasets`` when non-empty, else {<name of cfg.data>: cfg.data}."""
+    sets = cfg.get("datasets")
+    if sets:
+        if not isinstance(sets, DictConfig):
+            raise ValueError("datasets: expected a mapping name -> datamodule config")
+        for name, node in sets.items():
+            if not isinstance(node, DictConfig) or "_target_" not in node:
+                raise ValueError(f"datasets.{name}: needs a datamodule config with _target_")
+        return dict(sets.items())
+    target = OmegaConf.select(cfg, "data._target_")
+    if target is None:
+        raise ValueError("data: no datamodule config (_target_) and no datasets given")
+    name = target.rsplit(".", 1)[-1].replace("DataModule", "").lower() or "data"
+    return {name: cfg.data}
+
+
+def build_datamodule(name: str, node: DictConfig, num_workers: Optional[int] = None):
+    """Instantiate, prepare and set up the validation split of a dataset entry."""
+    over = {} if num_workers is None else {"num_workers": num_workers}
+    dm = instantiate(node, **over)
+    dm.prepare_data()
+    dm.setup("validate")
+    if getattr(dm, "val_dataset", None) is None:
+        raise ValueError(f"datasets.{name}: this datamodule has no validation split (set its val_* keys)")
+    return dm
+
+
+def numeric_id(key: str) -> int:
+    """Integer image id of a sample key: the key itself if numeric, else its trailing digits
+    (sa_123 -> 123), else a CRC32 of it."""
+    if key.isdigit():
+        return int(key)
+    m = re.search(r"(\d+)$", key)
+    return int(m.group(1)) if m else zlib.crc32(key.encode())
+
+
+def decode_rgb(data: bytes, where: str) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None:
+        raise ValueError(f"{where}: image does not decode")
+    return np.ascontiguousarray(img[..., ::-1])
+
+
+def _categories(ds) -> dict:
+    """annotation id -> category id when the stream knows them (COCO), else {}."""
+    coco = getattr(ds, "coco", None)
+    return {} if coco is None else {i: a.get("category_id", 1) for i, a in coco.anns.items()}
+
+
+def eval_images(dm, rank: int = 0, world: int = 1, max_images: Optional[int] = None) -> Iterator[EvalImage]:
+    """The validation images of a set-up datamodule owned by `rank` of `world` (the stream's own
+    split: SA-1B shards round robin, COCO images round robin), with all their annotations at
+    the stored resolution. max_images bounds this rank's share (ceil(max_images / world))."""
+    from datamodules.faults import FaultCounter
+
+    ds = dm.val_dataset
+    cats = _categories(ds)
+    limit = None if max_images is None else -(-int(max_images) // world)
+    faults = FaultCounter(20, where=f"eval rank {rank}")
+    n = 0
+    for rec in ds._val_records(faults, rank, world):
+        if limit is not None and n >= limit:
+            return
+        data = rec.image() if callable(rec.image) else rec.image
+        image = decode_rgb(data, f"{rec.source}:{rec.key}")
+        if image.shape[:2] != (rec.height, rec.width):
+            raise ValueError(f"{rec.source}:{rec.key}: image is {image.shape[:2]}, annotations say "
+                             f"{(rec.height, rec.width)}")
+        anns = []
+        for j, counts in enumerate(rec.counts):
+            rle = {"size": [rec.height, rec.width], "counts": counts}
+            enc = {"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+            ann_id = int(rec.ids[j])
+            anns.append({"id": ann_id, "segmentation": rle, "area": float(mask_utils.area(enc)),
+                         "bbox": [float(v) for v in mask_utils.toBbox(enc)],
+                         "iscrowd": int(bool(rec.iscrowd[j])), "category_id": int(cats.get(ann_id, 1))})
+        n += 1
+        yield EvalImage(rec.key, numeric_id(rec.key), image, anns)
+
+
+def decode_mask(seg: dict) -> np.ndarray:
+    """COCO RLE (str or bytes counts) -> (H, W) bool."""
+    counts = seg["counts"]
+    return mask_utils.decode({"size": list(seg["size"]),
+                              "counts": counts.encode() if isinstance(counts, str) else counts}).astype(bool)
