@@ -217,3 +217,24 @@ def test_wandb_is_offline_without_credentials(tmp_path, monkeypatch):
     assert wandb_credentials()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_credentials()
+
+
+def test_validation_images_draw_predictions_outlines_and_clicks():
+    """draw_masks: predicted pixels blended with their colour, the GT outline white, the click dot."""
+    import numpy as np
+    from segany.training.toy import toy_batch
+    from segany.training.visualize import draw_masks
+    batch = toy_batch(batch_size=2, num_masks=2, img_size=64, generator=torch.Generator().manual_seed(0))
+    batch["input_size"] = torch.tensor([[64, 64], [48, 64]])
+    pred = batch["masks"].clone()
+    clicks = torch.tensor([[[10.0, 12.0], [40.0, 30.0]]] * 2)
+    images = draw_masks(batch, pred, clicks, max_images=2)
+    assert [im.shape for im in images] == [(64, 64, 3), (48, 64, 3)] and images[0].dtype == np.uint8
+    img0 = (batch["image"][0].permute(1, 2, 0) * torch.tensor([58.395, 57.12, 57.375])
+            + torch.tensor([123.675, 116.28, 103.53])).clamp(0, 255).numpy()
+    changed = np.abs(images[0].astype(float) - img0).sum(-1) > 3
+    inside = batch["masks"][0].any(0).numpy()
+    assert changed[inside].mean() > 0.9            # every predicted pixel is coloured
+    far = ~inside
+    far[:20, :20] = False; far[25:35, 35:45] = False  # around the click dots
+    assert changed[far].mean() < 0.1

@@ -20,7 +20,7 @@ def draw_masks(batch: dict, pred: torch.Tensor, clicks: torch.Tensor, max_images
     for b in range(min(max_images, pred.shape[0])):
         h, w = (int(x) for x in batch["input_size"][b])
         img = (batch["image"][b].detach().float().cpu() * std + mean).clamp(0, 255)
-        img = img.permute(1, 2, 0).numpy()[:h, :w].astype(np.float32)
+        img = np.ascontiguousarray(img.permute(1, 2, 0).numpy()[:h, :w], dtype=np.float32)   # OpenCV needs contiguous
         valid = batch["valid"][b].cpu().numpy()
         n_valid = max(int(valid.sum()), 1)
         for j in np.nonzero(valid)[0]:
