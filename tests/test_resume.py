@@ -33,7 +33,7 @@ def _state(ckpt):
     return c["global_step"], c["state_dict"], c["optimizer_states"][0]["state"]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 1])   # 0: same path, slow
 def test_kill_and_resume_is_bit_identical(tmp_path, workers):
     """6 steps straight vs 3 steps, SIGKILL at the start of step 4, resume (resume=auto) to 6:
     the same weights and optimiser state, bit for bit (dropout, drop path and prompt
