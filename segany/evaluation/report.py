@@ -82,6 +82,16 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, out_dir: str, filename: str) -> str:
+    """Grid, legend, save as out_dir/filename, close; -> filename."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, filename), dpi=120)
+    plt.close(fig)
+    return filename
+
+
 def plot_points(out_dir: str, section: dict) -> str:
     plt = _pyplot()
     ks = section["clicks"]
@@ -95,13 +105,7 @@ def plot_points(out_dir: str, section: dict) -> str:
     ax.set_ylabel("mIoU")
     ax.set_xticks(ks)
     ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "points_miou_vs_clicks.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return os.path.basename(path)
+    return _finish(plt, fig, ax, out_dir, "points_miou_vs_clicks.png")
 
 
 def plot_edges(out_dir: str, section: dict) -> str:
@@ -114,13 +118,7 @@ def plot_edges(out_dir: str, section: dict) -> str:
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "edges_pr.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return os.path.basename(path)
+    return _finish(plt, fig, ax, out_dir, "edges_pr.png")
 
 
 def plot_proposals(out_dir: str, section: dict, max_dets) -> str:
@@ -132,13 +130,7 @@ def plot_proposals(out_dir: str, section: dict, max_dets) -> str:
     ax.set_xlabel("proposals per image")
     ax.set_ylabel("mask AR")
     ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "proposals_ar.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return os.path.basename(path)
+    return _finish(plt, fig, ax, out_dir, "proposals_ar.png")
 
 
 def log_wandb(wandb_cfg, out_dir: str, task: str, section: dict) -> None:

@@ -60,18 +60,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(path.parent)
 
 
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree, if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def replace_dir(tmp: Path, path: Path) -> None:
     """Make directory `tmp` the new `path`; the old `path` survives as `path.old` until the
     new one is in place."""
     old = path.with_name(path.name + ".old")
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    _remove(old)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    _remove(old)
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
@@ -82,22 +88,14 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
         tmp = path.with_name(path.name + ".tmp")
-        if self.global_rank == 0 and tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        if self.global_rank == 0:
+            _remove(tmp)
         self.barrier("segany_ckpt_tmp_clean")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("segany_ckpt_written")
         if self.global_rank == 0:
             replace_dir(tmp, path)
         self.barrier("segany_ckpt_swapped")
-
-    def remove_checkpoint(self, filepath) -> None:
-        if self.global_rank == 0:
-            p = Path(filepath)
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
 
 
 def resolve_checkpoint(path) -> Optional[str]:
