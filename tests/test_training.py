@@ -145,12 +145,13 @@ def test_multimask_backprops_exactly_one_mask_per_target(tiny, monkeypatch):
     monkeypatch.setattr("segany.training.simulation.initial_prompts", spy)
     _run(tiny, batch, cfg, seed=3)
     g = grads[0].flatten(2).abs().sum(-1) > 0                      # (R, 4) tokens with gradient
-    valid, is_box = batch["valid"].view(-1), seen["is_box"]
-    assert (valid & ~is_box).any() and (valid & is_box).any()
-    pt, bx = valid & ~is_box, valid & is_box
+    # padding rows are not decoded at all: the decoder saw the 2 x 6 valid rows only
+    assert g.shape[0] == int(batch["valid"].sum()) == 12
+    is_box = seen["is_box"]
+    assert (~is_box).any() and is_box.any()
+    pt, bx = ~is_box, is_box
     assert (g[pt, 0] == 0).all() and (g[pt, 1:].sum(1) == 1).all()   # one of the 3 multimask outputs
     assert (g[bx, 0]).all() and (g[bx, 1:] == 0).all()               # box: the single-mask output
-    assert (g[~valid] == 0).all()                                     # padding rows: nothing
 
 
 def test_invalid_masks_contribute_nothing(tiny):
@@ -238,3 +239,31 @@ def test_validation_images_draw_predictions_outlines_and_clicks():
     far = ~inside
     far[:20, :20] = False; far[25:35, 35:45] = False  # around the click dots
     assert changed[far].mean() < 0.1
+
+
+def test_packed_rows_meet_their_own_image(tiny):
+    """Images with different mask counts: the padded batch gives the sum of each image alone
+    (deterministic prompts: exact GT boxes, one round), so every packed row was decoded
+    against its own image's embedding."""
+    cfg = PromptConfig(point_rounds=0, mask_rounds=0, p_box=1.0, box_noise_frac=0.0)
+    batch = toy_batch(2, 3, 256, generator=torch.Generator().manual_seed(4))
+    batch["valid"][0, 1:] = False                                  # image 0: 1 mask, image 1: 3
+    for k in ("masks", "masks_lowres"):
+        batch[k][0, 1:] = False
+    batch["boxes"][0, 1:] = 0.0
+    singles = []
+    for b, n in ((0, 1), (1, 3)):
+        one = {k: (v[b:b + 1, :n] if k in ("masks", "masks_lowres", "valid", "boxes", "mask_ids")
+                   else v[b:b + 1] if torch.is_tensor(v) else v) for k, v in batch.items()}
+        singles.append(_run(tiny, one, cfg, grad=False)["loss"])
+    both = _run(tiny, batch, cfg, grad=False)
+    assert both["n_valid"] == 4
+    assert torch.allclose(both["loss"], singles[0] + singles[1], rtol=1e-5)
+
+
+def test_a_batch_without_valid_masks_gives_zero_loss_and_gradient(tiny):
+    batch = toy_batch(2, 2, 256, num_valid=0)
+    out = _run(tiny, batch, PromptConfig(point_rounds=1, mask_rounds=1))
+    assert out["n_valid"] == 0 and out["loss"].item() == 0.0
+    dec = [p.grad for p in tiny.mask_decoder.parameters()]
+    assert all(g is not None and (g == 0).all() for g in dec)

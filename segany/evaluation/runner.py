@@ -139,7 +139,8 @@ def evaluate(cfg: DictConfig) -> dict:
         per_dataset = {}
         for dname, node in datasets.items():
             if not cfg.merge_only:
-                dm = build_datamodule(dname, node, None if name == "points" else 0)
+                dm = build_datamodule(dname, node, None if name == "points" else 0,
+                                      img_size=model.image_encoder.img_size)
                 write_part(out_dir, name, dname, rank, world, task.part(dname, dm, rank, world), fp)
             if rank == 0:
                 per_dataset[dname] = task.merge(gather_parts(out_dir, name, dname, world,

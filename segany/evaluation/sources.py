@@ -54,9 +54,14 @@ def dataset_configs(cfg: DictConfig) -> dict:
     return {name: cfg.data}
 
 
-def build_datamodule(name: str, node: DictConfig, num_workers: Optional[int] = None):
-    """Instantiate, prepare and set up the validation split of a dataset entry."""
+def build_datamodule(name: str, node: DictConfig, num_workers: Optional[int] = None,
+                     img_size: Optional[int] = None):
+    """Instantiate, prepare and set up the validation split of a dataset entry. img_size:
+    the model's input size, which replaces the entry's own (a 192 px model gets 192 px
+    batches whatever the data config says)."""
     over = {} if num_workers is None else {"num_workers": num_workers}
+    if img_size is not None and "img_size" in node:
+        over["img_size"] = int(img_size)
     dm = instantiate(node, **over)
     dm.prepare_data()
     dm.setup("validate")

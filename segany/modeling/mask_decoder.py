@@ -72,7 +72,8 @@ class MaskDecoder(nn.Module):
                             sparse_prompt_embeddings], dim=1)  # (N, 5+T, C)
 
         # every prompt row gets its own copy of its image's embedding (the transformer updates it)
-        src = image_embeddings.repeat_interleave(n // b, dim=0) + dense_prompt_embeddings  # (N, C, h, w)
+        src = image_embeddings if n == b else image_embeddings.repeat_interleave(n // b, dim=0)
+        src = src + dense_prompt_embeddings  # (N, C, h, w)
         hs, src = self.transformer(src, image_pe, tokens)  # (N, 5+T, C), (N, hw, C)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]  # (N, 4, C)

@@ -40,7 +40,8 @@ class PromptConfig:
     Memory knobs (see experiments/README.md, "Memory"):
       checkpoint_rounds  recompute each round (per mask chunk) in backward instead of
                          storing its activations (torch.utils.checkpoint);
-      mask_chunk         masks per image per checkpointed unit (None = all); only lowers
+      mask_chunk         masks per image per checkpointed unit (B x mask_chunk rows of the
+                         valid masks; None = all); only lowers
                          memory together with checkpoint_rounds;
       detach_feedback    stop gradients through the logits fed back as mask prompt.
     """

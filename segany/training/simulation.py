@@ -1,9 +1,12 @@
 """The interactive training rounds: prompt -> decode -> loss -> next prompt, ``num_rounds``
 times, for all masks of all images at once.
 
-Rows are the B x N (image, mask) pairs, flattened image-major (rows b*N .. b*N+N-1 belong
-to image b, the decoder's grouping). The image encoder is not run here: the caller passes
-its embeddings, computed once per image per step.
+Rows are the valid (image, mask) pairs of the B x N batch, image-major. Padding rows (a
+batch pads every image to its largest mask count) are left out before the decoder: they
+would contribute nothing to the loss but cost as much compute as real masks (about a
+quarter of the rows on the synthetic demo data, most on COCO). Each row is decoded against
+its own image's embedding, gathered once per step. The image encoder is not run here:
+the caller passes its embeddings, computed once per image per step.
 
 One *unit* = one round for one chunk of masks: prompt encoder + all four decoder mask
 tokens + the loss. With ``checkpoint_rounds`` a unit stores only its inputs and is
@@ -43,7 +46,7 @@ def _unit(model, emb: Tensor, pe: Tensor, coords: Tensor, labels: Tensor, mask_i
           target: Tensor, valid: Tensor, multi_rows: Optional[Tensor], loss_fn: SamLoss):
     """One round for one chunk of rows (the checkpointed function).
 
-    emb (B, C, h, w), pe (1, C, h, w), coords (R, P, 2), labels (R, P), mask_in (R, 1, 4h, 4w)
+    emb (R, C, h, w) (each row's image embedding), pe (1, C, h, w), coords (R, P, 2), labels (R, P), mask_in (R, 1, 4h, 4w)
     or None, target (R, H, W) bool at the loss resolution, valid (R,), multi_rows (R,) bool
     (rows answered with the 3 multimask tokens; None = every row single-mask).
     Returns loss sum (scalar), fed-back logits (R, 1, 4h, 4w), binary prediction at the
@@ -84,20 +87,28 @@ def simulate(model, embeddings: Tensor, batch: dict, cfg: PromptConfig, loss_fn:
     schedule = schedule or round_schedule(cfg, generator)
     target_all = loss_targets(batch, cfg.resolution)                     # (B, N, H, W)
     pe = model.prompt_encoder.get_dense_pe()
-    chunk = cfg.mask_chunk or N
+    # the rows to decode: valid pairs only (all rows if none is valid, so that every rank
+    # still runs the decoder and its gradient hooks fire; those rows add zero loss)
+    rows = valid.reshape(-1).nonzero().squeeze(1)                         # (R,) flat b*N + n
+    if rows.numel() == 0:
+        rows = torch.arange(B * N, device=masks.device)
+    R_all = rows.numel()
+    chunk = B * cfg.mask_chunk if cfg.mask_chunk else R_all               # rows per unit
     total = embeddings.new_zeros(())
     T = len(schedule)
     round_loss = torch.zeros(T, device=masks.device)
     round_iou = torch.zeros(T, device=masks.device)
     first_point = schedule.index(POINT) if POINT in schedule else T
 
-    for n0 in range(0, N, chunk):        # chunks of masks (all images together), not single masks
-        sl = slice(n0, min(N, n0 + chunk))
-        R = B * (sl.stop - sl.start)
-        gt = masks[:, sl].reshape(R, S, S)
-        target = target_all[:, sl].reshape(R, *target_all.shape[-2:])
-        v = valid[:, sl].reshape(R)
-        coords, labels, is_box = initial_prompts(gt, boxes[:, sl].reshape(R, 4), v, cfg, generator)
+    for r0 in range(0, R_all, chunk):     # chunks of rows (all images together), not single masks
+        idx = rows[r0:r0 + chunk]                                         # (R,)
+        R = idx.numel()
+        emb = embeddings.index_select(0, idx // N)                        # (R, C, h, w) each row's image
+        gt = masks.reshape(B * N, S, S).index_select(0, idx)              # (R, S, S)
+        target = target_all.reshape(B * N, *target_all.shape[-2:]).index_select(0, idx)
+        v = valid.reshape(B * N).index_select(0, idx)                     # (R,) all True unless none is
+        coords, labels, is_box = initial_prompts(gt, boxes.reshape(B * N, 4).index_select(0, idx), v, cfg,
+                                                 generator)
         multi = (~is_box) if cfg.multimask else None
         mask_in, pred = None, None
         for t, kind in enumerate(schedule):
@@ -105,7 +116,7 @@ def simulate(model, embeddings: Tensor, batch: dict, cfg: PromptConfig, loss_fn:
                 c, l = error_points(pred, target, v, S, generator)
                 coords, labels = torch.cat((coords, c), 1), torch.cat((labels, l), 1)
             ambiguous = t < first_point                   # still a single point (or a box)
-            args = (model, embeddings, pe, coords, labels, mask_in, target, v,
+            args = (model, emb, pe, coords, labels, mask_in, target, v,
                     multi if ambiguous else None, loss_fn)
             if cfg.checkpoint_rounds and torch.is_grad_enabled():
                 loss, fb, pred, iou, row_loss = checkpoint(_unit, *args, use_reentrant=False)
