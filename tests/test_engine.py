@@ -170,7 +170,7 @@ def test_train_annotate_retrain_loop(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg2 = compose("train", overrides=common + [
             "name=round1", "seed=1", "data=sa1b", f"data.train_shards='{tmp_path}/engine/sa-{{000000..000001}}.tar'",
-            "data.img_size=256", "data.epoch_length=1", f"model.checkpoint={tmp_path}/round0.pth"])
+            "data.img_size=${model.img_size}", "data.epoch_length=1", f"model.checkpoint={tmp_path}/round0.pth"])
     train_script.train(cfg2)
     assert (tmp_path / "round1" / "checkpoints" / "last.ckpt").is_file()
     retrained, _ = load_model(str(tmp_path / "round1" / "checkpoints" / "last.ckpt"))
