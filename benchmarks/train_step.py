@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+import torch.fx.experimental._config  # noqa: F401  (meta_nonzero_assume_all_nonzero, see memory())
 
 import segany
 from segany.training import simulation as sim
@@ -143,7 +144,10 @@ def memory(variant: str, img_size: int, masks: int, rounds: int, dtype=torch.flo
     enc = saved_bytes(lambda: model.image_encoder(batch["image"]), model)
     emb = torch.empty(1, 256, h, h, device=dev, dtype=dtype, requires_grad=True)
     cfg = prompt_cfg(rounds)
-    dec = saved_bytes(lambda: sim.simulate(model, emb, batch, cfg, SamLoss()), model)
+    # simulate() selects the valid rows with nonzero(), which the meta device cannot size; every
+    # row is valid here, the case this setting assumes
+    with patched(torch.fx.experimental._config, "meta_nonzero_assume_all_nonzero", True):
+        dec = saved_bytes(lambda: sim.simulate(model, emb, batch, cfg, SamLoss()), model)
     per = dec / (R * cfg.num_rounds)
     kept = (S // 4) ** 2 * torch.empty((), dtype=dtype).element_size()   # fed-back logits (R,1,S/4,S/4)
     params = sum(p.numel() for p in model.parameters())

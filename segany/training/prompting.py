@@ -41,8 +41,8 @@ class PromptConfig:
       checkpoint_rounds  recompute each round (per mask chunk) in backward instead of
                          storing its activations (torch.utils.checkpoint);
       mask_chunk         masks per image per checkpointed unit (B x mask_chunk rows of the
-                         valid masks; None = all); only lowers
-                         memory together with checkpoint_rounds;
+                         valid masks; None = all); only lowers memory together with
+                         checkpoint_rounds;
       detach_feedback    stop gradients through the logits fed back as mask prompt.
     """
 

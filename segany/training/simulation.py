@@ -5,7 +5,7 @@ Rows are the valid (image, mask) pairs of the B x N batch, image-major. Padding 
 batch pads every image to its largest mask count) are left out before the decoder: they
 would contribute nothing to the loss but cost as much compute as real masks (about a
 quarter of the rows on the synthetic demo data, most on COCO). Each row is decoded against
-its own image's embedding, gathered once per step. The image encoder is not run here:
+its own image's embedding. The image encoder is not run here:
 the caller passes its embeddings, computed once per image per step.
 
 One *unit* = one round for one chunk of masks: prompt encoder + all four decoder mask
@@ -42,18 +42,23 @@ def loss_targets(batch: dict, resolution: str) -> Tensor:
     return low.view(B, N, S // 4, S // 4)
 
 
-def _unit(model, emb: Tensor, pe: Tensor, coords: Tensor, labels: Tensor, mask_in: Optional[Tensor],
-          target: Tensor, valid: Tensor, multi_rows: Optional[Tensor], loss_fn: SamLoss):
+def _unit(model, emb: Tensor, img: Tensor, pe: Tensor, coords: Tensor, labels: Tensor,
+          mask_in: Optional[Tensor], target: Tensor, valid: Tensor, multi_rows: Optional[Tensor],
+          loss_fn: SamLoss):
     """One round for one chunk of rows (the checkpointed function).
 
-    emb (R, C, h, w) (each row's image embedding), pe (1, C, h, w), coords (R, P, 2), labels (R, P), mask_in (R, 1, 4h, 4w)
-    or None, target (R, H, W) bool at the loss resolution, valid (R,), multi_rows (R,) bool
-    (rows answered with the 3 multimask tokens; None = every row single-mask).
+    emb (B, C, h, w), img (R,) the image of each row, pe (1, C, h, w), coords (R, P, 2),
+    labels (R, P), mask_in (R, 1, 4h, 4w) or None, target (R, H, W) bool at the loss
+    resolution, valid (R,), multi_rows (R,) bool (rows answered with the 3 multimask tokens;
+    None = every row single-mask).
     Returns loss sum (scalar), fed-back logits (R, 1, 4h, 4w), binary prediction at the
     loss resolution (R, H, W), its IoU with the target (R,), per-row loss (R,).
     """
     sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_in)
-    masks, iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)   # (R, 4, 4h, 4w), (R, 4)
+    # each row's own image embedding, gathered inside the unit (recomputed, not stored, with
+    # checkpoint_rounds: (R, C, h, w) is 64x an image's embedding)
+    masks, iou = model.mask_decoder.predict_masks(emb.index_select(0, img), pe, sparse, dense)
+    # masks (R, 4, 4h, 4w), iou (R, 4)
     if multi_rows is None:
         cand, cand_iou = masks[:, :1], iou[:, :1]                             # (R, 1, ...)
     else:  # multimask rows: tokens 1..3; single rows: token 0 three times (same min)
@@ -103,7 +108,7 @@ def simulate(model, embeddings: Tensor, batch: dict, cfg: PromptConfig, loss_fn:
     for r0 in range(0, R_all, chunk):     # chunks of rows (all images together), not single masks
         idx = rows[r0:r0 + chunk]                                         # (R,)
         R = idx.numel()
-        emb = embeddings.index_select(0, idx // N)                        # (R, C, h, w) each row's image
+        img = idx // N                                                    # (R,) image of each row
         gt = masks.reshape(B * N, S, S).index_select(0, idx)              # (R, S, S)
         target = target_all.reshape(B * N, *target_all.shape[-2:]).index_select(0, idx)
         v = valid.reshape(B * N).index_select(0, idx)                     # (R,) all True unless none is
@@ -116,7 +121,7 @@ def simulate(model, embeddings: Tensor, batch: dict, cfg: PromptConfig, loss_fn:
                 c, l = error_points(pred, target, v, S, generator)
                 coords, labels = torch.cat((coords, c), 1), torch.cat((labels, l), 1)
             ambiguous = t < first_point                   # still a single point (or a box)
-            args = (model, emb, pe, coords, labels, mask_in, target, v,
+            args = (model, embeddings, img, pe, coords, labels, mask_in, target, v,
                     multi if ambiguous else None, loss_fn)
             if cfg.checkpoint_rounds and torch.is_grad_enabled():
                 loss, fb, pred, iou, row_loss = checkpoint(_unit, *args, use_reentrant=False)
