@@ -5,8 +5,8 @@ Rows are the valid (image, mask) pairs of the B x N batch, image-major. Padding 
 batch pads every image to its largest mask count) are left out before the decoder: they
 would contribute nothing to the loss but cost as much compute as real masks (about a
 quarter of the rows on the synthetic demo data, most on COCO). Each row is decoded against
-its own image's embedding. The image encoder is not run here:
-the caller passes its embeddings, computed once per image per step.
+its own image's embedding. The image encoder is not run here: the caller passes its
+embeddings, computed once per image per step.
 
 One *unit* = one round for one chunk of masks: prompt encoder + all four decoder mask
 tokens + the loss. With ``checkpoint_rounds`` a unit stores only its inputs and is
@@ -107,7 +107,6 @@ def simulate(model, embeddings: Tensor, batch: dict, cfg: PromptConfig, loss_fn:
 
     for r0 in range(0, R_all, chunk):     # chunks of rows (all images together), not single masks
         idx = rows[r0:r0 + chunk]                                         # (R,)
-        R = idx.numel()
         img = idx // N                                                    # (R,) image of each row
         gt = masks.reshape(B * N, S, S).index_select(0, idx)              # (R, S, S)
         target = target_all.reshape(B * N, *target_all.shape[-2:]).index_select(0, idx)
