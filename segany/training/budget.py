@@ -1,0 +1,92 @@
+"""TimeBudget: fit a run planned in steps into ``trainer.max_time``.
+
+A run is planned in steps (``trainer.max_steps``, lr milestones at fixed steps). When it
+must also end within a wall-clock budget (the CPU demo promises 10 minutes), the Timer
+that ``max_time`` installs simply stops it wherever it is, which on a slow machine is
+before the lr drops: the end of the schedule, where most of the final accuracy comes
+from, never runs. This callback shrinks the plan instead: from the wall time per step so
+far (validation included), it estimates how many steps fit in the budget and sets
+``max_steps`` to that (never above the plan), scaling the lr milestones that are still
+ahead by the same factor, so that the schedule keeps its shape on any machine.
+
+It re-estimates every ``every`` steps (machine speed drifts); milestones already passed
+stay where they were. Without ``max_time`` or ``max_steps`` it does nothing. The
+result depends on the machine's speed: a run under a time budget is not step-for-step
+reproducible elsewhere (large-scale recipes leave max_time unset).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Timer
+
+from .schedule import WarmupStepDecay
+
+log = logging.getLogger(__name__)
+
+
+class TimeBudget(pl.Callback):
+    """calibrate_steps: first estimate after this many steps; every: re-estimate period
+    (steps); reserve_s: seconds kept free at the end (final checkpoint, tear-down)."""
+
+    def __init__(self, calibrate_steps: int = 30, every: int = 25, reserve_s: float = 10.0):
+        if calibrate_steps < 1 or every < 1:
+            raise ValueError(f"TimeBudget: calibrate_steps={calibrate_steps} and every={every} must be >= 1")
+        self.calibrate_steps, self.every, self.reserve_s = int(calibrate_steps), int(every), float(reserve_s)
+        self.planned: Optional[int] = None           # max_steps of the plan
+        self.milestones: Optional[list] = None       # lr milestones of the plan
+        self.max_steps: Optional[int] = None         # the current (shrunk) plan, for resumes
+
+    # --------------------------------------------------------------- lookups
+    @staticmethod
+    def _timer(trainer) -> Optional[Timer]:
+        return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+
+    @staticmethod
+    def _schedules(trainer) -> list:
+        """The WarmupStepDecay objects driving the lr (one per distinct LambdaLR lambda)."""
+        found = []
+        for cfg in trainer.lr_scheduler_configs:
+            for fn in getattr(cfg.scheduler, "lr_lambdas", []):
+                if isinstance(fn, WarmupStepDecay) and all(fn is not f for f in found):
+                    found.append(fn)
+        return found
+
+    # --------------------------------------------------------------- hooks
+    def on_train_start(self, trainer, pl_module):
+        if self.planned is None:                      # fresh start (a resume restores them)
+            self.planned = trainer.max_steps
+            sched = self._schedules(trainer)
+            self.milestones = list(sched[0].milestones) if sched else []
+        elif self.max_steps and 0 < self.max_steps < trainer.max_steps:   # resumed: the shrunk plan
+            trainer.fit_loop.epoch_loop.max_steps = self.max_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step, timer = trainer.global_step, self._timer(trainer)
+        if timer is None or timer.time_remaining() is None or not self.planned or self.planned < 0:
+            return
+        if step < self.calibrate_steps or (step - self.calibrate_steps) % self.every:
+            return
+        sched = self._schedules(trainer)
+        per_step = timer.time_elapsed() / step        # s/step, validation and resumes included
+        fits = step + max(0.0, timer.time_remaining() - self.reserve_s) / per_step
+        new_max = min(self.planned, max(step, int(fits)))            # step: stop now
+        new_max = int(trainer.strategy.broadcast(new_max))      # every rank takes rank 0's plan
+        if new_max == trainer.max_steps:
+            return
+        scale = new_max / self.planned
+        for s in sched:   # milestones already passed stay where they were
+            s.milestones = [m if m <= step else max(step + 1, round(m0 * scale))
+                            for m, m0 in zip(s.milestones, self.milestones)]
+        log.info("TimeBudget: %.3f s/step, max_steps %d -> %d of %d planned, lr milestones %s",
+                 per_step, trainer.max_steps, new_max, self.planned, sched[0].milestones if sched else [])
+        trainer.fit_loop.epoch_loop.max_steps = self.max_steps = new_max
+
+    def state_dict(self):
+        return {"planned": self.planned, "milestones": self.milestones, "max_steps": self.max_steps}
+
+    def load_state_dict(self, state_dict):
+        self.planned, self.milestones = state_dict["planned"], state_dict["milestones"]
+        self.max_steps = state_dict.get("max_steps")

@@ -1,0 +1,80 @@
+"""TimeBudget: a step-planned run shrunk to what fits in max_time, the lr milestone scaled
+with it. The wall clock is replaced by a simulated one (a fixed number of seconds per
+step), so every expected number is computed by hand."""
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Timer
+
+from segany.training import TimeBudget, WarmupStepDecay
+
+
+class StepClock(Timer):
+    """A Timer whose clock reads ``sec_per_step`` x the optimiser steps taken."""
+
+    def __init__(self, duration_s: float, sec_per_step: float):
+        super().__init__(duration={"seconds": duration_s}, interval="step", verbose=False)
+        self.sec_per_step, self.trainer = sec_per_step, None
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self.trainer = trainer
+
+    def time_elapsed(self, stage="train"):
+        return 0.0 if self.trainer is None else self.trainer.global_step * self.sec_per_step
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, warmup=2, milestones=(80,)):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1)
+        self.schedule = WarmupStepDecay(warmup, milestones, 0.1)
+        self.lrs = []
+
+    def training_step(self, batch, i):
+        self.lrs.append(self.optimizers().param_groups[0]["lr"])
+        return self.lin(batch[0]).pow(2).mean()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 2)), batch_size=4)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self.schedule),
+                                 "interval": "step"}}
+
+
+def fit(module, callbacks, max_steps=100):
+    trainer = pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+    return trainer
+
+
+def test_a_slow_machine_runs_the_whole_schedule_shrunk_to_the_budget():
+    # plan: 100 steps, lr / 10 at 80. Budget 31 s at 0.5 s/step, 1 s reserve: 60 steps fit.
+    module = Tiny()
+    budget = TimeBudget(calibrate_steps=10, every=10, reserve_s=1.0)
+    trainer = fit(module, [StepClock(31.0, 0.5), budget])
+    assert trainer.global_step == 60                          # ended by the shrunk max_steps
+    assert module.schedule.milestones == [48]                 # 80 x 60 / 100
+    lrs = torch.tensor(module.lrs)                             # lr used at steps 0..59
+    assert torch.allclose(lrs[2:48], torch.ones(46)) and torch.allclose(lrs[48:], torch.full((12,), 0.1))
+    assert budget.state_dict() == {"planned": 100, "milestones": [80], "max_steps": 60}
+
+
+def test_a_fast_machine_keeps_the_plan():
+    module = Tiny()
+    trainer = fit(module, [StepClock(1000.0, 0.5), TimeBudget(calibrate_steps=10, every=10)])
+    assert trainer.global_step == 100 and module.schedule.milestones == [80]
+    assert torch.allclose(torch.tensor(module.lrs[80:]), torch.full((20,), 0.1))
+
+
+def test_a_passed_milestone_stays_and_without_max_time_nothing_changes():
+    # the first estimate comes after the milestone (step 30 > 20): only max_steps shrinks
+    module = Tiny(milestones=(20,))
+    trainer = fit(module, [StepClock(26.0, 0.5), TimeBudget(calibrate_steps=30, every=5, reserve_s=1.0)])
+    assert trainer.global_step == 50 and module.schedule.milestones == [20]
+    module = Tiny()
+    trainer = fit(module, [TimeBudget(calibrate_steps=5, every=5)])
+    assert trainer.global_step == 100 and module.schedule.milestones == [80]
