@@ -95,6 +95,9 @@ def test_config_errors_name_the_key():
         cfg.prompting.resolution = "half"
     with pytest.raises(ValueError, match="prompting.resolution"):
         check_train_config(cfg)
+    with pytest.raises(ValueError, match="optim.fused"):     # the demo's fused AdamW under bf16-mixed + clipping
+        check_train_config(_compose("trainer.precision=bf16-mixed"))
+    check_train_config(_compose("trainer.precision=bf16-mixed", "optim.fused=false"))
     from hydra.errors import InstantiationException
     with pytest.raises(InstantiationException, match="optim.layer_decay"):
         instantiate(_compose("optim.layer_decay=1.5").optim)

@@ -93,6 +93,11 @@ def check_train_config(cfg: DictConfig) -> None:
     p = cfg.prompting
     if p.get("resolution") not in ("low", "full"):
         raise ValueError(f"config: prompting.resolution={p.get('resolution')!r}, expected 'low' or 'full'")
+    precision = str(cfg.trainer.get("precision"))
+    if cfg.optim.get("fused") and cfg.trainer.get("gradient_clip_val") and "mixed" in precision:
+        # Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimiser
+        raise ValueError(f"config: optim.fused=true cannot be combined with trainer.precision={precision} and "
+                         f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val}; set optim.fused=false")
     img = cfg.data.get("img_size")
     if img is not None and cfg.model.get("img_size") is not None and img != cfg.model.img_size:
         raise ValueError(f"config: data.img_size={img} != model.img_size={cfg.model.img_size}")
