@@ -97,6 +97,8 @@ def test_config_errors_name_the_key():
         check_train_config(cfg)
     with pytest.raises(ValueError, match="optim.fused"):     # the demo's fused AdamW under bf16-mixed + clipping
         check_train_config(_compose("trainer.precision=bf16-mixed"))
+    with pytest.raises(ValueError, match="optim.fused"):     # "bf16" is Lightning's alias of bf16-mixed
+        check_train_config(_compose("trainer.precision=bf16"))
     check_train_config(_compose("trainer.precision=bf16-mixed", "optim.fused=false"))
     from hydra.errors import InstantiationException
     with pytest.raises(InstantiationException, match="optim.layer_decay"):

@@ -94,7 +94,8 @@ def check_train_config(cfg: DictConfig) -> None:
     if p.get("resolution") not in ("low", "full"):
         raise ValueError(f"config: prompting.resolution={p.get('resolution')!r}, expected 'low' or 'full'")
     precision = str(cfg.trainer.get("precision"))
-    if cfg.optim.get("fused") and cfg.trainer.get("gradient_clip_val") and "mixed" in precision:
+    mixed = "mixed" in precision or precision in ("16", "bf16")    # Lightning's aliases of *-mixed
+    if cfg.optim.get("fused") and cfg.trainer.get("gradient_clip_val") and mixed:
         # Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimiser
         raise ValueError(f"config: optim.fused=true cannot be combined with trainer.precision={precision} and "
                          f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val}; set optim.fused=false")
