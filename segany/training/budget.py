@@ -64,10 +64,11 @@ class TimeBudget(pl.Callback):
             trainer.fit_loop.epoch_loop.max_steps = self.max_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step, timer = trainer.global_step, self._timer(trainer)
-        if timer is None or timer.time_remaining() is None or not self.planned or self.planned < 0:
-            return
+        step = trainer.global_step
         if step < self.calibrate_steps or (step - self.calibrate_steps) % self.every:
+            return
+        timer = self._timer(trainer)
+        if timer is None or timer.time_remaining() is None or not self.planned or self.planned < 0:
             return
         sched = self._schedules(trainer)
         per_step = timer.time_elapsed() / step        # s/step, validation and resumes included
