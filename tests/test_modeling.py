@@ -111,6 +111,35 @@ def test_sam_forward_matches_official(pair):
             assert (a["masks"] != b["masks"]).float().mean() < 1e-3
 
 
+def test_subpixel_upscaling_equals_the_convolutions(pair):
+    """MaskDecoder.upscale_masks (matrix products per token) gives the values and the
+    gradients of the release's path: output_upscaling as ConvTranspose2d / LayerNorm2d /
+    GELU on (N, C, h, w), then hyper_in @ the flattened upscaled features (float64)."""
+    dec = build_sam("vit_tiny").mask_decoder.double()
+    with torch.no_grad():
+        for p in dec.output_upscaling.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(5)
+    n, h, w = 3, 5, 7                                       # non-square: rows and columns not swapped
+    src = torch.randn(n, h * w, 256, generator=g, dtype=torch.float64)
+    hyper = torch.randn(n, 4, 32, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(n, 4, 4 * h, 4 * w, generator=g, dtype=torch.float64)
+
+    def reference(src, hyper):
+        up = dec.output_upscaling(src.transpose(1, 2).reshape(n, 256, h, w))   # (n, 32, 4h, 4w)
+        return (hyper @ up.flatten(2)).reshape(n, 4, 4 * h, 4 * w)
+
+    results = []
+    for f in (reference, lambda s, hy: dec.upscale_masks(s, hy, h, w)):
+        s, hy = src.clone().requires_grad_(), hyper.clone().requires_grad_()
+        dec.zero_grad()
+        out = f(s, hy)
+        out.backward(grad_out)
+        results.append([out, s.grad, hy.grad] + [p.grad.clone() for p in dec.output_upscaling.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
 @torch.no_grad()
 def test_batched_decoder_equals_per_image(pair):
     """2 images x 5 prompts in one call == each image decoded alone by the release's decoder."""
