@@ -1,6 +1,7 @@
 """TimeBudget: a step-planned run shrunk to what fits in max_time, the lr milestone scaled
 with it. The wall clock is replaced by a simulated one (a fixed number of seconds per
 step), so every expected number is computed by hand."""
+import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Timer
@@ -24,10 +25,10 @@ class StepClock(Timer):
 
 
 class Tiny(pl.LightningModule):
-    def __init__(self, warmup=2, milestones=(80,)):
+    def __init__(self, warmup=2, milestones=(80,), cooldown=()):
         super().__init__()
         self.lin = torch.nn.Linear(2, 1)
-        self.schedule = WarmupStepDecay(warmup, milestones, 0.1)
+        self.schedule = WarmupStepDecay(warmup, milestones, 0.1, cooldown=cooldown)
         self.lrs = []
 
     def training_step(self, batch, i):
@@ -60,7 +61,27 @@ def test_a_slow_machine_runs_the_whole_schedule_shrunk_to_the_budget():
     assert module.schedule.milestones == [48]                 # 80 x 60 / 100
     lrs = torch.tensor(module.lrs)                             # lr used at steps 0..59
     assert torch.allclose(lrs[2:48], torch.ones(46)) and torch.allclose(lrs[48:], torch.full((12,), 0.1))
-    assert budget.state_dict() == {"planned": 100, "milestones": [80], "max_steps": 60}
+    assert budget.state_dict() == {"planned": 100, "milestones": [80], "cooldown": [], "max_steps": 60}
+
+
+def test_the_linear_cooldown_shrinks_with_the_plan():
+    # plan: 100 steps, lr ramps 1 -> 0 over steps 50..100. 60 steps fit: ramp 30..60.
+    module = Tiny(milestones=(), cooldown=(50, 100))
+    budget = TimeBudget(calibrate_steps=10, every=10, reserve_s=1.0)
+    trainer = fit(module, [StepClock(31.0, 0.5), budget])
+    assert trainer.global_step == 60 and module.schedule.cooldown == [30, 60]
+    lrs = torch.tensor(module.lrs)
+    expected = torch.tensor([1 - (t - 30) / 30 for t in range(30, 60)])
+    assert torch.allclose(lrs[2:31], torch.ones(29)) and torch.allclose(lrs[30:], expected)
+    assert budget.state_dict()["cooldown"] == [50, 100]           # the plan, kept for resumes
+
+
+def test_a_cooldown_under_way_keeps_its_start():
+    # first estimate at step 30, inside the ramp 20..100: start stays, end -> 50 (the new max)
+    module = Tiny(milestones=(), cooldown=(20, 100))
+    trainer = fit(module, [StepClock(26.0, 0.5), TimeBudget(calibrate_steps=30, every=5, reserve_s=1.0)])
+    assert trainer.global_step == 50 and module.schedule.cooldown == [20, 50]
+    assert module.lrs[-1] == pytest.approx(1 - (49 - 20) / 30)
 
 
 def test_a_fast_machine_keeps_the_plan():

@@ -68,6 +68,19 @@ def test_schedule_per_milestone_factors_and_errors():
         WarmupStepDecay(milestones=[5, 2])
 
 
+def test_schedule_linear_cooldown():
+    # warmup 4, lr / 2 at 8, then a ramp 1 -> 0.1 over steps 10..20 on top of it
+    s = WarmupStepDecay(warmup_iters=4, milestones=[8], gamma=0.5, cooldown=[10, 20], cooldown_final=0.1)
+    steps = [0, 2, 4, 8, 10, 15, 19, 20, 30]
+    expected = [0, 0.5, 1, 0.5, 0.5, 0.5 * 0.55, 0.5 * 0.19, 0.05, 0.05]   # 1 - 0.9 x (step - 10) / 10
+    assert [s(t) for t in steps] == pytest.approx(expected)
+    for bad in ([10], [20, 10], [5, 5]):
+        with pytest.raises(ValueError, match="optim.cooldown"):
+            WarmupStepDecay(cooldown=bad)
+    with pytest.raises(ValueError, match="optim.cooldown_final"):
+        WarmupStepDecay(cooldown=[1, 2], cooldown_final=2.0)
+
+
 def test_frozen_parts_are_left_out(tiny):
     tiny.image_encoder.requires_grad_(False)
     try:

@@ -6,8 +6,10 @@ that ``max_time`` installs simply stops it wherever it is, which on a slow machi
 before the lr drops: the end of the schedule, where most of the final accuracy comes
 from, never runs. This callback shrinks the plan instead: from the wall time per step so
 far (validation included), it estimates how many steps fit in the budget and sets
-``max_steps`` to that (never above the plan), scaling the lr milestones that are still
-ahead by the same factor, so that the schedule keeps its shape on any machine.
+``max_steps`` to that (never above the plan), scaling the lr milestones and the linear
+cooldown's start and end that are still ahead by the same factor, so that the schedule
+keeps its shape on any machine (a cooldown already under way keeps its start; its end
+moves with the plan).
 
 It re-estimates every ``every`` steps (machine speed drifts); milestones already passed
 stay where they were. Without ``max_time`` or ``max_steps`` it does nothing. The
@@ -37,6 +39,7 @@ class TimeBudget(pl.Callback):
         self.calibrate_steps, self.every, self.reserve_s = int(calibrate_steps), int(every), float(reserve_s)
         self.planned: Optional[int] = None           # max_steps of the plan
         self.milestones: Optional[list] = None       # lr milestones of the plan
+        self.cooldown: Optional[list] = None         # linear cooldown [start, end] of the plan
         self.max_steps: Optional[int] = None         # the current (shrunk) plan, for resumes
 
     # --------------------------------------------------------------- lookups
@@ -60,6 +63,7 @@ class TimeBudget(pl.Callback):
             self.planned = trainer.max_steps
             sched = self._schedules(trainer)
             self.milestones = list(sched[0].milestones) if sched else []
+            self.cooldown = list(sched[0].cooldown) if sched else []
         elif self.max_steps and 0 < self.max_steps < trainer.max_steps:   # resumed: the shrunk plan
             trainer.fit_loop.epoch_loop.max_steps = self.max_steps
 
@@ -78,16 +82,25 @@ class TimeBudget(pl.Callback):
         if new_max == trainer.max_steps:
             return
         scale = new_max / self.planned
-        for s in sched:   # milestones already passed stay where they were
-            s.milestones = [m if m <= step else max(step + 1, round(m0 * scale))
-                            for m, m0 in zip(s.milestones, self.milestones)]
-        log.info("TimeBudget: %.3f s/step, max_steps %d -> %d of %d planned, lr milestones %s",
-                 per_step, trainer.max_steps, new_max, self.planned, sched[0].milestones if sched else [])
+
+        def moved(now, planned):   # steps already passed stay where they were
+            return [m if m <= step else max(step + 1, round(m0 * scale)) for m, m0 in zip(now, planned)]
+
+        for s in sched:
+            s.milestones = moved(s.milestones, self.milestones)
+            if self.cooldown:
+                start, end = moved(s.cooldown, self.cooldown)
+                s.cooldown = [start, max(start + 1, end)]
+        log.info("TimeBudget: %.3f s/step, max_steps %d -> %d of %d planned, lr milestones %s, cooldown %s",
+                 per_step, trainer.max_steps, new_max, self.planned, sched[0].milestones if sched else [],
+                 sched[0].cooldown if sched else [])
         trainer.fit_loop.epoch_loop.max_steps = self.max_steps = new_max
 
     def state_dict(self):
-        return {"planned": self.planned, "milestones": self.milestones, "max_steps": self.max_steps}
+        return {"planned": self.planned, "milestones": self.milestones, "cooldown": self.cooldown,
+                "max_steps": self.max_steps}
 
     def load_state_dict(self, state_dict):
         self.planned, self.milestones = state_dict["planned"], state_dict["milestones"]
+        self.cooldown = state_dict.get("cooldown") or []
         self.max_steps = state_dict.get("max_steps")

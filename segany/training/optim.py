@@ -61,7 +61,7 @@ class SamOptim:
                  weight_decay: float = 0.1, layer_decay: float = 1.0,
                  no_decay_keys: Iterable[str] = NO_DECAY_KEYS, warmup_iters: int = 250,
                  warmup_start_factor: float = 0.0, milestones: Sequence[int] = (),
-                 gamma=0.1, fused: bool = False):
+                 gamma=0.1, cooldown: Sequence[int] = (), cooldown_final: float = 0.0, fused: bool = False):
         if lr <= 0:
             raise ValueError(f"optim.lr={lr} must be > 0")
         if not 0 < layer_decay <= 1:
@@ -70,7 +70,8 @@ class SamOptim:
         self.weight_decay, self.layer_decay = float(weight_decay), float(layer_decay)
         self.no_decay_keys = tuple(no_decay_keys)
         self.fused = bool(fused)
-        self.schedule = WarmupStepDecay(warmup_iters, milestones, gamma, warmup_start_factor)
+        self.schedule = WarmupStepDecay(warmup_iters, milestones, gamma, warmup_start_factor, cooldown,
+                                        cooldown_final)
 
     def __call__(self, model: nn.Module):
         groups = param_groups(model, self.lr, self.weight_decay, self.layer_decay, self.no_decay_keys)
