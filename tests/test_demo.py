@@ -41,8 +41,8 @@ def test_full_demo_learns(tmp_path):
     _run("evaluate.py", f"paths.root_dir={tmp_path}", timeout=900)
     untrained = json.loads((tmp_path / "eval_untrained" / "metrics.json").read_text())
     print(f"demo: {minutes:.1f} min, mIoU@1 trained {trained['miou@1']:.3f}, untrained {untrained['miou@1']:.3f}")
-    # issue 4 asks >= 0.60; measured 0.603 (563 steps) and 0.594 (551 steps) in the slowest
-    # machine phase seen, 1.0 s/step (experiments/demo.md); untrained 0.06. A regression guard:
-    assert trained["miou@1"] >= 0.58
+    # issue 4 asks >= 0.60 within 10 minutes; measured 0.647-0.657 with 1036-1140 steps fitted
+    # (experiments/demo.md); untrained 0.06
+    assert trained["miou@1"] >= 0.60
     assert untrained["miou@1"] < 0.3
     assert minutes <= 10, f"demo took {minutes:.1f} min (2 dedicated cores expected)"

@@ -18,7 +18,9 @@ SMALL = ["logger=csv", "data.num_train=8", "data.num_val=4", "data.shard_size=2"
          "data.batch_size=1", "data.num_workers=0", "trainer.limit_val_batches=1", "trainer.devices=2",
          "trainer.check_val_every_n_epoch=100", "callbacks.checkpoint.every_n_train_steps=2",
          "prompting.point_rounds=1", "prompting.mask_rounds=1",
-         "model.img_size=256", "model.window_size=8"]   # vit_tiny as built (the demo runs at 192): exported below
+         # vit_tiny as built (the demo runs at 192 px with a width-128 decoder): exported below
+         "model.img_size=256", "model.window_size=8", "model.prompt_embed_dim=256", "model.decoder_heads=8",
+         "model.decoder_mlp_dim=2048"]
 
 
 def _train(root, *args):
