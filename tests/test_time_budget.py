@@ -99,3 +99,31 @@ def test_a_passed_milestone_stays_and_without_max_time_nothing_changes():
     module = Tiny()
     trainer = fit(module, [TimeBudget(calibrate_steps=5, every=5)])
     assert trainer.global_step == 100 and module.schedule.milestones == [80]
+
+
+class StopAt(pl.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_a_resumed_run_keeps_the_shrunk_plan(tmp_path):
+    # first run: the budget shrinks 100 -> 60 steps (milestone 80 -> 48), interrupted at step 40
+    module = Tiny()
+    trainer = fit(module, [StepClock(31.0, 0.5), TimeBudget(calibrate_steps=10, every=10, reserve_s=1.0),
+                           StopAt(40)])
+    assert trainer.global_step == 40 and trainer.max_steps == 60
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    # resumed with the plan's max_steps=100 and a budget that never re-estimates: only the
+    # checkpointed state can bring back 60 (the 31 s clock alone would stop at step 62)
+    module = Tiny()
+    trainer = pl.Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu",
+                         callbacks=[StepClock(31.0, 0.5), TimeBudget(calibrate_steps=1000, every=10)])
+    trainer.fit(module, ckpt_path=ckpt)
+    assert trainer.global_step == 60 and module.schedule.milestones == [48]
+    assert torch.allclose(torch.tensor(module.lrs), torch.tensor([1.0] * 8 + [0.1] * 12))   # steps 40..59
