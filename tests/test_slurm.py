@@ -131,7 +131,7 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path):
     requeued, the limit is lifted so that the second start is not signalled too. Training
     stops at 150 s of training time (Lightning's max_time, kept across the restart), so the
     first start never finishes before the signal however fast the machine is."""
-    job, _ = _sbatch(slurm, tmp_path, *_overrides(tmp_path, "trainer.max_steps=100000", "+trainer.max_time=00:00:02:30",
+    job, _ = _sbatch(slurm, tmp_path, *_overrides(tmp_path, "trainer.max_steps=100000", "trainer.max_time=00:00:02:30",
                                                   "data.batch_size=1", "data.max_masks=2", "trainer.limit_val_batches=0",
                                                   "callbacks.checkpoint.every_n_train_steps=100000"),
                      sbatch_opts=["--time=2", "--signal=USR1@50"])
