@@ -111,7 +111,7 @@ def test_sam_forward_matches_official(pair):
             assert (a["masks"] != b["masks"]).float().mean() < 1e-3
 
 
-def test_subpixel_upscaling_equals_the_convolutions(pair):
+def test_subpixel_upscaling_equals_the_convolutions():
     """MaskDecoder.upscale_masks (matrix products per token) gives the values and the
     gradients of the release's path: output_upscaling as ConvTranspose2d / LayerNorm2d /
     GELU on (N, C, h, w), then hyper_in @ the flattened upscaled features (float64)."""
