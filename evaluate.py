@@ -17,6 +17,7 @@ evaluates its share, rank 0 merges.
     python evaluate.py ckpt_path=sam_vit_b_01ec64.pth model=vit_b data=coco data.val_annotations=...
     python evaluate.py sweep_dir=runs/lr_sweep                          # every run of a sweep -> results.md
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from segany.training.config import register_resolvers
+from segany.utils.config import register_resolvers
 
 log = logging.getLogger("evaluate")
 register_resolvers()
@@ -33,8 +34,10 @@ register_resolvers()
 def evaluate(cfg: DictConfig) -> dict:
     if cfg.get("sweep_dir"):
         from segany.evaluation.sweep import evaluate_sweep
+
         return evaluate_sweep(cfg)
     from segany.evaluation.runner import evaluate as run
+
     return run(cfg)
 
 

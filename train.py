@@ -8,6 +8,7 @@ The run directory is <paths.root_dir>/<name>[_<SLURM job id>]; it holds checkpoi
 config.yaml (the resolved config), and the logger's files. Re-running the same command
 resumes from checkpoints/last.ckpt (resume=auto).
 """
+
 from __future__ import annotations
 
 import glob
@@ -21,7 +22,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segany.training.checkpointing import resolve_checkpoint
-from segany.training.config import check_train_config, register_resolvers
+from segany.training.config import check_train_config
+from segany.utils.config import register_resolvers
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -34,8 +36,9 @@ def build(cfg: DictConfig):
     model = instantiate(cfg.model)
     # _partial_: objects passed as instantiate() kwargs would be turned back into configs
     module = instantiate(cfg.module, _partial_=True, _convert_="all")(
-        model=model, prompting=instantiate(cfg.prompting), loss=instantiate(cfg.loss), optim=instantiate(cfg.optim))
-    module.run_config = run_config      # saved in every checkpoint (evaluate.py rebuilds the model from it)
+        model=model, prompting=instantiate(cfg.prompting), loss=instantiate(cfg.loss), optim=instantiate(cfg.optim)
+    )
+    module.run_config = run_config  # saved in every checkpoint (evaluate.py rebuilds the model from it)
     datamodule = instantiate(cfg.data)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -72,17 +75,22 @@ def apply_global_batch(cfg: DictConfig, trainer: pl.Trainer) -> None:
         return
     per_pass = int(cfg.data.batch_size) * trainer.world_size
     if gb % per_pass:
-        raise ValueError(f"global_batch={gb} cannot be met: data.batch_size={cfg.data.batch_size} x world size "
-                         f"{trainer.world_size} = {per_pass} images per pass does not divide it; change "
-                         f"trainer.devices / trainer.num_nodes or data.batch_size")
+        raise ValueError(
+            f"global_batch={gb} cannot be met: data.batch_size={cfg.data.batch_size} x world size "
+            f"{trainer.world_size} = {per_pass} images per pass does not divide it; change "
+            f"trainer.devices / trainer.num_nodes or data.batch_size"
+        )
     acc = gb // per_pass
     set_acc = cfg.trainer.get("accumulate_grad_batches")
     if set_acc not in (None, 1, acc):
-        raise ValueError(f"trainer.accumulate_grad_batches={set_acc} contradicts global_batch={gb} "
-                         f"(needs {acc} with {per_pass} images per pass); leave it unset")
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={set_acc} contradicts global_batch={gb} "
+            f"(needs {acc} with {per_pass} images per pass); leave it unset"
+        )
     trainer.accumulate_grad_batches = acc
-    log.info("global batch %d = %d per rank x %d ranks x %d accumulated", gb, cfg.data.batch_size,
-             trainer.world_size, acc)
+    log.info(
+        "global batch %d = %d per rank x %d ranks x %d accumulated", gb, cfg.data.batch_size, trainer.world_size, acc
+    )
 
 
 def train(cfg: DictConfig) -> dict:

@@ -9,6 +9,7 @@ padded, collated) in the main process with one thread: that is one worker on one
 
 Goal (issue 3): >= 4 images/s per core; ViT-H training consumes ~0.4 images/s per GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from datamodules import SA1BDataModule  # noqa: E402
-from datamodules.make_shards import write_shards  # noqa: E402
-from datamodules.synthetic import make_scene, scene_annotations  # noqa: E402
+from segany.data import SA1BDataModule  # noqa: E402
+from segany.data.make_shards import write_shards  # noqa: E402
+from segany.data.scenes import make_scene, scene_annotations  # noqa: E402
 
 
 def sa1b_like(n_distinct: int, n_total: int, n_masks: int = 100, seed: int = 0):
@@ -74,9 +75,19 @@ def main() -> None:
         paths = write_shards(sa1b_like(args.distinct, total), tmp, "sa", shard_size=(total + 1) // 2)
         size = sum(os.path.getsize(p) for p in paths) / total
         print(f"wrote {total} SA-1B-size samples ({size / 1e6:.2f} MB each) in {time.perf_counter() - t0:.1f} s")
-        dm = SA1BDataModule(paths, batch_size=args.batch_size, num_workers=args.workers, img_size=1024,
-                            max_masks=64, lowres_targets=args.lowres, jitter=args.jitter, flip=args.jitter,
-                            epoch_length=total // args.batch_size, interleave=1, resampled=False)
+        dm = SA1BDataModule(
+            paths,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            img_size=1024,
+            max_masks=64,
+            lowres_targets=args.lowres,
+            jitter=args.jitter,
+            flip=args.jitter,
+            epoch_length=total // args.batch_size,
+            interleave=1,
+            resampled=False,
+        )
         dm.setup("fit")
         loader = dm.train_dataloader()
         n, t_start = 0, None
@@ -89,8 +100,10 @@ def main() -> None:
         elapsed, cpu = time.perf_counter() - t_start, time.process_time() - c_start
         rate = (n - n0) / elapsed
     who = "per worker (1 core)" if args.workers == 0 else f"with {args.workers} workers"
-    print(f"{rate:.2f} images/s {who}: 1500x2250 JPEG, 100 masks in the json, "
-          f"{masks / (n - n0):.1f} masks/image sampled, 1024 output, lowres={args.lowres}, jitter={args.jitter}")
+    print(
+        f"{rate:.2f} images/s {who}: 1500x2250 JPEG, 100 masks in the json, "
+        f"{masks / (n - n0):.1f} masks/image sampled, 1024 output, lowres={args.lowres}, jitter={args.jitter}"
+    )
     if args.workers == 0:  # wall time counts other processes' load on a shared machine; CPU time does not
         print(f"{(n - n0) / cpu:.2f} images per CPU-second of this process (load average {os.getloadavg()[0]:.1f})")
 

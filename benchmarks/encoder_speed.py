@@ -6,10 +6,10 @@ high-water mark reset before each (Linux `/proc/self/clear_refs`), weights not c
 
     python benchmarks/encoder_speed.py --variant vit_b --size 1024 --runs 3
 """
+
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 
@@ -19,8 +19,10 @@ import torch
 def build(impl: str, variant: str, ckpt: str):
     if impl == "official":
         from segment_anything import sam_model_registry
+
         return sam_model_registry[variant](checkpoint=ckpt).image_encoder.eval()
     import segany
+
     return segany.build_sam(variant, checkpoint=ckpt).image_encoder.eval()
 
 
@@ -69,10 +71,15 @@ def main() -> None:
         mem = {impl: peak_memory(enc, x) for impl, enc in encoders.items()}
     med = {impl: statistics.median(t) for impl, t in times.items()}
     result = {
-        "variant": args.variant, "size": args.size, "threads": args.threads, "runs": args.runs,
-        "official_s": round(med["official"], 3), "segany_s": round(med["segany"], 3),
+        "variant": args.variant,
+        "size": args.size,
+        "threads": args.threads,
+        "runs": args.runs,
+        "official_s": round(med["official"], 3),
+        "segany_s": round(med["segany"], 3),
         "time_ratio": round(med["segany"] / med["official"], 3),
-        "official_peak_mib": round(mem["official"], 1), "segany_peak_mib": round(mem["segany"], 1),
+        "official_peak_mib": round(mem["official"], 1),
+        "segany_peak_mib": round(mem["segany"], 1),
         "max_abs_diff": diff,
     }
     print(f"{args.variant} encoder forward @ {args.size}px, fp32 CPU, {args.threads} threads, median of {args.runs}")

@@ -19,6 +19,7 @@ Per rank (P parameters, N ranks, 1 image per rank):
         block's input plus one block recomputed) + decoder rounds (64 x 11 x per-mask-round, or
         with per-round recomputation the fed-back logits of every round plus one round's).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import segany  # noqa: E402
-from train_step import memory as decoder_memory, saved_bytes  # noqa: E402
+from train_step import memory as decoder_memory  # noqa: E402
+from train_step import saved_bytes
 
-GiB = 1024 ** 3
+import segany  # noqa: E402
+
+GiB = 1024**3
 
 
 def block_activations(variant: str, img_size: int, device: str, dtype) -> dict:
@@ -41,17 +44,23 @@ def block_activations(variant: str, img_size: int, device: str, dtype) -> dict:
     enc = model.image_encoder
     h = img_size // 16
     C = enc.blocks[0].norm1.normalized_shape[0]
-    x = torch.randn(1, h, h, C, device=device, dtype=dtype, requires_grad=True) if device != "meta" else \
-        torch.empty(1, h, h, C, device=device, dtype=dtype, requires_grad=True)
+    x = (
+        torch.randn(1, h, h, C, device=device, dtype=dtype, requires_grad=True)
+        if device != "meta"
+        else torch.empty(1, h, h, C, device=device, dtype=dtype, requires_grad=True)
+    )
     glob = [i for i, b in enumerate(enc.blocks) if getattr(b, "window_size", 0) == 0]
     win = [i for i in range(len(enc.blocks)) if i not in glob]
-    out = {"blocks": len(enc.blocks), "global": len(glob),
-           "window_block": saved_bytes(lambda: enc.blocks[win[0]](x), model) if win else 0,
-           "global_block": saved_bytes(lambda: enc.blocks[glob[0]](x), model) if glob else 0,
-           "neck": saved_bytes(lambda: enc.neck(x.permute(0, 3, 1, 2)), model),
-           "block_input": x.numel() * x.element_size(),
-           "params": sum(p.numel() for p in model.parameters()),
-           "block_params": sum(p.numel() for p in enc.blocks[0].parameters())}
+    out = {
+        "blocks": len(enc.blocks),
+        "global": len(glob),
+        "window_block": saved_bytes(lambda: enc.blocks[win[0]](x), model) if win else 0,
+        "global_block": saved_bytes(lambda: enc.blocks[glob[0]](x), model) if glob else 0,
+        "neck": saved_bytes(lambda: enc.neck(x.permute(0, 3, 1, 2)), model),
+        "block_input": x.numel() * x.element_size(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "block_params": sum(p.numel() for p in enc.blocks[0].parameters()),
+    }
     return out
 
 
@@ -70,8 +79,10 @@ def table(variant: str, img_size: int, masks: int, rounds: int, ranks: list, gpu
     b = block_activations(variant, img_size, "meta", dtype)
     # the decoder's float tensors (prompt PE, masks prompt) are built fp32 inside; count fp32 and
     # halve: with autocast / a bf16 policy its saved activations are bf16 (bool targets aside)
-    d = {k: v / 2 if k != "params" else v for k, v in
-         decoder_memory(variant, img_size, masks, rounds, dtype=torch.float32).items()}
+    d = {
+        k: v / 2 if k != "params" else v
+        for k, v in decoder_memory(variant, img_size, masks, rounds, dtype=torch.float32).items()
+    }
     P = b["params"]
     n_win = b["blocks"] - b["global"]
     enc_full = n_win * b["window_block"] + b["global"] * b["global_block"] + b["neck"]
@@ -79,14 +90,20 @@ def table(variant: str, img_size: int, masks: int, rounds: int, ranks: list, gpu
     dec_full = masks * rounds * d["per_mask_round"]
     dec_rc = masks * rounds * d["kept_per_mask_round"] + masks * d["per_mask_round"]
     print(f"\n{variant} at {img_size} px, {masks} masks x {rounds} rounds, 1 image per rank, bf16 activations")
-    print(f"parameters {P / 1e6:.1f}M; saved activations per image: windowed block "
-          f"{b['window_block'] / GiB:.2f} GiB, global block {b['global_block'] / GiB:.2f} GiB, "
-          f"block input {b['block_input'] / GiB:.3f} GiB; decoder {d['per_mask_round'] / 2**20:.1f} MiB "
-          f"per mask per round")
-    print(f"encoder activations: {enc_full / GiB:.1f} GiB stored, {enc_ac / GiB:.1f} GiB with activation "
-          f"checkpointing; decoder rounds: {dec_full / GiB:.1f} GiB stored, {dec_rc / GiB:.1f} GiB with "
-          f"per-round recomputation")
-    print(f"\n| strategy | ranks | weights | grads | AdamW | in flight | act (no AC) | total (no AC) | act (AC + round recompute) | total (AC) | fits {gpu_gib:.0f} GiB |")
+    print(
+        f"parameters {P / 1e6:.1f}M; saved activations per image: windowed block "
+        f"{b['window_block'] / GiB:.2f} GiB, global block {b['global_block'] / GiB:.2f} GiB, "
+        f"block input {b['block_input'] / GiB:.3f} GiB; decoder {d['per_mask_round'] / 2**20:.1f} MiB "
+        f"per mask per round"
+    )
+    print(
+        f"encoder activations: {enc_full / GiB:.1f} GiB stored, {enc_ac / GiB:.1f} GiB with activation "
+        f"checkpointing; decoder rounds: {dec_full / GiB:.1f} GiB stored, {dec_rc / GiB:.1f} GiB with "
+        f"per-round recomputation"
+    )
+    print(
+        f"\n| strategy | ranks | weights | grads | AdamW | in flight | act (no AC) | total (no AC) | act (AC + round recompute) | total (AC) | fits {gpu_gib:.0f} GiB |"  # noqa: E501
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for strat in ("ddp", "fsdp"):
         for n in ranks:
@@ -99,11 +116,13 @@ def table(variant: str, img_size: int, masks: int, rounds: int, ranks: list, gpu
             no_ac = states + enc_full + dec_full
             ac = states + enc_ac + dec_rc
             fits = "AC only" if ac <= gpu_gib * GiB < no_ac else ("yes" if no_ac <= gpu_gib * GiB else "no")
-            print(f"| {strat} | {n} | {w / GiB:.2f} | {g / GiB:.2f} | {o / GiB:.2f} | {fl / GiB:.2f} | "
-                  f"{(enc_full + dec_full) / GiB:.1f} | {no_ac / GiB:.1f} | {(enc_ac + dec_rc) / GiB:.1f} | "
-                  f"{ac / GiB:.1f} | {fits} |")
+            print(
+                f"| {strat} | {n} | {w / GiB:.2f} | {g / GiB:.2f} | {o / GiB:.2f} | {fl / GiB:.2f} | "
+                f"{(enc_full + dec_full) / GiB:.1f} | {no_ac / GiB:.1f} | {(enc_ac + dec_rc) / GiB:.1f} | "
+                f"{ac / GiB:.1f} | {fits} |"
+            )
             if strat == "ddp":
-                break          # DDP replicates everything: the same at every rank count
+                break  # DDP replicates everything: the same at every rank count
 
 
 def main(argv=None) -> None:

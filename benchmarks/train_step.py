@@ -13,6 +13,7 @@ rounds of activations exceed this machine's memory (see the projection). Memory 
 are counted from the tensors autograd saves for backward (saved-tensor hooks), on the
 meta device: exact shapes and dtypes, no compute, so ViT-H is counted directly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,12 @@ import torch
 import torch.fx.experimental._config  # noqa: F401  (meta_nonzero_assume_all_nonzero, see memory())
 
 import segany
+from segany.testing.toy import toy_batch
 from segany.training import simulation as sim
 from segany.training.losses import SamLoss
 from segany.training.prompting import PromptConfig
-from segany.training.toy import toy_batch
 
-GB = 1024 ** 3
+GB = 1024**3
 
 
 def sync(device):
@@ -50,6 +51,7 @@ class Timers:
             sync(self.device)
             self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
             return out
+
         return timed
 
 
@@ -75,31 +77,49 @@ def time_step(variant: str, img_size: int, masks: int, rounds: int, device, warm
     batch = toy_batch(1, masks, img_size, device=device)
     cfg = prompt_cfg(rounds, checkpoint_rounds=True)
     loss_fn = SamLoss()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
 
     def step():
         tm = Timers(device)
         # decoder = prompt encoder + mask decoder; loss = SamLoss; the rest of simulate = overhead
         timed_loss = tm.wrap("loss", loss_fn)
-        with patched(model.prompt_encoder, "forward", tm.wrap("decoder", model.prompt_encoder.forward)), \
-             patched(model.mask_decoder, "predict_masks", tm.wrap("decoder", model.mask_decoder.predict_masks)):
+        with (
+            patched(model.prompt_encoder, "forward", tm.wrap("decoder", model.prompt_encoder.forward)),
+            patched(model.mask_decoder, "predict_masks", tm.wrap("decoder", model.mask_decoder.predict_masks)),
+        ):
             with amp:
-                sync(device); t0 = time.perf_counter()
+                sync(device)
+                t0 = time.perf_counter()
                 emb = model.image_encoder(batch["image"])
-                sync(device); t1 = time.perf_counter()
+                sync(device)
+                t1 = time.perf_counter()
                 leaf = emb.detach().requires_grad_(True)
                 out = sim.simulate(model, leaf, batch, cfg, timed_loss)
-                sync(device); t2 = time.perf_counter()
-                dec, loss = tm.t.get("decoder", 0.0), tm.t.get("loss", 0.0)   # forward only
-            out["loss"].backward()            # decoder rounds backward (recomputes each round)
-            sync(device); t3 = time.perf_counter()
-            emb.backward(leaf.grad)          # encoder backward
-            sync(device); t4 = time.perf_counter()
+                sync(device)
+                t2 = time.perf_counter()
+                dec, loss = tm.t.get("decoder", 0.0), tm.t.get("loss", 0.0)  # forward only
+            out["loss"].backward()  # decoder rounds backward (recomputes each round)
+            sync(device)
+            t3 = time.perf_counter()
+            emb.backward(leaf.grad)  # encoder backward
+            sync(device)
+            t4 = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        return {"encoder_fwd": t1 - t0, "rounds_fwd": t2 - t1, "rounds_bwd": t3 - t2, "encoder_bwd": t4 - t3,
-                "decoder_fwd": dec, "loss_fwd": loss, "overhead_fwd": (t2 - t1) - dec - loss}
+        return {
+            "encoder_fwd": t1 - t0,
+            "rounds_fwd": t2 - t1,
+            "rounds_bwd": t3 - t2,
+            "encoder_bwd": t4 - t3,
+            "decoder_fwd": dec,
+            "loss_fwd": loss,
+            "overhead_fwd": (t2 - t1) - dec - loss,
+        }
 
-    if warmup:   # first calls pay allocator / kernel setup; time the second step
+    if warmup:  # first calls pay allocator / kernel setup; time the second step
         small = prompt_cfg(2, checkpoint_rounds=True)
         with patched(cfg, "point_rounds", small.point_rounds), patched(cfg, "mask_rounds", small.mask_rounds):
             step()
@@ -136,11 +156,13 @@ def memory(variant: str, img_size: int, masks: int, rounds: int, dtype=torch.flo
         model = segany.build_sam(variant, img_size=img_size).to(dtype)
     S, h = img_size, img_size // 16
     R = masks
-    batch = {"image": torch.empty(1, 3, S, S, device=dev, dtype=dtype),
-             "masks": torch.empty(1, R, S, S, device=dev, dtype=torch.bool),
-             "masks_lowres": torch.empty(1, R, S // 4, S // 4, device=dev, dtype=torch.bool),
-             "valid": torch.ones(1, R, device=dev, dtype=torch.bool),
-             "boxes": torch.empty(1, R, 4, device=dev, dtype=dtype)}
+    batch = {
+        "image": torch.empty(1, 3, S, S, device=dev, dtype=dtype),
+        "masks": torch.empty(1, R, S, S, device=dev, dtype=torch.bool),
+        "masks_lowres": torch.empty(1, R, S // 4, S // 4, device=dev, dtype=torch.bool),
+        "valid": torch.ones(1, R, device=dev, dtype=torch.bool),
+        "boxes": torch.empty(1, R, 4, device=dev, dtype=dtype),
+    }
     enc = saved_bytes(lambda: model.image_encoder(batch["image"]), model)
     emb = torch.empty(1, 256, h, h, device=dev, dtype=dtype, requires_grad=True)
     cfg = prompt_cfg(rounds)
@@ -149,14 +171,13 @@ def memory(variant: str, img_size: int, masks: int, rounds: int, dtype=torch.flo
     with patched(torch.fx.experimental._config, "meta_nonzero_assume_all_nonzero", True):
         dec = saved_bytes(lambda: sim.simulate(model, emb, batch, cfg, SamLoss()), model)
     per = dec / (R * cfg.num_rounds)
-    kept = (S // 4) ** 2 * torch.empty((), dtype=dtype).element_size()   # fed-back logits (R,1,S/4,S/4)
+    kept = (S // 4) ** 2 * torch.empty((), dtype=dtype).element_size()  # fed-back logits (R,1,S/4,S/4)
     params = sum(p.numel() for p in model.parameters())
     return {"encoder_act": enc, "per_mask_round": per, "kept_per_mask_round": kept, "params": params}
 
 
-def projection(masks: int, rounds: int, per_round: float, kept: float, enc_act: float, params: int,
-               chunk: int) -> dict:
-    states = params * (4 + 4 + 8)              # fp32 weights, grads, AdamW moments
+def projection(masks: int, rounds: int, per_round: float, kept: float, enc_act: float, params: int, chunk: int) -> dict:
+    states = params * (4 + 4 + 8)  # fp32 weights, grads, AdamW moments
     no_rc = states + enc_act + masks * rounds * per_round
     rc = states + enc_act + masks * rounds * kept + chunk * per_round
     return {"states": states, "no_recompute": no_rc, "recompute": rc}
@@ -171,8 +192,10 @@ def main(argv=None):
     ap.add_argument("--no-timing", action="store_true", help="memory figures only")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device} ({torch.get_num_threads()} threads), {args.img_size} px, {args.masks} masks, "
-          f"{args.rounds} rounds")
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), {args.img_size} px, {args.masks} masks, "
+        f"{args.rounds} rounds"
+    )
     if not args.no_timing:
         for v in args.models:
             r = time_step(v, args.img_size, args.masks, args.rounds, device)
@@ -180,9 +203,11 @@ def main(argv=None):
             print(f"\n[{v}] one step: {total:.1f} s")
             print(f"  encoder   fwd {r['encoder_fwd']:7.2f} s   bwd {r['encoder_bwd']:7.2f} s")
             print(f"  rounds    fwd {r['rounds_fwd']:7.2f} s   bwd {r['rounds_bwd']:7.2f} s (recomputes the forward)")
-            print(f"  in rounds fwd: decoder {r['decoder_fwd']:.2f} s, loss {r['loss_fwd']:.2f} s, "
-                  f"simulation overhead {r['overhead_fwd']:.2f} s = "
-                  f"{100 * r['overhead_fwd'] / r['decoder_fwd']:.1f}% of the decoder")
+            print(
+                f"  in rounds fwd: decoder {r['decoder_fwd']:.2f} s, loss {r['loss_fwd']:.2f} s, "
+                f"simulation overhead {r['overhead_fwd']:.2f} s = "
+                f"{100 * r['overhead_fwd'] / r['decoder_fwd']:.1f}% of the decoder"
+            )
             if "peak_gb" in r:
                 print(f"  peak memory {r['peak_gb']:.2f} GB")
     print("\nactivation memory (fp32, counted on the meta device):")
@@ -190,22 +215,33 @@ def main(argv=None):
     for v in dict.fromkeys(list(args.models) + ["vit_h"]):
         mem[v] = memory(v, args.img_size, args.masks, args.rounds)
         m = mem[v]
-        print(f"  [{v}] encoder {m['encoder_act'] / GB:.2f} GB/image; decoder per mask per round: "
-              f"{m['per_mask_round'] / 2**20:.1f} MiB stored without recompute, "
-              f"{m['kept_per_mask_round'] / 2**20:.2f} MiB with (+ one round's {m['per_mask_round'] / 2**20:.1f} MiB "
-              f"x chunk transient)")
+        print(
+            f"  [{v}] encoder {m['encoder_act'] / GB:.2f} GB/image; decoder per mask per round: "
+            f"{m['per_mask_round'] / 2**20:.1f} MiB stored without recompute, "
+            f"{m['kept_per_mask_round'] / 2**20:.2f} MiB with (+ one round's {m['per_mask_round'] / 2**20:.1f} MiB "
+            f"x chunk transient)"
+        )
     h = mem["vit_h"]
-    print(f"\nprojection, ViT-H at {args.img_size} px, 1 image/GPU, {args.masks} masks x {args.rounds} rounds, "
-          f"fp32 activations (bf16 autocast roughly halves them):")
+    print(
+        f"\nprojection, ViT-H at {args.img_size} px, 1 image/GPU, {args.masks} masks x {args.rounds} rounds, "
+        f"fp32 activations (bf16 autocast roughly halves them):"
+    )
     for i, chunk in enumerate((args.masks, 16)):
-        p = projection(args.masks, args.rounds, h["per_mask_round"], h["kept_per_mask_round"], h["encoder_act"],
-                       h["params"], chunk)
+        p = projection(
+            args.masks, args.rounds, h["per_mask_round"], h["kept_per_mask_round"], h["encoder_act"], h["params"], chunk
+        )
         if i == 0:
-            print(f"  weights+grads+AdamW {p['states'] / GB:.1f} GB, encoder activations {h['encoder_act'] / GB:.1f} GB")
-            print(f"  decoder without recompute: total {p['no_recompute'] / GB:.1f} GB "
-                  f"({'fits' if p['no_recompute'] < 80 * GB else 'does NOT fit'} 80 GB)")
-        print(f"  decoder with per-round recompute, mask_chunk={chunk}: total {p['recompute'] / GB:.1f} GB "
-              f"({'fits' if p['recompute'] < 80 * GB else 'does NOT fit'} 80 GB)")
+            print(
+                f"  weights+grads+AdamW {p['states'] / GB:.1f} GB, encoder activations {h['encoder_act'] / GB:.1f} GB"
+            )
+            print(
+                f"  decoder without recompute: total {p['no_recompute'] / GB:.1f} GB "
+                f"({'fits' if p['no_recompute'] < 80 * GB else 'does NOT fit'} 80 GB)"
+            )
+        print(
+            f"  decoder with per-round recompute, mask_chunk={chunk}: total {p['recompute'] / GB:.1f} GB "
+            f"({'fits' if p['recompute'] < 80 * GB else 'does NOT fit'} 80 GB)"
+        )
 
 
 if __name__ == "__main__":

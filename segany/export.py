@@ -15,6 +15,7 @@ Reads either
     output unless --tmp-dir says otherwise).
 The weights are written fp32, release key names (`mlp.lin1/lin2`), atomically.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .modeling.checkpoint import CheckpointError, _mismatch_report, atomic_torch_save, from_official, to_official
+from segany.modeling.checkpoint import CheckpointError, _mismatch_report, atomic_torch_save, from_official, to_official
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +52,34 @@ def _load_file(path: str, trust_pickle: bool) -> dict:
 
 
 def _read_error(path: str, e: Exception, trust_pickle: bool) -> CheckpointError:
-    hint = "" if trust_pickle else (" If it is a checkpoint you trust that stores Python objects "
-                                    "(e.g. hyper-parameters), pass --trust-pickle.")
-    return CheckpointError(f"cannot read checkpoint {path!r} (truncated or not a torch file?): "
-                           f"{type(e).__name__}: {e}.{hint}")
+    hint = (
+        ""
+        if trust_pickle
+        else (
+            " If it is a checkpoint you trust that stores Python objects (e.g. hyper-parameters), pass --trust-pickle."
+        )
+    )
+    return CheckpointError(
+        f"cannot read checkpoint {path!r} (truncated or not a torch file?): {type(e).__name__}: {e}.{hint}"
+    )
 
 
 def _consolidate(directory: str, tmp_dir: Optional[str], trust_pickle: bool) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     if not os.path.isfile(os.path.join(directory, ".metadata")):
-        raise CheckpointError(f"{directory!r} is a directory but not a torch.distributed.checkpoint "
-                              f"(no .metadata file); expected a sharded Lightning checkpoint or a .ckpt/.pth file")
+        raise CheckpointError(
+            f"{directory!r} is a directory but not a torch.distributed.checkpoint "
+            f"(no .metadata file); expected a sharded Lightning checkpoint or a .ckpt/.pth file"
+        )
     with tempfile.TemporaryDirectory(dir=tmp_dir, prefix=".segany-export-") as tmp:
         consolidated = os.path.join(tmp, "consolidated.pt")
         try:
             dcp_to_torch_save(directory, consolidated)
         except Exception as e:
-            raise CheckpointError(f"cannot consolidate the sharded checkpoint {directory!r}: "
-                                  f"{type(e).__name__}: {e}") from e
+            raise CheckpointError(
+                f"cannot consolidate the sharded checkpoint {directory!r}: {type(e).__name__}: {e}"
+            ) from e
         obj = torch.load(consolidated, map_location="cpu", weights_only=not trust_pickle)
     return obj
 
@@ -84,27 +94,31 @@ def _find_state_dict(obj, path: str) -> Dict[str, torch.Tensor]:
         if isinstance(c, dict) and any(isinstance(k, str) and ANCHOR in _clean(k) for k in c):
             return {k: v for k, v in c.items() if isinstance(v, torch.Tensor)}
     top = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
-    raise CheckpointError(f"{path!r} holds no SAM weights: no key ending in '{ANCHOR}' under 'state_dict', "
-                          f"'model' or at the top level (top-level keys: {top})")
+    raise CheckpointError(
+        f"{path!r} holds no SAM weights: no key ending in '{ANCHOR}' under 'state_dict', "
+        f"'model' or at the top level (top-level keys: {top})"
+    )
 
 
 def _clean(key: str) -> str:
     return ".".join(part for part in key.split(".") if part not in _WRAPPERS)
 
 
-def sam_state_dict(state_dict: Dict[str, torch.Tensor], path: str = "<state_dict>",
-                   prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def sam_state_dict(
+    state_dict: Dict[str, torch.Tensor], path: str = "<state_dict>", prefix: Optional[str] = None
+) -> Dict[str, torch.Tensor]:
     """Keys `<prefix>image_encoder....` etc. -> segany names without prefix. The prefix is
     what precedes `image_encoder.patch_embed.proj.weight`; it must be unique unless given."""
     sd = {_clean(k): v for k, v in state_dict.items()}
     if prefix is None:
         prefixes = sorted({k[: -len(ANCHOR)] for k in sd if k.endswith(ANCHOR)})
         if len(prefixes) != 1:
-            raise CheckpointError(f"{path!r}: {'no' if not prefixes else 'several'} SAM model(s) found "
-                                  f"(prefixes before '{ANCHOR}': {prefixes}); pass --prefix")
+            raise CheckpointError(
+                f"{path!r}: {'no' if not prefixes else 'several'} SAM model(s) found "
+                f"(prefixes before '{ANCHOR}': {prefixes}); pass --prefix"
+            )
         prefix = prefixes[0]
-    out = {k[len(prefix):]: v for k, v in sd.items()
-           if k.startswith(prefix) and k[len(prefix):].startswith(PARTS)}
+    out = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix) :].startswith(PARTS)}
     missing_parts = [p.rstrip(".") for p in PARTS if not any(k.startswith(p) for k in out)]
     if missing_parts:
         raise CheckpointError(f"{path!r}: the SAM weights under prefix {prefix!r} lack {missing_parts}")
@@ -115,14 +129,17 @@ def sam_state_dict(state_dict: Dict[str, torch.Tensor], path: str = "<state_dict
 def _check_against_variant(sd: Dict[str, torch.Tensor], path: str, variant: Optional[str]) -> Optional[str]:
     """Compare keys and shapes with `build_sam(variant)` built on the meta device. With no
     variant given, the one whose embed dim and depth fit is tried; None if no size fits."""
-    from .modeling.build import VARIANTS, build_sam
+    from segany.modeling.build import VARIANTS, build_sam
 
     if variant is None:
         embed = sd[ANCHOR].shape[0]
         depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("image_encoder.blocks."))
         img = sd["image_encoder.pos_embed"].shape[1] * 16 if "image_encoder.pos_embed" in sd else None
-        fits = [v for v, c in VARIANTS.items() if c.embed_dim == embed and c.depth == depth
-                and (img is None or c.img_size == img)]
+        fits = [
+            v
+            for v, c in VARIANTS.items()
+            if c.embed_dim == embed and c.depth == depth and (img is None or c.img_size == img)
+        ]
         if not fits:
             log.warning("%s: no standard SAM size has embed %d, depth %d; written unchecked", path, embed, depth)
             return None
@@ -135,8 +152,9 @@ def _check_against_variant(sd: Dict[str, torch.Tensor], path: str, variant: Opti
     return variant
 
 
-def load_sam_weights(path: str, prefix: Optional[str] = None, tmp_dir: Optional[str] = None,
-                     trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
+def load_sam_weights(
+    path: str, prefix: Optional[str] = None, tmp_dir: Optional[str] = None, trust_pickle: bool = False
+) -> Dict[str, torch.Tensor]:
     """Any supported checkpoint (file or sharded directory) -> segany-named SAM state_dict."""
     if os.path.isdir(path):
         obj = _consolidate(path, tmp_dir, trust_pickle)
@@ -147,8 +165,15 @@ def load_sam_weights(path: str, prefix: Optional[str] = None, tmp_dir: Optional[
     return sam_state_dict(_find_state_dict(obj, path), path, prefix)
 
 
-def export(ckpt: str, out: str, *, prefix: Optional[str] = None, variant: Optional[str] = None,
-           tmp_dir: Optional[str] = None, trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
+def export(
+    ckpt: str,
+    out: str,
+    *,
+    prefix: Optional[str] = None,
+    variant: Optional[str] = None,
+    tmp_dir: Optional[str] = None,
+    trust_pickle: bool = False,
+) -> Dict[str, torch.Tensor]:
     """Write `ckpt`'s SAM weights to `out` in the release format; returns what was written."""
     if tmp_dir is None:
         tmp_dir = os.path.dirname(os.path.abspath(out))
@@ -168,8 +193,11 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", default=None, help="key prefix before 'image_encoder.' (default: detected)")
     p.add_argument("--variant", default=None, help="check against build_sam(VARIANT) (default: inferred)")
     p.add_argument("--tmp-dir", default=None, help="where a sharded checkpoint is consolidated (default: beside OUT)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow arbitrary pickled objects in the checkpoint (only for files you trust)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

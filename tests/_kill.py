@@ -1,4 +1,5 @@
 """Test-only callbacks, selected from the command line (`+callbacks.kill._target_=tests._kill.KillAt`)."""
+
 import os
 import signal
 

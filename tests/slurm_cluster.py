@@ -8,6 +8,7 @@ holds. Needs Debian's slurm-wlm and munge (22.05+) and root (slurmd runs jobs as
 user). `LocalSlurm.start()` raises `SlurmUnavailable` with the reason when any of that is
 missing or the node does not come up; `stop()` ends every daemon it started.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,14 @@ def _free_ports(n: int) -> list[int]:
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, cpus: int | None = None, real_memory_mb: int | None = None,
-                 kill_wait_s: int = 5, cred_expire_s: int = 10):
+    def __init__(
+        self,
+        root: Path,
+        cpus: int | None = None,
+        real_memory_mb: int | None = None,
+        kill_wait_s: int = 5,
+        cred_expire_s: int = 10,
+    ):
         self.root = Path(root)
         # never more than the machine has: slurmd drains a node that is smaller than configured
         self.cpus = cpus or min(2, os.cpu_count() or 1)
@@ -57,8 +64,7 @@ class LocalSlurm:
 
     # ---------------------------------------------------------------- setup
     def _check_prerequisites(self) -> None:
-        missing = [b for b in BINARIES if shutil.which(b) is None
-                   and not os.path.exists(f"/usr/sbin/{b}")]
+        missing = [b for b in BINARIES if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
         if missing:
             raise SlurmUnavailable(f"missing {', '.join(missing)} (apt-get install slurm-wlm munge; .ci/run does)")
         if os.geteuid() != 0:
@@ -73,13 +79,14 @@ class LocalSlurm:
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / f"{name}.stdout", "wb")
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
 
     def _start_munge(self) -> None:
         d = self.root / "munge"
-        if len(str(d / "munge.socket")) > 100:      # a unix socket's path has at most 107 bytes
+        if len(str(d / "munge.socket")) > 100:  # a unix socket's path has at most 107 bytes
             d = Path(tempfile.mkdtemp(prefix="segany-munge-"))
             self._cleanup.append(d)
         else:
@@ -88,9 +95,19 @@ class LocalSlurm:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
         self.munge_socket = d / "munge.socket"
-        self._spawn("munged", [self._which("munged"), "--foreground", "--force", f"--key-file={key}",
-                               f"--socket={self.munge_socket}", f"--pid-file={d / 'munged.pid'}",
-                               f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"])
+        self._spawn(
+            "munged",
+            [
+                self._which("munged"),
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={d / 'munged.pid'}",
+                f"--log-file={d / 'munged.log'}",
+                f"--seed-file={d / 'munged.seed'}",
+            ],
+        )
         self._wait(lambda: self.munge_socket.exists(), 10, "munged", d / "munged.log")
 
     def _write_conf(self) -> Path:
@@ -108,12 +125,12 @@ SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire_s}
 CredType=cred/munge
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'slurmctld.log'}
-SlurmdLogFile={r / 'slurmd.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmctldLogFile={r / "slurmctld.log"}
+SlurmdLogFile={r / "slurmd.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -130,7 +147,7 @@ KillWait={self.kill_wait_s}
 MinJobAge=300
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=1
-PlugStackConfig={r / 'plugstack.conf'}
+PlugStackConfig={r / "plugstack.conf"}
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.real_memory_mb} State=UNKNOWN
 PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 """
@@ -159,8 +176,9 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def node_state(self) -> str:
         try:
-            p = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True,
-                               timeout=10)
+            p = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True, timeout=10
+            )
         except subprocess.TimeoutExpired:
             return ""
         return p.stdout.strip()
@@ -172,8 +190,9 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             self.env["SLURM_CONF"] = str(self._write_conf())
             self._spawn("slurmctld", [self._which("slurmctld"), "-D", "-i"])
             self._spawn("slurmd", [self._which("slurmd"), "-D", "-N", self.host])
-            self._wait(lambda: self.node_state() == "idle", timeout, "slurmctld/slurmd (node idle)",
-                       self.root / "slurmd.log")
+            self._wait(
+                lambda: self.node_state() == "idle", timeout, "slurmctld/slurmd (node idle)", self.root / "slurmd.log"
+            )
         except BaseException:
             self.stop()
             raise
@@ -181,8 +200,9 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     # ---------------------------------------------------------------- use
     def run(self, *cmd: str, timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        p = subprocess.run(list(cmd), env=kw.pop("env", self.env), capture_output=True, text=True,
-                           timeout=timeout, **kw)
+        p = subprocess.run(
+            list(cmd), env=kw.pop("env", self.env), capture_output=True, text=True, timeout=timeout, **kw
+        )
         if check and p.returncode:
             raise RuntimeError(f"{' '.join(cmd)} -> {p.returncode}: {p.stdout}{p.stderr}")
         return p

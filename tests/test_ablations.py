@@ -3,6 +3,7 @@ claims to change (``ablation.changes``) and every arm of its sweep (``ablation.s
 the objects train.py builds (measured on the objects, not read back from the config), an
 override that does nothing fails; a two-value multirun sweep trains end to end into two run
 directories."""
+
 import dataclasses
 import os
 import subprocess
@@ -17,10 +18,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import datamodules
-from datamodules.shards import expand
-from segany.training.config import check_train_config, register_resolvers
+import segany.data
+from segany.data.streams.shards import expand
+from segany.training.config import check_train_config
 from segany.training.prompting import MASK, POINT, initial_prompts, round_schedule
+from segany.utils.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 ABL_DIR = ROOT / "configs" / "experiment" / "ablations"
@@ -29,9 +31,11 @@ register_resolvers()
 
 # the paper's per-size recipe (appendix A; B/L milestones scaled from ViT-H's): the truth the
 # encoder-scale arms are checked against
-PAPER = {"vit_b": dict(lr=8e-4, ld=0.6, dp=0.6, steps=180000, depth=12),
-         "vit_l": dict(lr=4e-4, ld=0.8, dp=0.4, steps=180000, depth=24),
-         "vit_h": dict(lr=8e-4, ld=0.8, dp=0.4, steps=90000, depth=32)}
+PAPER = {
+    "vit_b": dict(lr=8e-4, ld=0.6, dp=0.6, steps=180000, depth=12),
+    "vit_l": dict(lr=4e-4, ld=0.8, dp=0.4, steps=180000, depth=24),
+    "vit_h": dict(lr=8e-4, ld=0.8, dp=0.4, steps=90000, depth=32),
+}
 VARIANT_OF_DEPTH = {v["depth"]: k for k, v in PAPER.items()}
 
 
@@ -87,9 +91,19 @@ class Built:
 
     @cached_property
     def trainer(self):
-        return instantiate(self.cfg.trainer, accelerator="cpu", devices=1, num_nodes=1, strategy="auto",
-                           precision="32-true", logger=False, callbacks=[], enable_progress_bar=False,
-                           enable_checkpointing=False, default_root_dir="/nonexistent")
+        return instantiate(
+            self.cfg.trainer,
+            accelerator="cpu",
+            devices=1,
+            num_nodes=1,
+            strategy="auto",
+            precision="32-true",
+            logger=False,
+            callbacks=[],
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            default_root_dir="/nonexistent",
+        )
 
 
 def _box_fraction(p) -> float:
@@ -154,15 +168,15 @@ def observed(b: Built, key: str):
         return b.trainer.max_steps
     if key == "data._target_":
         cls = type(b.data)
-        assert getattr(datamodules, cls.__name__) is cls
-        return f"datamodules.{cls.__name__}"
+        assert getattr(segany.data, cls.__name__) is cls
+        return f"segany.data.{cls.__name__}"
     if key == "data.jitter":
         return b.data.cfg.jitter is not None
     if key == "data.train_num_shards":
         return _num_train_shards(b)
     if key == "data.weighting":
         return b.data.weighting
-    if key == "data.use":                       # the sources the stream will draw from
+    if key == "data.use":  # the sources the stream will draw from
         return list(b.data.probabilities)
     if len(parts) == 4 and parts[:2] == ["data", "sources"] and parts[3] == "weight":
         return b.data.sources[parts[2]].weight
@@ -183,8 +197,18 @@ def meta(name: str) -> dict:
 
 
 def test_every_ablation_says_what_it_reproduces_and_is_documented():
-    assert {"data_engine", "data_volume", "encoder_scale", "interactive_points", "first_prompt", "multimask",
-            "loss_weights", "iou_loss", "lsj", "amg_model"} <= set(ABLATIONS)
+    assert {
+        "data_engine",
+        "data_volume",
+        "encoder_scale",
+        "interactive_points",
+        "first_prompt",
+        "multimask",
+        "loss_weights",
+        "iou_loss",
+        "lsj",
+        "amg_model",
+    } <= set(ABLATIONS)
     doc = (ROOT / "experiments" / "ablations.md").read_text()
     for name in ABLATIONS:
         text = (ABL_DIR / f"{name}.yaml").read_text()
@@ -259,8 +283,11 @@ def test_data_engine_mixture_oversamples_manual_and_semi_10x():
 def test_launcher_configs_compose():
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         for name, target in (("slurm_local", "LocalLauncher"), ("slurm", "SlurmLauncher")):
-            cfg = compose("train", overrides=["experiment=ablations/multimask", f"hydra/launcher={name}"],
-                          return_hydra_config=True)
+            cfg = compose(
+                "train",
+                overrides=["experiment=ablations/multimask", f"hydra/launcher={name}"],
+                return_hydra_config=True,
+            )
             launcher = cfg.hydra.launcher
             assert launcher._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
             assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir + "/")
@@ -281,7 +308,8 @@ data: {{root: {root}/synthetic, num_train: 4, num_val: 2, shard_size: 2, batch_s
 prompting: {{mask_rounds: 1, checkpoint_rounds: false}}
 optim: {{warmup_iters: 0}}
 global_batch: null
-trainer: {{max_steps: 2, devices: 1, num_nodes: 1, precision: 32-true, limit_val_batches: 0, enable_progress_bar: false}}
+trainer: {{max_steps: 2, devices: 1, num_nodes: 1, precision: 32-true, limit_val_batches: 0,
+          enable_progress_bar: false}}
 callbacks: {{progress_bar: null}}
 """
 
@@ -290,8 +318,15 @@ def test_multirun_sweep_trains_two_runs_in_their_own_directories(tmp_path):
     (tmp_path / "cfg" / "local").mkdir(parents=True)
     (tmp_path / "cfg" / "local" / "tiny.yaml").write_text(TINY.format(root=tmp_path))
     env = dict(os.environ, WANDB_MODE="offline", SEGANY_RUNS=str(tmp_path / "runs"), HYDRA_FULL_ERROR="1")
-    cmd = [sys.executable, "train.py", "-m", "experiment=ablations/interactive_points", "+local=tiny",
-           f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", "prompting.point_rounds=1,2"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "experiment=ablations/interactive_points",
+        "+local=tiny",
+        f"hydra.searchpath=[file://{tmp_path / 'cfg'}]",
+        "prompting.point_rounds=1,2",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sweep = tmp_path / "runs" / "ablations" / "interactive_points_sweep"
@@ -302,4 +337,4 @@ def test_multirun_sweep_trains_two_runs_in_their_own_directories(tmp_path):
         assert saved.prompting.point_rounds == rounds and saved.paths.run_dir == str(run)
         ck = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert ck["global_step"] == 2 and ck["segany_config"]["prompting"]["point_rounds"] == rounds
-        assert (run / "hydra" / "overrides.yaml").is_file()           # Hydra's own record, same directory
+        assert (run / "hydra" / "overrides.yaml").is_file()  # Hydra's own record, same directory

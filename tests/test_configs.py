@@ -1,6 +1,6 @@
 """Every experiment composes; the big models instantiate on the meta device; the small
 recipes fit 2 steps on CPU."""
-import os
+
 from pathlib import Path
 
 import pytest
@@ -8,7 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from segany.training.config import check_train_config, register_resolvers
+from segany.training.config import check_train_config
+from segany.utils.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -59,7 +60,9 @@ def test_paper_numbers(name):
     assert list(cfg.optim.betas) == [0.9, 0.999]
     assert cfg.model.drop_path_rate == dp and cfg.optim.layer_decay == ld and cfg.model.decoder_dropout == 0.1
     assert cfg.global_batch == batch
-    assert cfg.trainer.devices * cfg.trainer.num_nodes * cfg.data.batch_size == batch   # the paper's layout: no accumulation
+    assert (
+        cfg.trainer.devices * cfg.trainer.num_nodes * cfg.data.batch_size == batch
+    )  # the paper's layout: no accumulation
     assert cfg.data.max_masks == 64
     p = instantiate(cfg.prompting)
     assert p.num_rounds == 11 and p.p_box == 0.5
@@ -72,8 +75,9 @@ def test_big_models_instantiate_on_meta(name):
         model = instantiate(cfg.model, encoder_init=None, checkpoint=None)
     n = sum(p.numel() for p in model.parameters())
     assert n == pytest.approx({"vit_h_sa1b": 641e6, "vit_l_sa1b": 312e6}[name], rel=0.01)
-    module = instantiate(cfg.module, _partial_=True)(model=model, prompting=instantiate(cfg.prompting),
-                                                     loss=instantiate(cfg.loss), optim=instantiate(cfg.optim))
+    module = instantiate(cfg.module, _partial_=True)(
+        model=model, prompting=instantiate(cfg.prompting), loss=instantiate(cfg.loss), optim=instantiate(cfg.optim)
+    )
     opt = module.configure_optimizers()["optimizer"]
     depth = len(model.image_encoder.blocks)
     lrs = sorted({g["initial_lr"] for g in opt.param_groups})
@@ -90,28 +94,45 @@ def test_slurm_job_id_names_the_run_dir(monkeypatch):
 
 def test_config_errors_name_the_key():
     from omegaconf import open_dict
+
     cfg = _compose()
     with open_dict(cfg):
         cfg.prompting.resolution = "half"
     with pytest.raises(ValueError, match="prompting.resolution"):
         check_train_config(cfg)
-    with pytest.raises(ValueError, match="optim.fused"):     # the demo's fused AdamW under bf16-mixed + clipping
+    with pytest.raises(ValueError, match="optim.fused"):  # the demo's fused AdamW under bf16-mixed + clipping
         check_train_config(_compose("trainer.precision=bf16-mixed"))
-    with pytest.raises(ValueError, match="optim.fused"):     # "bf16" is Lightning's alias of bf16-mixed
+    with pytest.raises(ValueError, match="optim.fused"):  # "bf16" is Lightning's alias of bf16-mixed
         check_train_config(_compose("trainer.precision=bf16"))
     check_train_config(_compose("trainer.precision=bf16-mixed", "optim.fused=false"))
     from hydra.errors import InstantiationException
+
     with pytest.raises(InstantiationException, match="optim.layer_decay"):
         instantiate(_compose("optim.layer_decay=1.5").optim)
 
 
 def _fit(tmp_path, *overrides):
     import train
-    cfg = _compose("logger=csv", f"paths.root_dir={tmp_path}", "trainer.max_steps=2",
-                   "trainer.limit_val_batches=1", "trainer.check_val_every_n_epoch=1", "data.num_workers=0",
-                   f"data.root={tmp_path}/synthetic", "data.num_train=8", "data.num_val=4", "data.shard_size=4",
-                   "data.batch_size=2", "data.max_masks=3", "prompting.point_rounds=1", "prompting.mask_rounds=1",
-                   "trainer.enable_progress_bar=false", "~callbacks.progress_bar", *overrides)
+
+    cfg = _compose(
+        "logger=csv",
+        f"paths.root_dir={tmp_path}",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=1",
+        "trainer.check_val_every_n_epoch=1",
+        "data.num_workers=0",
+        f"data.root={tmp_path}/synthetic",
+        "data.num_train=8",
+        "data.num_val=4",
+        "data.shard_size=4",
+        "data.batch_size=2",
+        "data.max_masks=3",
+        "prompting.point_rounds=1",
+        "prompting.mask_rounds=1",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        *overrides,
+    )
     return cfg, train.train(cfg)
 
 
@@ -122,22 +143,31 @@ def test_demo_fits_two_steps_and_resumes(tmp_path):
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert ck["global_step"] == 2 and ck["segany_config"]["name"] == "demo"
-    _fit(tmp_path, "trainer.max_steps=3")          # same run dir: continues from last.ckpt
+    _fit(tmp_path, "trainer.max_steps=3")  # same run dir: continues from last.ckpt
     ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert ck["global_step"] == 3
 
 
 def test_finetune_recipe_fits_two_steps_with_a_frozen_encoder(tmp_path):
     import pytorch_lightning as pl
-    cfg, _ = _fit(tmp_path, "experiment=finetune_coco", "model=vit_tiny", "model.checkpoint=null",
-                  "data=synthetic", "trainer=cpu", "trainer.max_steps=2", "optim.warmup_iters=0")
+
+    cfg, _ = _fit(
+        tmp_path,
+        "experiment=finetune_coco",
+        "model=vit_tiny",
+        "model.checkpoint=null",
+        "data=synthetic",
+        "trainer=cpu",
+        "trainer.max_steps=2",
+        "optim.warmup_iters=0",
+    )
     ck = torch.load(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     pl.seed_everything(cfg.seed)
-    init = instantiate(cfg.model)                      # train.py's init: same seed, same weights
+    init = instantiate(cfg.model)  # train.py's init: same seed, same weights
     sd = ck["state_dict"]
     params = dict(init.named_parameters())
     enc = [torch.equal(sd["model." + k], v) for k, v in params.items() if k.startswith("image_encoder.")]
     rest = [torch.equal(sd["model." + k], v) for k, v in params.items() if not k.startswith("image_encoder.")]
-    assert all(enc) and sum(rest) < 0.1 * len(rest)     # encoder untouched, the rest trained
+    assert all(enc) and sum(rest) < 0.1 * len(rest)  # encoder untouched, the rest trained
     n_opt = sum(len(g["params"]) for g in ck["optimizer_states"][0]["param_groups"])
     assert n_opt == len(list(init.parameters())) - len(list(init.image_encoder.parameters()))

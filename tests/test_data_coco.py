@@ -1,4 +1,5 @@
 """COCO / LVIS json through pycocotools; conversion to shards reads back equal."""
+
 import json
 import os
 
@@ -9,9 +10,9 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from datamodules import CocoDataModule, SA1BDataModule
-from datamodules.make_shards import main as make_shards
-from datamodules.testing import jpeg, png
+from segany.data import CocoDataModule, SA1BDataModule
+from segany.data.make_shards import main as make_shards
+from segany.testing.data import jpeg, png
 
 
 def _rle(mask):
@@ -34,21 +35,61 @@ def coco_dir(tmp_path):
     crowd[40:58, 5:30] = 1
     crowd_counts = [int(c) for c in np.diff(np.r_[0, np.flatnonzero(np.diff(np.r_[0, crowd.T.ravel(), 0])), h * w])]
     anns = [
-        {"id": 1, "image_id": 10, "category_id": 1, "iscrowd": 0,            # polygon in two parts
-         "segmentation": [[5, 5, 30, 5, 30, 25], [40, 40, 60, 40, 60, 55, 40, 55]], "area": 0, "bbox": [0, 0, 1, 1]},
-        {"id": 2, "image_id": 10, "category_id": 1, "iscrowd": 0,            # compressed RLE
-         "segmentation": {"size": [h, w], "counts": compressed["counts"].decode()}, "area": 0, "bbox": [0, 0, 1, 1]},
-        {"id": 3, "image_id": 10, "category_id": 2, "iscrowd": 1,            # crowd: uncompressed RLE
-         "segmentation": {"size": [h, w], "counts": crowd_counts}, "area": 0, "bbox": [0, 0, 1, 1]},
-        {"id": 4, "image_id": 10, "category_id": 1, "iscrowd": 0,            # degenerate polygon
-         "segmentation": [[1, 1, 2, 2]], "area": 0, "bbox": [0, 0, 1, 1]},
-        {"id": 5, "image_id": 11, "category_id": 1, "iscrowd": 0,
-         "segmentation": [[10, 10, 70, 12, 40, 50]], "area": 0, "bbox": [0, 0, 1, 1]},
+        {
+            "id": 1,
+            "image_id": 10,
+            "category_id": 1,
+            "iscrowd": 0,  # polygon in two parts
+            "segmentation": [[5, 5, 30, 5, 30, 25], [40, 40, 60, 40, 60, 55, 40, 55]],
+            "area": 0,
+            "bbox": [0, 0, 1, 1],
+        },
+        {
+            "id": 2,
+            "image_id": 10,
+            "category_id": 1,
+            "iscrowd": 0,  # compressed RLE
+            "segmentation": {"size": [h, w], "counts": compressed["counts"].decode()},
+            "area": 0,
+            "bbox": [0, 0, 1, 1],
+        },
+        {
+            "id": 3,
+            "image_id": 10,
+            "category_id": 2,
+            "iscrowd": 1,  # crowd: uncompressed RLE
+            "segmentation": {"size": [h, w], "counts": crowd_counts},
+            "area": 0,
+            "bbox": [0, 0, 1, 1],
+        },
+        {
+            "id": 4,
+            "image_id": 10,
+            "category_id": 1,
+            "iscrowd": 0,  # degenerate polygon
+            "segmentation": [[1, 1, 2, 2]],
+            "area": 0,
+            "bbox": [0, 0, 1, 1],
+        },
+        {
+            "id": 5,
+            "image_id": 11,
+            "category_id": 1,
+            "iscrowd": 0,
+            "segmentation": [[10, 10, 70, 12, 40, 50]],
+            "area": 0,
+            "bbox": [0, 0, 1, 1],
+        },
     ]
-    data = {"images": [{"id": 10, "file_name": "a.jpg", "height": h, "width": w},
-                       {"id": 11, "file_name": "b.png", "height": h, "width": w},
-                       {"id": 12, "file_name": "c.jpg", "height": h, "width": w}],   # no annotations
-            "annotations": anns, "categories": [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}]}
+    data = {
+        "images": [
+            {"id": 10, "file_name": "a.jpg", "height": h, "width": w},
+            {"id": 11, "file_name": "b.png", "height": h, "width": w},
+            {"id": 12, "file_name": "c.jpg", "height": h, "width": w},
+        ],  # no annotations
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}],
+    }
     with open(tmp_path / "instances.json", "w") as f:
         json.dump(data, f)
     return tmp_path
@@ -63,12 +104,12 @@ def coco_batches(root, annotations="instances.json", **kw):
 
 def test_polygons_rle_and_crowd_as_pycocotools_decodes(coco_dir):
     (batch,) = coco_batches(coco_dir)
-    assert batch["image_id"] == ["10", "11"]                     # image 12 has no annotation
-    assert batch["faults"] == {"bad_annotation": 1}              # the 2-point polygon
+    assert batch["image_id"] == ["10", "11"]  # image 12 has no annotation
+    assert batch["faults"] == {"bad_annotation": 1}  # the 2-point polygon
     truth = COCO(str(coco_dir / "instances.json"))
     for b, img_id in enumerate((10, 11)):
         ids = [i for i in batch["mask_ids"][b].tolist() if i >= 0]
-        assert ids == {10: [1, 2], 11: [5]}[img_id]                # crowd (3) left out
+        assert ids == {10: [1, 2], 11: [5]}[img_id]  # crowd (3) left out
         for row, ann_id in enumerate(ids):
             expect = np.zeros((80, 80), bool)
             expect[:60] = truth.annToMask(truth.anns[ann_id]).astype(bool)
@@ -90,7 +131,7 @@ def test_lvis_style_images_found_from_coco_url(coco_dir):
     with open(coco_dir / "lvis.json", "w") as f:
         json.dump(data, f)
     (batch,) = coco_batches(coco_dir, "lvis.json")
-    assert batch["image_id"] == ["10", "11"] and batch["valid"].sum().item() == 4   # 3 is no crowd in LVIS
+    assert batch["image_id"] == ["10", "11"] and batch["valid"].sum().item() == 4  # 3 is no crowd in LVIS
 
 
 def test_bad_json_fails_at_start_naming_file_and_field(coco_dir):
@@ -110,23 +151,45 @@ def test_unreadable_image_is_a_fault(coco_dir):
 
 def test_converted_shards_read_back_equal(coco_dir, capsys):
     out = coco_dir / "shards"
-    make_shards(["coco", str(out), "--images", str(coco_dir / "images"),
-                 "--annotations", str(coco_dir / "instances.json"), "--shard-size", "1"])
+    make_shards(
+        [
+            "coco",
+            str(out),
+            "--images",
+            str(coco_dir / "images"),
+            "--annotations",
+            str(coco_dir / "instances.json"),
+            "--shard-size",
+            "1",
+        ]
+    )
     assert "wrote 2 images to 2 shards" in capsys.readouterr().out
-    dm = SA1BDataModule(val_shards=str(out / "sa-{000000..000001}.tar"), batch_size=2, num_workers=0, img_size=64,
-                        include_crowd=True, max_masks=2, lowres_targets=True)
+    dm = SA1BDataModule(
+        val_shards=str(out / "sa-{000000..000001}.tar"),
+        batch_size=2,
+        num_workers=0,
+        img_size=64,
+        include_crowd=True,
+        max_masks=2,
+        lowres_targets=True,
+    )
     dm.setup("validate")
     (from_shards,) = list(dm.val_dataloader())
     (from_coco,) = coco_batches(coco_dir, img_size=64, include_crowd=True, max_masks=2, lowres_targets=True)
     assert from_shards.keys() == from_coco.keys()
     for key, value in from_coco.items():
         if key != "faults":
-            assert (torch.equal(value, from_shards[key]) if torch.is_tensor(value) else value == from_shards[key]), key
+            assert torch.equal(value, from_shards[key]) if torch.is_tensor(value) else value == from_shards[key], key
 
 
 def test_training_stream_covers_the_images(coco_dir):
-    dm = CocoDataModule(train_annotations=str(coco_dir / "instances.json"), train_images=str(coco_dir / "images"),
-                        batch_size=1, num_workers=0, img_size=64)
+    dm = CocoDataModule(
+        train_annotations=str(coco_dir / "instances.json"),
+        train_images=str(coco_dir / "images"),
+        batch_size=1,
+        num_workers=0,
+        img_size=64,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert len(loader) == 2

@@ -1,14 +1,15 @@
 """SA1BMixtureDataModule: sources drawn in the stated proportions (checked statistically on
 hand-made shard sets), per-source filters, fixed subsets, exact resume; SA1BDataModule's
 train_num_shards subset; errors naming the key."""
+
 import zlib
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from datamodules import SA1BDataModule, SA1BMixtureDataModule
-from datamodules.testing import jpeg, sa1b_json, write_tar
+from segany.data import SA1BDataModule, SA1BMixtureDataModule
+from segany.testing.data import jpeg, sa1b_json, write_tar
 
 SIDE = 32
 
@@ -18,7 +19,7 @@ def masks_of(i):
     a = np.zeros((SIDE, SIDE), bool)
     a[:, : SIDE // 2] = True
     b = np.zeros((SIDE, SIDE), bool)
-    b[: SIDE // 2, SIDE // 2:] = True
+    b[: SIDE // 2, SIDE // 2 :] = True
     return [a, b]
 
 
@@ -48,8 +49,16 @@ def shards(tmp_path_factory):
 
 def mixture(shards, sources, epoch_length=100, batch_size=10, **kw):
     spec = {name: dict({"shards": shards[name][0]}, **src) for name, src in sources.items()}
-    dm = SA1BMixtureDataModule(sources=spec, img_size=SIDE, batch_size=batch_size, num_workers=0,
-                               epoch_length=epoch_length, seed=3, interleave=2, **kw)
+    dm = SA1BMixtureDataModule(
+        sources=spec,
+        img_size=SIDE,
+        batch_size=batch_size,
+        num_workers=0,
+        epoch_length=epoch_length,
+        seed=3,
+        interleave=2,
+        **kw,
+    )
     return dm
 
 
@@ -66,10 +75,13 @@ def drawn(dm):
 def test_sources_are_drawn_in_the_stated_proportions(shards):
     # the paper's data-engine mixture in miniature: manual and semi-automatic images
     # oversampled 10x relative to automatic ones (weighting: per_image)
-    sources = {"manual": {"weight": 10, "num_images": 12}, "semi": {"weight": 10, "num_images": 18},
-               "auto": {"weight": 1, "num_images": 1100}}
+    sources = {
+        "manual": {"weight": 10, "num_images": 12},
+        "semi": {"weight": 10, "num_images": 18},
+        "auto": {"weight": 1, "num_images": 1100},
+    }
     dm = mixture(shards, sources, weighting="per_image", epoch_length=300)
-    expect = {"manual": 120 / 1400, "semi": 180 / 1400, "auto": 1100 / 1400}    # by hand
+    expect = {"manual": 120 / 1400, "semi": 180 / 1400, "auto": 1100 / 1400}  # by hand
     assert dm.probabilities == pytest.approx(expect)
     samples = drawn(dm)
     n = len(samples)
@@ -99,22 +111,22 @@ def test_per_source_filters_and_subsets(shards):
     frac = 0.5
     sources = {
         "manual": {"weight": 1, "min_predicted_iou": 0.9, "num_shards": 1},  # mask filter + first shard only
-        "semi": {"weight": 1, "image_fraction": frac},                       # fixed half of the images
-        "auto": {"weight": 1},                                               # no filter
+        "semi": {"weight": 1, "image_fraction": frac},  # fixed half of the images
+        "auto": {"weight": 1},  # no filter
     }
     samples = drawn(mixture(shards, sources, epoch_length=60))
     seen = {s: {k for src, k, _ in samples if src == s} for s in sources}
     ids = {s: set().union(*[i for src, _, i in samples if src == s]) for s in sources}
     # manual: only shard 0's images, and only the masks with predicted_iou >= 0.9 (index 1)
     assert seen["manual"] == set(shards["manual"][1][0])
-    assert ids["manual"] == {int(k[len("manual"):]) * 1000 + 1 for k in seen["manual"]}
+    assert ids["manual"] == {int(k[len("manual") :]) * 1000 + 1 for k in seen["manual"]}
     # semi: exactly the images whose key hashes below the fraction (computed here from the key)
     all_semi = [k for shard in shards["semi"][1] for k in shard]
     keep = {k for k in all_semi if zlib.crc32(k.encode()) / 2**32 < frac}
     assert 0 < len(keep) < len(all_semi) and seen["semi"] == keep
     # auto: every image of every shard, both masks
     assert seen["auto"] == {k for shard in shards["auto"][1] for k in shard}
-    assert ids["auto"] == {int(k[len("auto"):]) * 1000 + j for k in seen["auto"] for j in (0, 1)}
+    assert ids["auto"] == {int(k[len("auto") :]) * 1000 + j for k in seen["auto"] for j in (0, 1)}
 
 
 def test_mixture_position_resumes_exactly(shards):
@@ -128,7 +140,7 @@ def test_mixture_position_resumes_exactly(shards):
     ds.resume = {0: full[9]["_data_state"]}
     ds.epoch_length = 3
     rest = [s["image_id"] for s in iter(ds)]
-    assert len(keys) == 24 and rest == keys[10:22]     # the next epoch's 3 x 4 samples, none replayed
+    assert len(keys) == 24 and rest == keys[10:22]  # the next epoch's 3 x 4 samples, none replayed
     # per-source max_masks applied to that source only
     n_masks = {s["image_id"].rstrip("0123456789"): s["masks"].shape[0] for s in full}
     assert n_masks.get("auto", 1) == 1 and 2 in (n_masks.get("manual"), n_masks.get("semi"))
@@ -136,8 +148,16 @@ def test_mixture_position_resumes_exactly(shards):
 
 def test_sa1b_train_num_shards_is_a_fixed_prefix(shards):
     spec, keys = shards["auto"]
-    dm = SA1BDataModule(train_shards=spec, train_num_shards=2, img_size=SIDE, batch_size=8, num_workers=0,
-                        epoch_length=10, seed=0, interleave=2)
+    dm = SA1BDataModule(
+        train_shards=spec,
+        train_num_shards=2,
+        img_size=SIDE,
+        batch_size=8,
+        num_workers=0,
+        epoch_length=10,
+        seed=0,
+        interleave=2,
+    )
     seen = {k for b in dm.train_dataloader() for k in b["image_id"]}
     assert seen == set(keys[0] + keys[1])
     with pytest.raises(ValueError, match="data.train_num_shards=5: the shard list has only 3"):
@@ -146,17 +166,20 @@ def test_sa1b_train_num_shards_is_a_fixed_prefix(shards):
         SA1BDataModule(train_shards=spec, train_num_shards=0, img_size=SIDE)
 
 
-@pytest.mark.parametrize("sources,kw,match", [
-    ({"a": {"weight": 1}}, {}, r"data.sources.a.shards is not set"),
-    ({"a": {"shards": "x.tar", "wieght": 1}}, {}, r"data.sources.a: unknown key\(s\) \['wieght'\]"),
-    ({"a": {"shards": "x.tar", "weight": -1}}, {}, r"data.sources.a.weight=-1"),
-    ({"a": {"shards": "x.tar", "image_fraction": 1.5}}, {}, r"data.sources.a.image_fraction=1.5"),
-    ({"a": {"shards": "x.tar"}}, {"weighting": "per_image"}, r"num_images; missing for \['a'\]"),
-    ({"a": {"shards": "x.tar"}}, {"weighting": "by_mask"}, r"data.weighting='by_mask'"),
-    ({"a": {"shards": "x.tar"}}, {"use": ["b"]}, r"data.use=\['b'\]"),
-    ({"a": {"shards": "x.tar", "weight": 0}}, {}, r"every selected source has weight 0"),
-    ({"a": {"shards": "x.tar"}}, {"train_shards": "y.tar"}, r"data.train_shards"),
-])
+@pytest.mark.parametrize(
+    "sources,kw,match",
+    [
+        ({"a": {"weight": 1}}, {}, r"data.sources.a.shards is not set"),
+        ({"a": {"shards": "x.tar", "wieght": 1}}, {}, r"data.sources.a: unknown key\(s\) \['wieght'\]"),
+        ({"a": {"shards": "x.tar", "weight": -1}}, {}, r"data.sources.a.weight=-1"),
+        ({"a": {"shards": "x.tar", "image_fraction": 1.5}}, {}, r"data.sources.a.image_fraction=1.5"),
+        ({"a": {"shards": "x.tar"}}, {"weighting": "per_image"}, r"num_images; missing for \['a'\]"),
+        ({"a": {"shards": "x.tar"}}, {"weighting": "by_mask"}, r"data.weighting='by_mask'"),
+        ({"a": {"shards": "x.tar"}}, {"use": ["b"]}, r"data.use=\['b'\]"),
+        ({"a": {"shards": "x.tar", "weight": 0}}, {}, r"every selected source has weight 0"),
+        ({"a": {"shards": "x.tar"}}, {"train_shards": "y.tar"}, r"data.train_shards"),
+    ],
+)
 def test_bad_mixture_config_names_the_key(sources, kw, match):
     with pytest.raises(ValueError, match=match):
         SA1BMixtureDataModule(sources=sources, img_size=SIDE, **kw)

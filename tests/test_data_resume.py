@@ -1,4 +1,5 @@
 """Training streams: epoch quota, and a resumed run neither replays nor skips data."""
+
 import io
 import logging
 from collections import Counter
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import SA1BDataModule
-from datamodules.synthetic import make_scene
-from datamodules.testing import jpeg, sa1b_json, write_tar
+from segany.data import SA1BDataModule
+from segany.data.scenes import make_scene
+from segany.testing.data import jpeg, sa1b_json, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,18 @@ def shards(tmp_path_factory):
 
 
 def make_dm(shards, **kw):
-    args = dict(batch_size=2, num_workers=0, epoch_length=3, img_size=64, interleave=2, resampled=True,
-                jitter=True, jitter_scale=(0.5, 1.5), flip=True, seed=3)
+    args = dict(
+        batch_size=2,
+        num_workers=0,
+        epoch_length=3,
+        img_size=64,
+        interleave=2,
+        resampled=True,
+        jitter=True,
+        jitter_scale=(0.5, 1.5),
+        flip=True,
+        seed=3,
+    )
     args.update(kw)
     dm = SA1BDataModule(shards, **args)
     dm.setup("fit")
@@ -51,7 +62,7 @@ def roundtrip(state):
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    return torch.load(buf, weights_only=True)    # what a checkpoint can hold
+    return torch.load(buf, weights_only=True)  # what a checkpoint can hold
 
 
 def test_epoch_length_and_len(shards):
@@ -64,11 +75,11 @@ def test_epoch_length_and_len(shards):
 def test_resume_is_exact_in_one_process(shards):
     reference = consume(make_dm(shards), 9)
     first = make_dm(shards)
-    done = consume(first, 4)                        # one epoch and one batch of the next
+    done = consume(first, 4)  # one epoch and one batch of the next
     assert done == reference[:4]
     second = make_dm(shards)
     second.load_state_dict(roundtrip(first.state_dict()))
-    assert consume(second, 5) == reference[4:]      # augmentation included (boxes)
+    assert consume(second, 5) == reference[4:]  # augmentation included (boxes)
 
 
 def test_resume_with_workers_neither_replays_nor_skips(shards):
@@ -89,25 +100,25 @@ def test_mismatched_topology_reseeds(shards, caplog):
     consume(first, 2)
     second = make_dm(shards, num_workers=2)
     second.load_state_dict(roundtrip(first.state_dict()))
-    with caplog.at_level(logging.WARNING, "datamodules"):
+    with caplog.at_level(logging.WARNING, "segany.data"):
         resumed = consume(second, 2)
     assert "does not fit this run" in caplog.text
     fresh = consume(make_dm(shards, num_workers=2), 2)
-    assert resumed != fresh                          # not a replay of a fresh start
+    assert resumed != fresh  # not a replay of a fresh start
 
 
 def test_shuffled_passes_visit_every_shard(shards):
     dm = make_dm(shards, resampled=False, interleave=1, epoch_length=10, jitter=False, flip=False)
     keys = [k for b in consume(dm, 10) for k, _ in b]
-    assert sorted(keys) == sorted(f"sa_{100 * s + i}" for s in range(4) for i in range(5))   # one full pass
+    assert sorted(keys) == sorted(f"sa_{100 * s + i}" for s in range(4) for i in range(5))  # one full pass
 
 
 def _rank_main(rank, shards, store_path, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
-        dm = make_dm(shards)                                   # rank and world size from torch.distributed
+        dm = make_dm(shards)  # rank and world size from torch.distributed
         first = consume(dm, 2)
-        state = dm.state_dict()                                # gathers every rank's position
+        state = dm.state_dict()  # gathers every rank's position
         resumed = make_dm(shards)
         resumed.load_state_dict(roundtrip(state))
         out.put((rank, first, [r["rank"] for r in state["ranks"]], consume(resumed, 2), consume(make_dm(shards), 4)))
@@ -126,6 +137,6 @@ def test_two_ranks_gather_positions_and_resume_their_own(shards, tmp_path):
         p.join(30)
     (_, first0, ranks0, resumed0, straight0), (_, first1, _, resumed1, straight1) = results
     assert ranks0 == [0, 1]
-    assert first0 + resumed0 == straight0 and first1 + resumed1 == straight1   # each rank continues its own stream
-    keys = lambda batches: {k for b in batches for k, _ in b}                  # noqa: E731
-    assert not keys(straight0) & keys(straight1)                               # ranks read disjoint shards
+    assert first0 + resumed0 == straight0 and first1 + resumed1 == straight1  # each rank continues its own stream
+    keys = lambda batches: {k for b in batches for k, _ in b}  # noqa: E731
+    assert not keys(straight0) & keys(straight1)  # ranks read disjoint shards

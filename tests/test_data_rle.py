@@ -1,18 +1,19 @@
 """RLE parsing / checking / resampling against pycocotools and cv2 as independent truths."""
+
 import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from datamodules import rle
+from segany.data.formats import rle
 
 
 def _random_masks(rng, h, w, n):
     masks = (rng.random((h, w, n)) < rng.random()).astype(np.uint8)
-    masks[..., 0] = 0                      # empty
+    masks[..., 0] = 0  # empty
     if n > 1:
-        masks[..., 1] = 1                  # full (starts with foreground: first run is 0)
-    for k in range(2, n, 2):               # blobs: long runs across columns
+        masks[..., 1] = 1  # full (starts with foreground: first run is 0)
+    for k in range(2, n, 2):  # blobs: long runs across columns
         blob = np.zeros((h, w), np.uint8)
         cv2.circle(blob, (int(rng.integers(w)), int(rng.integers(h))), int(rng.integers(1, 9)), 1, -1)
         masks[..., k] = blob
@@ -30,7 +31,7 @@ def test_parse_matches_pycocotools():
         np.testing.assert_array_equal(parsed.area, mask_utils.area(enc))
         for i in range(6):
             runs = parsed.runs(i)
-            dense = np.repeat(np.arange(len(runs)) % 2, runs).reshape(w, h).T      # column-major runs
+            dense = np.repeat(np.arange(len(runs)) % 2, runs).reshape(w, h).T  # column-major runs
             np.testing.assert_array_equal(dense, masks[..., i])
 
 
@@ -44,13 +45,16 @@ def test_parse_large_counts_and_deltas():
     assert parsed.valid.all() and parsed.area[0] == m.sum()
 
 
-@pytest.mark.parametrize("counts,why", [
-    (b"000", "runs sum to 0, not h*w"),
-    (b"", "empty"),
-    (b"1\x7f", "character outside the alphabet"),
-    (b"PP", "string ends inside a value (continuation bit set)"),
-    (b"0;", "negative run"),
-])
+@pytest.mark.parametrize(
+    "counts,why",
+    [
+        (b"000", "runs sum to 0, not h*w"),
+        (b"", "empty"),
+        (b"1\x7f", "character outside the alphabet"),
+        (b"PP", "string ends inside a value (continuation bit set)"),
+        (b"0;", "negative run"),
+    ],
+)
 def test_parse_rejects_invalid(counts, why):
     good = mask_utils.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))["counts"]
     parsed = rle.parse([good, counts, good], [10] * 3, [10] * 3)
@@ -61,7 +65,7 @@ def test_parse_rejects_invalid(counts, why):
 def test_parse_rejects_size_mismatch():
     enc = mask_utils.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))["counts"]
     assert not rle.parse([enc], [10], [11]).valid[0]
-    assert not rle.parse([enc + b"1"], [10], [10]).valid[0]     # one run too many
+    assert not rle.parse([enc + b"1"], [10], [10]).valid[0]  # one run too many
 
 
 def _reference(masks, rows, cols):
@@ -75,7 +79,7 @@ def test_resample_equals_dense_indexing_and_boxes():
         masks = _random_masks(rng, h, w, 5)
         parsed = rle.parse([e["counts"] for e in mask_utils.encode(masks)], [h] * 5, [w] * 5)
         rows = np.sort(rng.integers(0, h, int(rng.integers(1, 50))))
-        cols = np.sort(rng.integers(0, w, int(rng.integers(1, 50))))     # repeats: the upscaling path
+        cols = np.sort(rng.integers(0, w, int(rng.integers(1, 50))))  # repeats: the upscaling path
         sel = [4, 1, 0, 2]
         rs = rle.resample(parsed, sel, h, w, rows, cols)
         ref = _reference(masks[..., sel], rows, cols)

@@ -1,4 +1,5 @@
 """Synthetic shards, Hydra configs, and the datamodule inside a real Lightning fit/resume."""
+
 import os
 
 import pytest
@@ -7,16 +8,25 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from datamodules import CocoDataModule, SA1BDataModule, SyntheticDataModule
-from datamodules.make_shards import main as make_shards
-from datamodules.synthetic import scene_samples
+from segany.data import CocoDataModule, SA1BDataModule, SyntheticDataModule
+from segany.data.make_shards import main as make_shards
+from segany.data.scenes import scene_samples
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "data")
 
 
 def synthetic(root, **kw):
-    args = dict(root=str(root), num_train=12, num_val=4, shard_size=5, min_side=40, max_side=64, img_size=64,
-                batch_size=2, num_workers=0)
+    args = dict(
+        root=str(root),
+        num_train=12,
+        num_val=4,
+        shard_size=5,
+        min_side=40,
+        max_side=64,
+        img_size=64,
+        batch_size=2,
+        num_workers=0,
+    )
     args.update(kw)
     return SyntheticDataModule(**args)
 
@@ -39,7 +49,7 @@ def test_prepare_data_generates_once_with_held_out_val(tmp_path):
     assert files == ["manifest.json", "train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar"]
     stamp = os.path.getmtime(tmp_path / "syn" / "train-000000.tar")
     dm2 = synthetic(tmp_path / "syn")
-    dm2.prepare_data()                                         # already there: untouched
+    dm2.prepare_data()  # already there: untouched
     assert os.path.getmtime(tmp_path / "syn" / "train-000000.tar") == stamp
     dm2.setup("fit")
     train_ids = {k for b in dm2.train_dataloader() for k in b["image_id"]}
@@ -49,18 +59,22 @@ def test_prepare_data_generates_once_with_held_out_val(tmp_path):
 
 
 def test_make_shards_cli_synthetic(tmp_path, capsys):
-    make_shards(["synthetic", str(tmp_path), "--num", "4", "--shard-size", "3", "--min-side", "40",
-                 "--max-side", "48"])
+    make_shards(["synthetic", str(tmp_path), "--num", "4", "--shard-size", "3", "--min-side", "40", "--max-side", "48"])
     assert "wrote 4 scenes to 2 shards" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["train-000000.tar", "train-000001.tar"]
 
 
-@pytest.mark.parametrize("name,cls", [("sa1b", SA1BDataModule), ("coco", CocoDataModule),
-                                      ("synthetic", SyntheticDataModule)])
+@pytest.mark.parametrize(
+    "name,cls", [("sa1b", SA1BDataModule), ("coco", CocoDataModule), ("synthetic", SyntheticDataModule)]
+)
 def test_configs_instantiate(name, cls, tmp_path):
-    cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)},   # as configs/paths provides it
-                            "data": OmegaConf.load(os.path.join(CONFIGS, f"{name}.yaml"))}).data
-    assert cfg._target_ == f"datamodules.{cls.__name__}"
+    cfg = OmegaConf.create(
+        {
+            "paths": {"data_dir": str(tmp_path)},  # as configs/paths provides it
+            "data": OmegaConf.load(os.path.join(CONFIGS, f"{name}.yaml")),
+        }
+    ).data
+    assert cfg._target_ == f"segany.data.{cls.__name__}"
     dm = instantiate(cfg)
     assert str(tmp_path) in str(cfg.get("train_shards") or cfg.get("train_images") or cfg.get("root"))
     assert type(dm) is cls and dm.cfg.img_size == cfg.img_size and dm.cfg.max_masks == 64
@@ -85,9 +99,18 @@ class Probe(pl.LightningModule):
 
 def fit(dm, max_steps, root, ckpt=None):
     model = Probe()
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, default_root_dir=str(root))
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(root),
+    )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     return trainer, model
 
@@ -102,8 +125,8 @@ def test_lightning_resume_continues_the_data(tmp_path):
     ckpt = torch.load(str(tmp_path / "mid.ckpt"), weights_only=False)
     assert ckpt["SyntheticDataModule"]["ranks"][0]["workers"][0]["samples"] == 8
     _, resumed = fit(synthetic(tmp_path / "syn", **kw), 8, tmp_path, ckpt=str(tmp_path / "mid.ckpt"))
-    assert resumed.seen == reference[4:8]                      # neither replayed nor skipped
-    assert all(f == {} for f in first.faults)                  # faults reach the module, per batch
+    assert resumed.seen == reference[4:8]  # neither replayed nor skipped
+    assert all(f == {} for f in first.faults)  # faults reach the module, per batch
 
 
 def test_rank_comes_from_the_trainer(tmp_path):
@@ -113,6 +136,7 @@ def test_rank_comes_from_the_trainer(tmp_path):
 
     class FakeTrainer:
         global_rank, world_size = 1, 2
+
     dm.trainer = FakeTrainer()
     os.environ.pop("RANK", None)
     loader = dm.train_dataloader()

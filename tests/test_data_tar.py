@@ -1,15 +1,16 @@
 """Tar reading: members and offsets as tarfile sees them, resuming at an offset, and each
 kind of damage reported once without losing the rest of the shard."""
+
 import io
 import tarfile
 
 import pytest
 from webdataset import TarWriter
 
-from datamodules.faults import FaultCounter
-from datamodules.shard_reader import read_pairs, split_name
-from datamodules.tar_stream import TarTruncated, iter_members
-from datamodules.testing import member_offsets, write_tar
+from segany.data.faults import FaultCounter
+from segany.data.formats.tar import TarTruncated, iter_members
+from segany.data.streams.reader import read_pairs, split_name
+from segany.testing.data import member_offsets, write_tar
 
 
 def _members(n, prefix="sa_"):
@@ -44,7 +45,7 @@ def test_long_names_pax_and_gnu(tmp_path):
         buf.seek(0)
         got = list(iter_members(buf))
         assert [(m.name, len(m.data)) for m in got] == [(long, 700), ("sa_2.json", 2)]
-        assert got[0].offset == 0          # the extended header belongs to the member
+        assert got[0].offset == 0  # the extended header belongs to the member
 
 
 def test_resume_from_offset(tmp_path):
@@ -80,7 +81,7 @@ def test_truncated_mid_member_counts_once_and_keeps_earlier(tmp_path):
     write_tar(path, _members(4))
     off, data_off, size = member_offsets(path)["sa_2.jpg"]
     with open(path, "r+b") as f:
-        f.truncate(data_off + size // 2)            # cut inside sa_2.jpg's data
+        f.truncate(data_off + size // 2)  # cut inside sa_2.jpg's data
     faults = FaultCounter()
     pairs = list(read_pairs(path, 0, faults))
     assert [p.key for p in pairs] == ["sa_0", "sa_1"]
@@ -106,7 +107,7 @@ def test_missing_end_of_archive_is_truncation(tmp_path):
     write_tar(path, _members(2))
     end = max(d + (s + 511) // 512 * 512 for _, d, s in member_offsets(path).values())
     with open(path, "r+b") as f:
-        f.truncate(end)                              # all members whole, no end blocks
+        f.truncate(end)  # all members whole, no end blocks
     faults = FaultCounter()
     assert [p.key for p in read_pairs(path, 0, faults)] == ["sa_0", "sa_1"]
     assert faults.total == {"truncated_tar": 1}
@@ -120,7 +121,7 @@ def test_corrupt_header_resyncs(tmp_path):
     off, _, _ = member_offsets(path)["sa_1.jpg"]
     with open(path, "r+b") as f:
         f.seek(off + 148)
-        f.write(b"9999999\0")                        # wrong checksum
+        f.write(b"9999999\0")  # wrong checksum
     faults = FaultCounter()
     pairs = list(read_pairs(path, 0, faults))
     # sa_1.jpg is lost (its json is an orphan); everything after it is still read
@@ -131,8 +132,8 @@ def test_corrupt_header_resyncs(tmp_path):
 def test_orphans(tmp_path):
     path = str(tmp_path / "o.tar")
     members = _members(4)
-    del members[3]                                   # sa_1.json missing -> orphan jpg
-    del members[3]                                   # sa_2.jpg missing -> orphan json
+    del members[3]  # sa_1.json missing -> orphan jpg
+    del members[3]  # sa_2.jpg missing -> orphan json
     write_tar(path, members)
     faults = FaultCounter()
     assert [p.key for p in read_pairs(path, 0, faults)] == ["sa_0", "sa_3"]
@@ -148,6 +149,7 @@ def test_unopenable_and_failing_pipe_are_shard_errors(tmp_path):
 
 def test_pipe_and_fsspec_urls(tmp_path):
     import fsspec
+
     path = str(tmp_path / "p.tar")
     write_tar(path, _members(3))
     expect = ["sa_0", "sa_1", "sa_2"]

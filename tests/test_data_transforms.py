@@ -1,17 +1,17 @@
 """Large-scale jitter and flip keep image, masks and boxes aligned, checked pixel-wise."""
+
 import numpy as np
 import pytest
 import torch
 
-from datamodules import PIXEL_MEAN, PIXEL_STD, Record, SampleConfig, make_sample
-from datamodules.synthetic import make_scene
-from datamodules.testing import jpeg, rle_string
+from segany.data import PIXEL_MEAN, PIXEL_STD, Record, SampleConfig, make_sample
+from segany.data.scenes import make_scene
+from segany.testing.data import jpeg, rle_string
 
 
 def scene_record(seed, h=90, w=120, n=6):
     img, masks = make_scene(np.random.default_rng(seed), h, w, n, textures=("flat",))
-    rec = Record(f"sa_{seed}", "test", jpeg(img, 98), h, w, [rle_string(m) for m in masks],
-                 np.arange(len(masks)))
+    rec = Record(f"sa_{seed}", "test", jpeg(img, 98), h, w, [rle_string(m) for m in masks], np.arange(len(masks)))
     # the colour of each object, from the original image well inside its mask
     colours = [np.median(img[m], axis=0) for m in masks]
     return rec, masks, colours
@@ -38,12 +38,12 @@ def test_jitter_and_flip_keep_everything_aligned(seed):
         s = make_sample(rec, cfg, np.random.default_rng([seed, draw]))
         image = rgb(s)
         ch, cw = s["input_size"].tolist()
-        assert (s["image"][:, ch:] == 0).all() and (s["image"][:, :, cw:] == 0).all()   # zero padding
+        assert (s["image"][:, ch:] == 0).all() and (s["image"][:, :, cw:] == 0).all()  # zero padding
         assert not s["masks"][:, ch:].any() and not s["masks"][:, :, cw:].any()
         for row, mid in enumerate(s["mask_ids"].tolist()):
             m = s["masks"][row].numpy()
             ys, xs = np.nonzero(m)
-            assert s["boxes"][row].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]   # boxes = mask extent
+            assert s["boxes"][row].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]  # boxes = mask extent
             inner = erode(erode(m))
             if inner.sum() < 20:
                 continue
@@ -72,7 +72,7 @@ def test_jitter_scale_range_and_crop():
         s = make_sample(rec, SampleConfig(img_size=64, jitter=(0.1, 2.0)), np.random.default_rng(draw))
         sizes.append(s["input_size"].tolist())
     longs = [max(hw) for hw in sizes]
-    assert min(longs) <= 20 and max(longs) == 64          # scales < 1 pad, scales > 1 crop to S
+    assert min(longs) <= 20 and max(longs) == 64  # scales < 1 pad, scales > 1 crop to S
     assert all(h <= 64 and w <= 64 for h, w in sizes)
 
 
@@ -85,7 +85,8 @@ def test_lowres_is_block_average():
 
 
 def test_constants_match_model_package():
-    import datamodules.constants as c
+    import segany.modeling.constants as c
+
     assert c.PIXEL_MEAN == [123.675, 116.28, 103.53] and c.PIXEL_STD == [58.395, 57.12, 57.375]
     try:
         from segany.modeling import constants as model_constants

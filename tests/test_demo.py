@@ -1,4 +1,5 @@
 """The demo through its command lines: a few steps fast, the full run (slow) must learn."""
+
 import json
 import os
 import subprocess
@@ -19,8 +20,13 @@ def _run(*args, timeout=600):
 
 
 def test_demo_cli_a_few_steps_then_evaluate(tmp_path):
-    data = [f"data.root={tmp_path}/synthetic", "data.num_train=8", "data.num_val=4", "data.shard_size=4",
-            "data.num_workers=0"]
+    data = [
+        f"data.root={tmp_path}/synthetic",
+        "data.num_train=8",
+        "data.num_val=4",
+        "data.shard_size=4",
+        "data.num_workers=0",
+    ]
     _run("train.py", f"paths.root_dir={tmp_path}", "trainer.max_steps=3", "logger=csv", *data)
     ckpt = tmp_path / "demo" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and (tmp_path / "demo" / "config.yaml").is_file()

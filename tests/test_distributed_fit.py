@@ -2,58 +2,89 @@
 with a bf16 MixedPrecisionPolicy and activation checkpointing; the sharded checkpoint is
 written atomically as a directory, resumes, and exports to a .pth that the official
 `segment_anything` model loads and runs with the same outputs as segany's."""
+
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import segany
 from tests._official import build_official_tiny_sam
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["logger=csv", "data.num_train=8", "data.num_val=4", "data.shard_size=2", "data.max_masks=3",
-         "data.batch_size=1", "data.num_workers=0", "trainer.limit_val_batches=1", "trainer.devices=2",
-         "trainer.check_val_every_n_epoch=100", "callbacks.checkpoint.every_n_train_steps=2",
-         "prompting.point_rounds=1", "prompting.mask_rounds=1",
-         # vit_tiny as built (the demo runs at 192 px with a width-128 decoder): exported below
-         "model.img_size=256", "model.window_size=8", "model.prompt_embed_dim=256", "model.decoder_heads=8",
-         "model.decoder_mlp_dim=2048"]
+SMALL = [
+    "logger=csv",
+    "data.num_train=8",
+    "data.num_val=4",
+    "data.shard_size=2",
+    "data.max_masks=3",
+    "data.batch_size=1",
+    "data.num_workers=0",
+    "trainer.limit_val_batches=1",
+    "trainer.devices=2",
+    "trainer.check_val_every_n_epoch=100",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "prompting.point_rounds=1",
+    "prompting.mask_rounds=1",
+    # vit_tiny as built (the demo runs at 192 px with a width-128 decoder): exported below
+    "model.img_size=256",
+    "model.window_size=8",
+    "model.prompt_embed_dim=256",
+    "model.decoder_heads=8",
+    "model.decoder_mlp_dim=2048",
+]
 
 
 def _train(root, *args):
     env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "train.py", f"paths.root_dir={root}", f"data.root={root}/data", *SMALL,
-                        *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "train.py", f"paths.root_dir={root}", f"data.root={root}/data", *SMALL, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p.stdout + p.stderr
 
 
 def test_ddp_two_processes_bf16(tmp_path):
-    _train(tmp_path, "+strategy=ddp", "trainer.precision=bf16-mixed", "trainer.max_steps=2",
-           "optim.fused=false")   # Lightning clips no fused-optimiser gradients under mixed precision
+    _train(
+        tmp_path, "+strategy=ddp", "trainer.precision=bf16-mixed", "trainer.max_steps=2", "optim.fused=false"
+    )  # Lightning clips no fused-optimiser gradients under mixed precision
     ckpt = torch.load(tmp_path / "demo" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     # both ranks' data positions travel in the checkpoint (each resumes its own stream)
     data_state = next(v for k, v in ckpt.items() if k.endswith("DataModule"))
     assert len(data_state["ranks"]) == 2, data_state.keys()
-    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())   # fp32 master weights
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())  # fp32 master weights
 
 
 def test_fsdp_two_processes_bf16_checkpoint_resume_export(tmp_path):
-    fsdp = ["+strategy=fsdp", "trainer.strategy.data_parallel_size=2", "trainer.precision=32-true",
-            "module.sharding.param_dtype=bfloat16", "module.sharding.activation_checkpointing=true"]
+    fsdp = [
+        "+strategy=fsdp",
+        "trainer.strategy.data_parallel_size=2",
+        "trainer.precision=32-true",
+        "module.sharding.param_dtype=bfloat16",
+        "module.sharding.activation_checkpointing=true",
+    ]
     _train(tmp_path, *fsdp, "trainer.max_steps=2")
     last = tmp_path / "demo" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / ".metadata").is_file() and len(list(last.glob("*.distcp"))) == 2
     assert not (tmp_path / "demo" / "checkpoints" / "last.ckpt.tmp").exists()
-    out = _train(tmp_path, *fsdp, "trainer.max_steps=4")          # resume=auto continues to step 4
+    out = _train(tmp_path, *fsdp, "trainer.max_steps=4")  # resume=auto continues to step 4
     assert "resuming from" in out
     pth = tmp_path / "sam.pth"
-    r = subprocess.run([sys.executable, "-m", "segany.export", str(last), str(pth), "--variant", "vit_tiny"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "segany.export", str(last), str(pth), "--variant", "vit_tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ours = segany.build_sam("vit_tiny", checkpoint=str(pth)).eval()
     official = build_official_tiny_sam()
@@ -68,6 +99,8 @@ def test_fsdp_two_processes_bf16_checkpoint_resume_export(tmp_path):
     lab = torch.tensor([[1, 0]])
     with torch.no_grad():
         a = ours([{"image": img[0], "original_size": (256, 256), "point_coords": pts, "point_labels": lab}], True)[0]
-        b = official([{"image": img[0], "original_size": (256, 256), "point_coords": pts, "point_labels": lab}], True)[0]
+        b = official([{"image": img[0], "original_size": (256, 256), "point_coords": pts, "point_labels": lab}], True)[
+            0
+        ]
     assert torch.allclose(a["low_res_logits"], b["low_res_logits"], atol=1e-4)
     assert torch.allclose(a["iou_predictions"], b["iou_predictions"], atol=1e-5)

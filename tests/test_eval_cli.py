@@ -1,5 +1,6 @@
 """evaluate.py end to end (in-process, Hydra config): all four tasks on tiny synthetic data,
 sharded evaluation merging to the single-rank result, and sweep_dir tabulation."""
+
 import json
 import os
 import sys
@@ -10,15 +11,23 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import segany
-from segany.training.config import register_resolvers
+from segany.utils.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 register_resolvers()
 
 
 def _cfg(tmp_path, *overrides):
-    data = [f"data.root={tmp_path}/syn", "data.num_train=2", "data.num_val=2", "data.shard_size=1",
-            "data.num_workers=0", "data.min_side=96", "data.max_side=128", f"paths.root_dir={tmp_path}"]
+    data = [
+        f"data.root={tmp_path}/syn",
+        "data.num_train=2",
+        "data.num_val=2",
+        "data.shard_size=1",
+        "data.num_workers=0",
+        "data.min_side=96",
+        "data.max_side=128",
+        f"paths.root_dir={tmp_path}",
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose("evaluate", overrides=data + list(overrides))
 
@@ -26,17 +35,28 @@ def _cfg(tmp_path, *overrides):
 def _evaluate(cfg):
     sys.path.insert(0, str(ROOT))
     import evaluate as evaluate_script
+
     return evaluate_script.evaluate(cfg)
 
 
 def test_all_four_tasks_write_metrics_tables_and_plots(tmp_path):
     out = tmp_path / "out"
-    m = _evaluate(_cfg(tmp_path, "task=all", f"output_dir={out}", "clicks=[1,2]", "max_images=1",
-                       "proposals.points_per_side=4", "edges.points_per_side=4", "edges.n_thresholds=9"))
+    m = _evaluate(
+        _cfg(
+            tmp_path,
+            "task=all",
+            f"output_dir={out}",
+            "clicks=[1,2]",
+            "max_images=1",
+            "proposals.points_per_side=4",
+            "edges.points_per_side=4",
+            "edges.n_thresholds=9",
+        )
+    )
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(m))
     assert {"points", "proposals", "instances", "edges"} <= set(saved)
-    assert saved["miou@1"] == saved["points"]["datasets"]["synthetic"]["miou@1"]     # the flat keys stay
+    assert saved["miou@1"] == saved["points"]["datasets"]["synthetic"]["miou@1"]  # the flat keys stay
     assert saved["points"]["datasets"]["synthetic"]["num_images"] == 2
     for sec, key in (("proposals", "AR@1000"), ("instances", "AP"), ("edges", "ODS")):
         v = saved[sec]["datasets"]["synthetic"][key]
@@ -53,7 +73,7 @@ def test_sharded_points_merge_to_the_single_rank_result(tmp_path):
     single = _evaluate(_cfg(tmp_path, f"output_dir={tmp_path}/one", "clicks=[1,2]"))
     assert single["points"]["datasets"]["synthetic"]["num_images"] == 2
     shared = [f"output_dir={tmp_path}/two", "clicks=[1,2]", "world_size=2", "merge_timeout_s=5"]
-    assert _evaluate(_cfg(tmp_path, "rank=1", *shared)) == {}                   # rank 1: its part only
+    assert _evaluate(_cfg(tmp_path, "rank=1", *shared)) == {}  # rank 1: its part only
     parts = sorted(os.listdir(tmp_path / "two" / "parts"))
     assert parts == ["points.synthetic.rank0001-of-0002.json"]
     merged = _evaluate(_cfg(tmp_path, "rank=0", *shared))
@@ -62,11 +82,19 @@ def test_sharded_points_merge_to_the_single_rank_result(tmp_path):
     again = _evaluate(_cfg(tmp_path, "rank=0", "merge_only=true", *shared))
     assert again["miou@1"] == pytest.approx(single["miou@1"])
     changed = [o if not o.startswith("clicks") else "clicks=[1,3]" for o in shared]
-    with pytest.raises(FileNotFoundError, match="from another evaluation"):   # stale parts are never merged
+    with pytest.raises(FileNotFoundError, match="from another evaluation"):  # stale parts are never merged
         _evaluate(_cfg(tmp_path, "rank=0", "merge_only=true", *changed))
     with pytest.raises(FileNotFoundError, match="parts"):
-        _evaluate(_cfg(tmp_path, "rank=0", "merge_only=true", f"output_dir={tmp_path}/three", "world_size=2",
-                       "merge_timeout_s=0"))
+        _evaluate(
+            _cfg(
+                tmp_path,
+                "rank=0",
+                "merge_only=true",
+                f"output_dir={tmp_path}/three",
+                "world_size=2",
+                "merge_timeout_s=0",
+            )
+        )
 
 
 def _fake_run(run_dir, seed, overrides, hydra_dir):
@@ -75,9 +103,14 @@ def _fake_run(run_dir, seed, overrides, hydra_dir):
     torch.manual_seed(seed)
     model = segany.build_sam("vit_tiny")
     os.makedirs(run_dir / "checkpoints")
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 1,
-                "segany_config": {"model": {"_target_": "segany.build_sam", "variant": "vit_tiny"}}},
-               run_dir / "checkpoints" / "last.ckpt")
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "global_step": 1,
+            "segany_config": {"model": {"_target_": "segany.build_sam", "variant": "vit_tiny"}},
+        },
+        run_dir / "checkpoints" / "last.ckpt",
+    )
     os.makedirs(run_dir / hydra_dir)
     (run_dir / hydra_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
 
@@ -94,7 +127,7 @@ def test_sweep_dir_tabulates_every_run(tmp_path):
     for r in rows:
         own = json.loads((sweep / r["run"] / "eval" / "metrics.json").read_text())
         assert r["miou@1"] == own["miou@1"] and r["miou@3"] == own["miou@3"]
-    assert rows[0]["miou@1"] != rows[1]["miou@1"]                      # different weights, different rows
+    assert rows[0]["miou@1"] != rows[1]["miou@1"]  # different weights, different rows
     md = (sweep / "results.md").read_text()
     assert "| 0 | `optim.lr=1e-3` |" in md and "`model.drop_path_rate=0.1`" in md
     with pytest.raises(FileNotFoundError, match="no run directory"):

@@ -1,5 +1,6 @@
 """The instances task: box prompt + one refinement pass, checked against the official
 predictor driven by hand with the same weights; the detections file's errors."""
+
 import json
 
 import numpy as np
@@ -28,18 +29,24 @@ def test_box_then_refinement_matches_the_official_predictor(tmp_path, multimask_
     for i, box in enumerate(boxes):
         _, iou, low = ref.predict(box=box, multimask_output=multimask_first)
         best = int(np.argmax(iou))
-        logits, _, _ = ref.predict(box=box, mask_input=low[best:best + 1], multimask_output=False, return_logits=True)
+        logits, _, _ = ref.predict(box=box, mask_input=low[best : best + 1], multimask_output=False, return_logits=True)
         want = logits[0] > 0
         differ = got[i] != want
-        assert (differ & (np.abs(logits[0]) > 1e-3)).sum() == 0     # only pixels at the threshold may flip
+        assert (differ & (np.abs(logits[0]) > 1e-3)).sum() == 0  # only pixels at the threshold may flip
     one_pass = segment_boxes(ours, boxes, refine=False)
     assert one_pass.shape == got.shape and (one_pass != got).any()  # the refinement pass changes the masks
 
 
 def test_detections_file_errors_name_the_file_and_entry(tmp_path):
     good = tmp_path / "dets.json"
-    good.write_text(json.dumps([{"image_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9, "category_id": 3},
-                                {"image_id": 1, "bbox": [1, 1, 5, 5], "score": 0.1, "category_id": 3}]))
+    good.write_text(
+        json.dumps(
+            [
+                {"image_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9, "category_id": 3},
+                {"image_id": 1, "bbox": [1, 1, 5, 5], "score": 0.1, "category_id": 3},
+            ]
+        )
+    )
     d = load_detections(str(good), min_score=0.5)
     assert list(d) == [1] and d[1] == [{"bbox": [0.0, 0.0, 5.0, 5.0], "score": 0.9, "category_id": 3}]
     bad = tmp_path / "bad.json"

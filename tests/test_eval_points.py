@@ -1,5 +1,6 @@
 """The points task: click placement on masks whose centre and farthest error point are known
 by construction, random first clicks, and the per-dataset / mean bookkeeping."""
+
 import numpy as np
 import pytest
 import torch
@@ -10,11 +11,11 @@ from segany.evaluation.points import mean_over_datasets, points_merge
 
 def test_center_of_a_square_and_of_a_plus():
     m = np.zeros((31, 31), bool)
-    m[5:16, 10:21] = True                       # 11x11 square: its centre pixel is (10, 15)
+    m[5:16, 10:21] = True  # 11x11 square: its centre pixel is (10, 15)
     assert center_click(m) == (10, 15)
     plus = np.zeros((41, 41), bool)
-    plus[18:23, 5:36] = True                    # a plus of two 5-wide bars crossing at (20, 20):
-    plus[5:36, 18:23] = True                    # only the crossing is 3 px from every background pixel
+    plus[18:23, 5:36] = True  # a plus of two 5-wide bars crossing at (20, 20):
+    plus[5:36, 18:23] = True  # only the crossing is 3 px from every background pixel
     assert center_click(plus) == (20, 20)
 
 
@@ -22,32 +23,33 @@ def test_farthest_error_point_is_known():
     gt = np.zeros((40, 60), bool)
     gt[5:35, 5:55] = True
     pred = gt.copy()
-    pred[5:20, 40:55] = False                   # FN: a 15 x 15 square, its deepest pixel is its centre (12, 47)
-    pred[0:3, 10:20] = True                     # FP outside: 3 rows thick (deepest distance 2)
+    pred[5:20, 40:55] = False  # FN: a 15 x 15 square, its deepest pixel is its centre (12, 47)
+    pred[0:3, 10:20] = True  # FP outside: 3 rows thick (deepest distance 2)
     y, x, label = next_click(pred, gt)
     assert (y, x, label) == (12, 47, 1)
     pred2 = gt.copy()
-    pred2[36:40, 0:60] = True                   # FP 4 rows at the image's bottom edge, deeper than...
-    pred2[20, 20] = False                       # ...a single-pixel FN
+    pred2[36:40, 0:60] = True  # FP 4 rows at the image's bottom edge, deeper than...
+    pred2[20, 20] = False  # ...a single-pixel FN
     assert next_click(pred2, gt)[2] == 0
 
 
 def test_random_first_click_is_uniform_in_the_mask():
     m = np.zeros((20, 20), bool)
-    m[2:4, 3:8] = True                          # 10 pixels
+    m[2:4, 3:8] = True  # 10 pixels
     rng = np.random.default_rng(0)
     hits = np.zeros_like(m, dtype=int)
     for _ in range(2000):
         y, x = random_click(m, rng)
         hits[y, x] += 1
-    assert hits[~m].sum() == 0 and hits[m].min() > 140 and hits[m].max() < 260   # 200 expected each
+    assert hits[~m].sum() == 0 and hits[m].min() > 140 and hits[m].max() < 260  # 200 expected each
     assert random_click(np.zeros((3, 3), bool), rng) is None
     with pytest.raises(ValueError, match="first_click"):
         ClickProtocol(first_click="middle")
 
 
 def test_protocol_random_first_click_is_deterministic_and_inside():
-    from segany.training.toy import toy_batch
+    from segany.testing.toy import toy_batch
+
     b = toy_batch(1, 2, 64)
     calls = []
 
@@ -79,9 +81,9 @@ def test_protocol_random_first_click_is_deterministic_and_inside():
 def test_merge_over_ranks_and_mean_over_datasets():
     a = {"iou": {"1": [0.2, 0.4], "3": [0.5, 0.7]}, "iou_oracle": {"1": [0.3, 0.5], "3": [0.6, 0.8]}, "num_images": 1}
     b = {"iou": {"1": [0.9], "3": [1.0]}, "iou_oracle": {"1": [0.9], "3": [1.0]}, "num_images": 1}
-    d1 = points_merge([a, b])                   # per mask over both ranks: (0.2 + 0.4 + 0.9) / 3
+    d1 = points_merge([a, b])  # per mask over both ranks: (0.2 + 0.4 + 0.9) / 3
     assert d1["miou@1"] == pytest.approx(0.5) and d1["miou@3"] == pytest.approx(2.2 / 3)
     assert d1["num_masks"] == 3 and d1["num_images"] == 2
     d2 = points_merge([{"iou": {"1": [0.1], "3": [0.2]}, "iou_oracle": {"1": [0.1], "3": [0.2]}, "num_images": 1}])
-    mean = mean_over_datasets({"a": d1, "b": d2})   # unweighted over datasets, as the paper's 23
+    mean = mean_over_datasets({"a": d1, "b": d2})  # unweighted over datasets, as the paper's 23
     assert mean["miou@1"] == pytest.approx((0.5 + 0.1) / 2) and mean["num_masks"] == 4

@@ -1,5 +1,6 @@
 """The single-point protocol: click placement against scipy's distance transform, and the
 mIoU bookkeeping with a scripted model."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 
 from segany.evaluation import ClickProtocol, center_click, interactive_eval, next_click, summarize
-from segany.training.toy import toy_batch
+from segany.testing.toy import toy_batch
 
 
 def _edt(region):
@@ -19,7 +20,7 @@ def test_center_click_is_the_distance_transform_maximum():
     for _ in range(20):
         m = np.zeros((40, 50), bool)
         y0, x0 = rng.integers(0, 20, 2)
-        m[y0:y0 + rng.integers(3, 20), x0:x0 + rng.integers(3, 30)] = True
+        m[y0 : y0 + rng.integers(3, 20), x0 : x0 + rng.integers(3, 30)] = True
         y, x = center_click(m)
         d = _edt(m)
         assert m[y, x] and d[y, x] == pytest.approx(d.max())
@@ -34,14 +35,14 @@ def test_next_click_picks_the_larger_error_and_labels_it():
     gt = np.zeros((30, 30), bool)
     gt[5:25, 5:25] = True
     pred = gt.copy()
-    pred[5:25, 5:12] = False            # a 20x7 false negative strip
-    pred[0:3, 0:30] = True              # a 3-high false positive strip
+    pred[5:25, 5:12] = False  # a 20x7 false negative strip
+    pred[0:3, 0:30] = True  # a 3-high false positive strip
     y, x, label = next_click(pred, gt)
     fn = gt & ~pred
     assert label == 1 and fn[y, x] and _edt(fn)[y, x] == pytest.approx(_edt(fn).max())
     pred2 = gt.copy()
-    pred2[10:12, 10:12] = False         # small FN
-    pred2[26:30, 0:30] = True           # larger FP
+    pred2[10:12, 10:12] = False  # small FN
+    pred2[26:30, 0:30] = True  # larger FP
     y, x, label = next_click(pred2, gt)
     assert label == 0 and (pred2 & ~gt)[y, x]
     assert next_click(gt, gt) is None
@@ -82,14 +83,14 @@ def test_protocol_default_and_oracle():
     gt_low = b["masks_lowres"].reshape(B * N, 16, 16)
     # lowres GT upsampled bilinearly vs the full-res GT: the best reachable IoU
     up = F.interpolate(torch.where(gt_low, 10.0, -10.0)[:, None], (S, S), mode="bilinear") > 0
-    ref = ((up[:, 0] & b["masks"].view(-1, S, S)).sum((1, 2)) / (up[:, 0] | b["masks"].view(-1, S, S)).sum((1, 2)))
+    ref = (up[:, 0] & b["masks"].view(-1, S, S)).sum((1, 2)) / (up[:, 0] | b["masks"].view(-1, S, S)).sum((1, 2))
     ref = ref[b["valid"].view(-1)]
 
     good = interactive_eval(ScriptedSam(gt_low, good=2, confident=2), b, ClickProtocol(clicks=(1, 2)))
     assert good["count"] == 4
     assert np.allclose(good["iou"][1], ref.numpy(), atol=1e-6)
     assert np.allclose(good["iou_oracle"][1], ref.numpy(), atol=1e-6)
-    assert np.allclose(good["iou"][2], ref.numpy(), atol=1e-6)          # click 2: token 0
+    assert np.allclose(good["iou"][2], ref.numpy(), atol=1e-6)  # click 2: token 0
 
     wrong = interactive_eval(ScriptedSam(gt_low, good=2, confident=3), b, ClickProtocol(clicks=(1,)))
     assert np.allclose(wrong["iou"][1], 0) and np.allclose(wrong["iou_oracle"][1], ref.numpy(), atol=1e-6)
@@ -100,15 +101,15 @@ def test_protocol_default_and_oracle():
 
 def test_protocol_clicks_and_mask_prompts():
     b = toy_batch(1, 2, 64)
-    model = ScriptedSam(torch.zeros(2, 16, 16, dtype=torch.bool), good=1, confident=1)   # always empty
+    model = ScriptedSam(torch.zeros(2, 16, 16, dtype=torch.bool), good=1, confident=1)  # always empty
     interactive_eval(model, b, ClickProtocol(clicks=(3,)))
     assert len(model.calls) == 3
     coords, labels, mask = model.calls[0]
     assert mask is None and (labels == 1).all()
     gt = b["masks"][0].numpy()
-    for r in range(2):                                             # click 1 = the mask centre
+    for r in range(2):  # click 1 = the mask centre
         y, x = center_click(gt[r])
         assert coords[r, 0].tolist() == [x, y]
     coords, labels, mask = model.calls[2]
-    assert coords.shape[1] == 3 and (labels == 1).all()           # empty prediction: all FN clicks
+    assert coords.shape[1] == 3 and (labels == 1).all()  # empty prediction: all FN clicks
     assert mask is not None and mask.shape == (2, 1, 16, 16)

@@ -1,5 +1,6 @@
 """segany.export: Lightning-style single-file checkpoints -> release SAM .pth, exactly;
 anything without SAM weights -> an error naming the path."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny():
     torch.manual_seed(0)
     m = segany.build_sam("vit_tiny")
-    with torch.no_grad():   # make zero-initialised tensors non-trivial too
+    with torch.no_grad():  # make zero-initialised tensors non-trivial too
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     return m
 
 
 def _lightning_ckpt(model, prefix="model."):
-    return {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.6.0",
-            "state_dict": {prefix + k: v for k, v in model.state_dict().items()},
-            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]}],
-            "lr_schedulers": [], "segany_config": {"model": {"variant": "vit_tiny"}}}
+    return {
+        "epoch": 3,
+        "global_step": 120,
+        "pytorch-lightning_version": "2.6.0",
+        "state_dict": {prefix + k: v for k, v in model.state_dict().items()},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]}],
+        "lr_schedulers": [],
+        "segany_config": {"model": {"variant": "vit_tiny"}},
+    }
 
 
 @pytest.mark.parametrize("prefix", ["model.", "net.", "model._orig_mod."])
@@ -38,7 +44,7 @@ def test_single_file_round_trip(tmp_path, tiny, prefix):
     out = tmp_path / "sam.pth"
     assert main([str(ckpt), str(out)]) == 0
     raw = torch.load(out, map_location="cpu", weights_only=True)
-    assert any(".mlp.lin1." in k for k in raw) and not any(".mlp.fc1." in k for k in raw)   # release names
+    assert any(".mlp.lin1." in k for k in raw) and not any(".mlp.fc1." in k for k in raw)  # release names
     loaded = segany.build_sam("vit_tiny", checkpoint=str(out))
     ref = tiny.state_dict()
     assert loaded.state_dict().keys() == ref.keys()
@@ -52,12 +58,17 @@ def test_cli_bf16_weights_become_fp32(tmp_path, tiny):
     sd["state_dict"] = {k: v.bfloat16() for k, v in sd["state_dict"].items()}
     torch.save(sd, ckpt)
     out = tmp_path / "sub" / "sam.pth"
-    r = subprocess.run([sys.executable, "-m", "segany.export", str(ckpt), str(out), "--variant", "vit_tiny"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "segany.export", str(ckpt), str(out), "--variant", "vit_tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     raw = torch.load(out, map_location="cpu", weights_only=True)
     assert all(v.dtype == torch.float32 for v in raw.values())
-    assert not list(out.parent.glob(".tmp-*"))      # atomic write left nothing behind
+    assert not list(out.parent.glob(".tmp-*"))  # atomic write left nothing behind
 
 
 def test_bad_inputs_name_the_path(tmp_path, tiny):
@@ -78,9 +89,14 @@ def test_bad_inputs_name_the_path(tmp_path, tiny):
     sd = _lightning_ckpt(tiny)
     sd["state_dict"] = {k: v for k, v in sd["state_dict"].items() if "blocks.3." not in k}
     torch.save(sd, cases["wrong_size"])
-    messages = {"missing": "does not exist", "garbage": "cannot read", "no_sam": "holds no SAM weights",
-                "empty_dir": "not a torch.distributed.checkpoint", "two_models": "several",
-                "wrong_size": "do not match"}
+    messages = {
+        "missing": "does not exist",
+        "garbage": "cannot read",
+        "no_sam": "holds no SAM weights",
+        "empty_dir": "not a torch.distributed.checkpoint",
+        "two_models": "several",
+        "wrong_size": "do not match",
+    }
     for name, path in cases.items():
         with pytest.raises(CheckpointError, match=messages[name]) as e:
             export(str(path), str(out))
@@ -90,6 +106,11 @@ def test_bad_inputs_name_the_path(tmp_path, tiny):
     export(str(cases["two_models"]), str(out), prefix="ema.")
     assert out.is_file()
     # the CLI reports instead of a traceback
-    r = subprocess.run([sys.executable, "-m", "segany.export", str(cases["no_sam"]), str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "segany.export", str(cases["no_sam"]), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "holds no SAM weights" in r.stderr and str(cases["no_sam"]) in r.stderr

@@ -81,10 +81,14 @@ def test_image_embedding(predictors):
 
 PROMPTS = {
     "one_point": dict(point_coords=np.array([[60.0, 70.0]]), point_labels=np.array([1])),
-    "points": dict(point_coords=np.array([[200.0, 70.0], [230.0, 170.0], [20.0, 180.0]]), point_labels=np.array([1, 1, 0])),
+    "points": dict(
+        point_coords=np.array([[200.0, 70.0], [230.0, 170.0], [20.0, 180.0]]), point_labels=np.array([1, 1, 0])
+    ),
     "box": dict(box=np.array([15.0, 25.0, 115.0, 125.0])),
     "box_points": dict(
-        point_coords=np.array([[60.0, 70.0], [140.0, 100.0]]), point_labels=np.array([1, 0]), box=np.array([15, 25, 150, 125])
+        point_coords=np.array([[60.0, 70.0], [140.0, 100.0]]),
+        point_labels=np.array([1, 0]),
+        box=np.array([15, 25, 150, 125]),
     ),
 }
 
@@ -128,7 +132,10 @@ def test_predict_torch_batch(predictors):
                 assert a.shape == b.shape and a.dtype == b.dtype
                 _close(a, b)
     # float64 coordinates are accepted, as by the release
-    _close(ours.predict_torch(coords.double(), labels, return_logits=True)[0], ref.predict_torch(coords.double(), labels, return_logits=True)[0])
+    _close(
+        ours.predict_torch(coords.double(), labels, return_logits=True)[0],
+        ref.predict_torch(coords.double(), labels, return_logits=True)[0],
+    )
     masks, iou, low = ours.predict_torch(coords, labels)
     assert masks.dtype == torch.bool and masks.shape == (5, 3, 200, 300) and low.shape == (5, 3, 64, 64)
     # boxes only

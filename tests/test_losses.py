@@ -1,4 +1,5 @@
 """Losses against hand-computed values and torchvision."""
+
 import math
 
 import torch
@@ -8,7 +9,7 @@ from segany.training.losses import SamLoss, dice_loss, mask_iou, sigmoid_focal_l
 
 
 def test_focal_matches_hand_computation():
-    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]])      # (1, 1, 2, 2)
+    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]])  # (1, 1, 2, 2)
     t = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
     vals = []
     for x, y in zip(logits.flatten().tolist(), t.flatten().tolist()):
@@ -51,15 +52,16 @@ def test_sam_loss_total_is_20_focal_plus_dice_plus_iou_mse():
     out = SamLoss()(logits, iou_pred, target, torch.tensor([True, True]))
     t = target[:, None].float()
     true_iou = mask_iou(logits, t)
-    expected = (20 * tv_focal(logits, t, reduction="none").mean((-2, -1))
-                + dice_loss(logits, t) + (iou_pred - true_iou) ** 2)[:, 0]
+    expected = (
+        20 * tv_focal(logits, t, reduction="none").mean((-2, -1)) + dice_loss(logits, t) + (iou_pred - true_iou) ** 2
+    )[:, 0]
     assert torch.allclose(out["loss"], expected, atol=1e-5)
 
 
 def test_multimask_backprops_only_the_lowest_loss_mask():
     target = torch.zeros(4, 8, 8, dtype=torch.bool)
     target[:, 2:6, 2:6] = True
-    good = torch.where(target, 5.0, -5.0)                         # (4, 8, 8) near-perfect
+    good = torch.where(target, 5.0, -5.0)  # (4, 8, 8) near-perfect
     logits = torch.randn(4, 3, 8, 8)
     best = torch.tensor([0, 2, 1, 2])
     logits[torch.arange(4), best] = good
@@ -68,10 +70,10 @@ def test_multimask_backprops_only_the_lowest_loss_mask():
     out = SamLoss()(logits, iou_pred, target, torch.ones(4, dtype=torch.bool))
     assert torch.equal(out["best"], best)
     out["loss"].sum().backward()
-    has_grad = logits.grad.flatten(2).abs().sum(-1) > 0            # (4, 3)
+    has_grad = logits.grad.flatten(2).abs().sum(-1) > 0  # (4, 3)
     assert torch.equal(has_grad.sum(1), torch.ones(4, dtype=torch.long))
     assert has_grad[torch.arange(4), best].all()
-    assert (iou_pred.grad != 0).all()                               # IoU head: all 3 supervised
+    assert (iou_pred.grad != 0).all()  # IoU head: all 3 supervised
 
 
 def test_supervise_only_chosen_iou():
@@ -86,7 +88,7 @@ def test_supervise_only_chosen_iou():
 def test_invalid_rows_give_zero_loss_and_zero_gradient():
     logits = torch.randn(3, 3, 8, 8, requires_grad=True)
     iou_pred = torch.rand(3, 3, requires_grad=True)
-    target = torch.zeros(3, 8, 8, dtype=torch.bool)               # padding rows have empty targets
+    target = torch.zeros(3, 8, 8, dtype=torch.bool)  # padding rows have empty targets
     target[0, :4] = True
     valid = torch.tensor([True, False, False])
     out = SamLoss()(logits, iou_pred, target, valid)

@@ -1,4 +1,5 @@
 """Parity of segany's SAM with the official `segment_anything` package, and checkpoint I/O."""
+
 from functools import partial
 
 import numpy as np
@@ -22,16 +23,35 @@ ATOL = 1e-4
 def official_tiny(seed: int = 0) -> "om.Sam":
     """The release's classes at segany's vit_tiny size, every tensor randomised."""
     torch.manual_seed(seed)
-    enc = om.ImageEncoderViT(depth=6, embed_dim=192, img_size=256, mlp_ratio=4,
-                             norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=3, patch_size=16,
-                             qkv_bias=True, use_rel_pos=True, global_attn_indexes=(2, 5), window_size=8,
-                             out_chans=256)
-    pe = om.PromptEncoder(embed_dim=256, image_embedding_size=(16, 16), input_image_size=(256, 256),
-                          mask_in_chans=16)
-    dec = om.MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
-                         transformer=om.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
-    sam = om.Sam(image_encoder=enc, prompt_encoder=pe, mask_decoder=dec,
-                 pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375]).eval()
+    enc = om.ImageEncoderViT(
+        depth=6,
+        embed_dim=192,
+        img_size=256,
+        mlp_ratio=4,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_heads=3,
+        patch_size=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=(2, 5),
+        window_size=8,
+        out_chans=256,
+    )
+    pe = om.PromptEncoder(embed_dim=256, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=16)
+    dec = om.MaskDecoder(
+        num_multimask_outputs=3,
+        transformer_dim=256,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+        transformer=om.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+    )
+    sam = om.Sam(
+        image_encoder=enc,
+        prompt_encoder=pe,
+        mask_decoder=dec,
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
     with torch.no_grad():  # zero-initialised tables (pos_embed, rel-pos) would hide bugs: randomise all
         for p in sam.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -52,11 +72,17 @@ def _prompts():
     return {
         "one point": dict(points=(torch.rand(3, 1, 2, generator=g) * 256, torch.ones(3, 1, dtype=torch.long))),
         "points": dict(points=(torch.rand(3, 4, 2, generator=g) * 256, torch.tensor([[1, 0, 1, 0]] * 3))),
-        "box": dict(boxes=torch.tensor([[10., 20., 100., 200.], [0., 0., 255., 255.], [50., 60., 70., 90.]])),
-        "box+points": dict(points=(torch.rand(3, 2, 2, generator=g) * 256, torch.tensor([[1, 0]] * 3)),
-                           boxes=torch.tensor([[10., 20., 100., 200.]] * 3)),
-        "mask": dict(points=(torch.rand(3, 1, 2, generator=g) * 256, torch.ones(3, 1, dtype=torch.long)),
-                     masks=torch.randn(3, 1, 64, 64, generator=g)),
+        "box": dict(
+            boxes=torch.tensor([[10.0, 20.0, 100.0, 200.0], [0.0, 0.0, 255.0, 255.0], [50.0, 60.0, 70.0, 90.0]])
+        ),
+        "box+points": dict(
+            points=(torch.rand(3, 2, 2, generator=g) * 256, torch.tensor([[1, 0]] * 3)),
+            boxes=torch.tensor([[10.0, 20.0, 100.0, 200.0]] * 3),
+        ),
+        "mask": dict(
+            points=(torch.rand(3, 1, 2, generator=g) * 256, torch.ones(3, 1, dtype=torch.long)),
+            masks=torch.randn(3, 1, 64, 64, generator=g),
+        ),
         "mask only": dict(masks=torch.randn(3, 1, 64, 64, generator=g)),
     }
 
@@ -94,10 +120,18 @@ def test_sam_forward_matches_official(pair):
     official, ours, _ = pair
     g = torch.Generator().manual_seed(2)
     batch = [
-        {"image": torch.rand(3, 256, 171, generator=g) * 255, "original_size": (300, 200),
-         "point_coords": torch.rand(2, 3, 2, generator=g) * 170, "point_labels": torch.tensor([[1, 0, 1], [1, 1, 0]])},
-        {"image": torch.rand(3, 192, 256, generator=g) * 255, "original_size": (150, 200),
-         "boxes": torch.tensor([[5., 5., 100., 150.]]), "mask_inputs": torch.randn(1, 1, 64, 64, generator=g)},
+        {
+            "image": torch.rand(3, 256, 171, generator=g) * 255,
+            "original_size": (300, 200),
+            "point_coords": torch.rand(2, 3, 2, generator=g) * 170,
+            "point_labels": torch.tensor([[1, 0, 1], [1, 1, 0]]),
+        },
+        {
+            "image": torch.rand(3, 192, 256, generator=g) * 255,
+            "original_size": (150, 200),
+            "boxes": torch.tensor([[5.0, 5.0, 100.0, 150.0]]),
+            "mask_inputs": torch.randn(1, 1, 64, 64, generator=g),
+        },
     ]
     for multimask in (False, True):
         out_o = official(batch, multimask_output=multimask)
@@ -106,7 +140,7 @@ def test_sam_forward_matches_official(pair):
             torch.testing.assert_close(a["low_res_logits"], b["low_res_logits"], atol=ATOL, rtol=0)
             torch.testing.assert_close(a["iou_predictions"], b["iou_predictions"], atol=ATOL, rtol=0)
             # thresholded masks may differ only where the logit is within tolerance of 0
-            logits = ours.postprocess_masks(a["low_res_logits"], batch[0]["image"].shape[-2:], (1, 1))
+            ours.postprocess_masks(a["low_res_logits"], batch[0]["image"].shape[-2:], (1, 1))
             assert a["masks"].shape == b["masks"].shape
             assert (a["masks"] != b["masks"]).float().mean() < 1e-3
 
@@ -120,13 +154,13 @@ def test_subpixel_upscaling_equals_the_convolutions():
         for p in dec.output_upscaling.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     g = torch.Generator().manual_seed(5)
-    n, h, w = 3, 5, 7                                       # non-square: rows and columns not swapped
+    n, h, w = 3, 5, 7  # non-square: rows and columns not swapped
     src = torch.randn(n, h * w, 256, generator=g, dtype=torch.float64)
     hyper = torch.randn(n, 4, 32, generator=g, dtype=torch.float64)
     grad_out = torch.randn(n, 4, 4 * h, 4 * w, generator=g, dtype=torch.float64)
 
     def reference(src, hyper):
-        up = dec.output_upscaling(src.transpose(1, 2).reshape(n, 256, h, w))   # (n, 32, 4h, 4w)
+        up = dec.output_upscaling(src.transpose(1, 2).reshape(n, 256, h, w))  # (n, 32, 4h, 4w)
         return (hyper @ up.flatten(2)).reshape(n, 4, 4 * h, 4 * w)
 
     results = []
@@ -148,13 +182,13 @@ def test_batched_decoder_equals_per_image(pair):
     g = torch.Generator().manual_seed(3)
     coords = torch.rand(2, 5, 3, 2, generator=g) * 256
     labels = torch.tensor([1, 0, -1]).expand(2, 5, 3)
-    boxes = torch.rand(2, 5, 2, generator=g).mul(100).repeat(1, 1, 2) + torch.tensor([0., 0., 50., 50.])
+    boxes = torch.rand(2, 5, 2, generator=g).mul(100).repeat(1, 1, 2) + torch.tensor([0.0, 0.0, 50.0, 50.0])
     mask_in = torch.randn(2, 5, 64, 64, generator=g)
     masks, iou = ours.decode(emb, coords, labels, boxes, mask_in, multimask_output=True)
     assert masks.shape == (2, 5, 3, 64, 64) and iou.shape == (2, 5, 3)
     for b in range(2):
         sparse, dense = official.prompt_encoder((coords[b], labels[b]), boxes[b], mask_in[b].unsqueeze(1))
-        m_o, iou_o = official.mask_decoder(emb[b:b + 1], official.prompt_encoder.get_dense_pe(), sparse, dense, True)
+        m_o, iou_o = official.mask_decoder(emb[b : b + 1], official.prompt_encoder.get_dense_pe(), sparse, dense, True)
         torch.testing.assert_close(masks[b], m_o, atol=ATOL, rtol=0)
         torch.testing.assert_close(iou[b], iou_o, atol=ATOL, rtol=0)
     all4, iou4 = ours.decode(emb, coords, labels, boxes, mask_in, multimask_output=None)
@@ -190,8 +224,10 @@ def test_preprocess_and_resize_match_official(pair):
     resized = resized[0]
     torch.testing.assert_close(ours.preprocess(resized), official.preprocess(resized))
     low = torch.randn(1, 3, 64, 64)
-    torch.testing.assert_close(ours.postprocess_masks(low, resized.shape[-2:], (300, 451)),
-                               official.postprocess_masks(low, resized.shape[-2:], (300, 451)))
+    torch.testing.assert_close(
+        ours.postprocess_masks(low, resized.shape[-2:], (300, 451)),
+        official.postprocess_masks(low, resized.shape[-2:], (300, 451)),
+    )
 
 
 def test_save_official_round_trip(pair, tmp_path):
@@ -297,6 +333,7 @@ def test_bad_override_fails_before_building():
 def test_mae_init_loads_timm_vit_with_resized_pos_embed(tmp_path):
     timm = pytest.importorskip("timm")
     from timm.layers import resample_abs_pos_embed
+
     mae = timm.create_model("vit_base_patch16_224", pretrained=False)
     sd = mae.state_dict()
     path = tmp_path / "mae_pretrain_vit_base.pth"
@@ -307,8 +344,9 @@ def test_mae_init_loads_timm_vit_with_resized_pos_embed(tmp_path):
     assert torch.equal(enc["blocks.11.mlp.fc2.bias"], sd["blocks.11.mlp.fc2.bias"])
     assert torch.equal(enc["patch_embed.proj.weight"], sd["patch_embed.proj.weight"])
     # independent truth for the 14x14 -> 64x64 resize: timm's own resampler (drops the class token)
-    want = resample_abs_pos_embed(sd["pos_embed"], (64, 64), num_prefix_tokens=1, interpolation="bicubic",
-                                  antialias=False)  # MAE's own interpolate_pos_embed: plain bicubic
+    want = resample_abs_pos_embed(
+        sd["pos_embed"], (64, 64), num_prefix_tokens=1, interpolation="bicubic", antialias=False
+    )  # MAE's own interpolate_pos_embed: plain bicubic
     torch.testing.assert_close(enc["pos_embed"], want[:, 1:].reshape(1, 64, 64, 768), atol=1e-5, rtol=0)
     report = model.encoder_init_report
     assert {"cls_token", "norm.weight", "head.weight"} <= set(report.unused)

@@ -1,10 +1,24 @@
 """Prompt simulation: sampled points, labels, round schedule, box noise."""
+
 import torch
 
-from segany.training.prompting import (BOX_BR, BOX_TL, MASK, NEG, PAD, POINT, POS, PromptConfig,
-                                       error_points, initial_prompts, noisy_boxes, pixel_to_input,
-                                       round_schedule, sample_uniform)
-from segany.training.toy import toy_batch
+from segany.testing.toy import toy_batch
+from segany.training.prompting import (
+    BOX_BR,
+    BOX_TL,
+    MASK,
+    NEG,
+    PAD,
+    POINT,
+    POS,
+    PromptConfig,
+    error_points,
+    initial_prompts,
+    noisy_boxes,
+    pixel_to_input,
+    round_schedule,
+    sample_uniform,
+)
 
 
 def _at(region, coords_xy, res, img_size):
@@ -17,8 +31,8 @@ def _at(region, coords_xy, res, img_size):
 
 def test_sample_uniform_is_uniform_and_inside():
     region = torch.zeros(4000, 8, 8, dtype=torch.bool)
-    region[:, 2:4, 1:6] = True         # 10 pixels
-    region[0] = False                  # an empty row
+    region[:, 2:4, 1:6] = True  # 10 pixels
+    region[0] = False  # an empty row
     yx, found = sample_uniform(region)
     assert not found[0] and found[1:].all()
     assert region[torch.arange(1, 4000), yx[1:, 0], yx[1:, 1]].all()
@@ -47,7 +61,7 @@ def test_round0_points_lie_in_the_mask_and_boxes_are_labelled():
     assert (labels[valid & is_box] == torch.tensor([BOX_TL, BOX_BR])).all()
     assert (labels[~valid] == PAD).all()
     assert _at(masks, coords[:, 0], 64, 64)[pt].all()
-    assert (coords[pt, 0] == coords[pt, 0].round()).all()    # full-res pixel indices
+    assert (coords[pt, 0] == coords[pt, 0].round()).all()  # full-res pixel indices
 
 
 def test_round0_box_probability():
@@ -81,10 +95,10 @@ def test_error_points_lie_in_the_error_region_with_the_right_label():
     R, H = 500, 32
     gt = torch.rand(R, H, H, generator=g) < 0.3
     pred = torch.rand(R, H, H, generator=g) < 0.3
-    pred[0] = gt[0]                                   # no error: pad
+    pred[0] = gt[0]  # no error: pad
     valid = torch.ones(R, dtype=torch.bool)
-    valid[1] = False                                  # invalid: pad
-    for img in (H, 4 * H):                            # full-res and low-res loss grids
+    valid[1] = False  # invalid: pad
+    for img in (H, 4 * H):  # full-res and low-res loss grids
         coords, labels = error_points(pred, gt, valid, img, g)
         assert coords.shape == (R, 1, 2) and labels.shape == (R, 1)
         labels = labels[:, 0]
@@ -102,8 +116,8 @@ def test_error_points_choose_fn_and_fp_in_proportion():
     R = 4000
     gt = torch.zeros(R, 8, 8, dtype=torch.bool)
     pred = torch.zeros(R, 8, 8, dtype=torch.bool)
-    gt[:, :, :3] = True        # 24 FN pixels (columns 0-2)
-    pred[:, :, 7] = True       # 8 FP pixels (column 7)
+    gt[:, :, :3] = True  # 24 FN pixels (columns 0-2)
+    pred[:, :, 7] = True  # 8 FP pixels (column 7)
     _, labels = error_points(pred, gt, torch.ones(R, dtype=torch.bool), 8)
     assert abs((labels == POS).float().mean().item() - 0.75) < 0.03
 
@@ -133,6 +147,7 @@ def test_schedule_follows_the_config():
 
 def test_bad_config_names_the_key():
     import pytest
+
     with pytest.raises(ValueError, match="prompting.p_box"):
         PromptConfig(p_box=1.5)
     with pytest.raises(ValueError, match="prompting.resolution"):

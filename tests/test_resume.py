@@ -1,4 +1,5 @@
 """Exact resume after preemption, atomic checkpoint writes, global batch, resume selection."""
+
 import os
 import subprocess
 import sys
@@ -15,15 +16,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
-SMALL = ["logger=csv", "data.num_train=16", "data.num_val=4", "data.shard_size=4", "data.max_masks=4",
-         "data.batch_size=2", "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=1",
-         "callbacks.checkpoint.every_n_train_steps=3", "model.decoder_dropout=0.1", "model.drop_path_rate=0.1"]
+SMALL = [
+    "logger=csv",
+    "data.num_train=16",
+    "data.num_val=4",
+    "data.shard_size=4",
+    "data.max_masks=4",
+    "data.batch_size=2",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.limit_val_batches=1",
+    "callbacks.checkpoint.every_n_train_steps=3",
+    "model.decoder_dropout=0.1",
+    "model.drop_path_rate=0.1",
+]
 
 
 def _train(root, *args, expect_rc=0):
     env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "train.py", f"paths.root_dir={root}", f"data.root={root}/../data",
-                        *SMALL, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "train.py", f"paths.root_dir={root}", f"data.root={root}/../data", *SMALL, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == expect_rc, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
     return p
 
@@ -33,15 +50,21 @@ def _state(ckpt):
     return c["global_step"], c["state_dict"], c["optimizer_states"][0]["state"]
 
 
-@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 1])   # 0: same path, slow
+@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 1])  # 0: same path, slow
 def test_kill_and_resume_is_bit_identical(tmp_path, workers):
     """6 steps straight vs 3 steps, SIGKILL at the start of step 4, resume (resume=auto) to 6:
     the same weights and optimiser state, bit for bit (dropout, drop path and prompt
     sampling on; validation in between; data loader workers or not)."""
     w = f"data.num_workers={workers}"
     _train(tmp_path / "a", "trainer.max_steps=6", w)
-    _train(tmp_path / "b", "trainer.max_steps=6", w, "+callbacks.kill._target_=tests._kill.KillAt",
-           "+callbacks.kill.step=4", expect_rc=-9)
+    _train(
+        tmp_path / "b",
+        "trainer.max_steps=6",
+        w,
+        "+callbacks.kill._target_=tests._kill.KillAt",
+        "+callbacks.kill.step=4",
+        expect_rc=-9,
+    )
     last = tmp_path / "b" / "demo" / "checkpoints" / "last.ckpt"
     assert _state(last)[0] == 3
     p = _train(tmp_path / "b", "trainer.max_steps=6", w)
@@ -64,7 +87,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_last_loadable(tmp_path):
         import os, signal, torch
         from segany.training.checkpointing import AtomicCheckpointIO
         io = AtomicCheckpointIO()
-        path = {str(tmp_path / 'last.ckpt')!r}
+        path = {str(tmp_path / "last.ckpt")!r}
         io.save_checkpoint({{"step": 1, "w": torch.arange(100000.)}}, path)
         real_save = torch.save
         def dying_save(obj, f, *a, **k):
@@ -77,20 +100,21 @@ def test_sigkill_during_a_checkpoint_write_leaves_last_loadable(tmp_path):
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == -9, p.stderr
     c = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    assert c["step"] == 1 and torch.equal(c["w"], torch.arange(100000.))
+    assert c["step"] == 1 and torch.equal(c["w"], torch.arange(100000.0))
     leftovers = [f.name for f in tmp_path.iterdir() if f.name != "last.ckpt"]
-    assert all(".tmp" in f for f in leftovers)     # the partial write never took the name
+    assert all(".tmp" in f for f in leftovers)  # the partial write never took the name
 
 
 def test_interrupted_directory_swap_falls_back_to_the_old_one(tmp_path):
     from segany.training.checkpointing import replace_dir, resolve_checkpoint
+
     last, tmp = tmp_path / "last.ckpt", tmp_path / "last.ckpt.tmp"
     last.mkdir(), tmp.mkdir()
     (last / "a").write_text("old"), (tmp / "a").write_text("new")
     replace_dir(tmp, last)
     assert (last / "a").read_text() == "new" and not tmp.exists()
     assert not (tmp_path / "last.ckpt.old").exists()
-    os.replace(last, tmp_path / "last.ckpt.old")            # killed between the two renames
+    os.replace(last, tmp_path / "last.ckpt.old")  # killed between the two renames
     assert resolve_checkpoint(last) == str(tmp_path / "last.ckpt.old")
 
 
@@ -111,8 +135,9 @@ def test_global_batch_that_cannot_be_met_fails_naming_the_keys():
     with pytest.raises(ValueError, match=r"global_batch=256 cannot be met.*batch_size=1 x world size 24"):
         train.apply_global_batch(_cfg(), SimpleNamespace(world_size=24, accumulate_grad_batches=1))
     with pytest.raises(ValueError, match="accumulate_grad_batches=2 contradicts"):
-        train.apply_global_batch(_cfg(trainer={"accumulate_grad_batches": 2}),
-                                 SimpleNamespace(world_size=8, accumulate_grad_batches=1))
+        train.apply_global_batch(
+            _cfg(trainer={"accumulate_grad_batches": 2}), SimpleNamespace(world_size=8, accumulate_grad_batches=1)
+        )
 
 
 def test_resume_auto_takes_the_newest_checkpoint(tmp_path):
@@ -122,7 +147,7 @@ def test_resume_auto_takes_the_newest_checkpoint(tmp_path):
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.write_bytes(b"x")
     assert train.resume_path(cfg) == str(last)
-    hpc = tmp_path / "hpc_ckpt_1.ckpt"           # written by Lightning on a SLURM requeue signal
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"  # written by Lightning on a SLURM requeue signal
     hpc.write_bytes(b"x")
     os.utime(hpc, (time.time() + 5, time.time() + 5))
     assert train.resume_path(cfg) == str(hpc)

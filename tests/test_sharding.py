@@ -5,6 +5,7 @@ exports to the release format and loads into `segment_anything`.
 The two ranks are spawned with torch.multiprocessing (fresh interpreters); rank 0 writes
 what the test process checks into a temporary directory.
 """
+
 import copy
 import os
 import socket
@@ -46,7 +47,7 @@ def _loss(model, image, coords, labels, target):
     emb = model.image_encoder(image)
     pe = model.prompt_encoder.get_dense_pe()
     sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-    masks, iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)           # (3, 4, 64, 64)
+    masks, iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)  # (3, 4, 64, 64)
     loss = F.binary_cross_entropy_with_logits(masks[:, :1].float(), target.float()) + iou.float().square().mean()
     sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=masks[:, :1].detach())
     masks2, iou2 = model.mask_decoder(emb, pe, sparse, dense, multimask_output=True)  # (3, 3, 64, 64)
@@ -68,19 +69,24 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
         torch.manual_seed(0)
-        ref = segany.build_sam("vit_tiny")            # unsharded fp32 reference, same init on every rank
+        ref = segany.build_sam("vit_tiny")  # unsharded fp32 reference, same init on every rank
         ref_losses = [_loss(ref, *_data(r))[0] for r in range(world)]
-        torch.stack(ref_losses).mean().backward()      # = what FSDP's gradient averaging must give
+        torch.stack(ref_losses).mean().backward()  # = what FSDP's gradient averaging must give
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
         n_full = sum(p.numel() for p in ref.parameters())
 
         def sharded(param_dtype):
             model = copy.deepcopy(ref)
             model.zero_grad(set_to_none=True)
-            shard_sam(model, mesh=mesh["data_parallel"], param_dtype=param_dtype, reduce_dtype="float32",
-                      activation_checkpointing=True)
+            shard_sam(
+                model,
+                mesh=mesh["data_parallel"],
+                param_dtype=param_dtype,
+                reduce_dtype="float32",
+                activation_checkpointing=True,
+            )
             loss, out_dtype = _loss(model, *_data(rank))
-            assert out_dtype == torch.float32          # decoder outputs fp32 logits (output_dtype)
+            assert out_dtype == torch.float32  # decoder outputs fp32 logits (output_dtype)
             loss.backward()
             names = dict(model.named_parameters())
             grads = {n: p.grad.full_tensor() for n, p in names.items()}
@@ -88,8 +94,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             errs = {n: (g - ref_grads[n.replace("_checkpoint_wrapped_module.", "")]) for n, g in grads.items()}
             ref_norm = torch.cat([g.flatten() for g in ref_grads.values()]).norm()
             total = torch.cat([e.flatten() for e in errs.values()]).norm() / ref_norm
-            worst = max((e.norm().item() / max(ref_grads[n.replace("_checkpoint_wrapped_module.", "")].norm().item(),
-                                                1e-2 * ref_norm.item()), n) for n, e in errs.items())
+            worst = max(
+                (
+                    e.norm().item()
+                    / max(
+                        ref_grads[n.replace("_checkpoint_wrapped_module.", "")].norm().item(), 1e-2 * ref_norm.item()
+                    ),
+                    n,
+                )
+                for n, e in errs.items()
+            )
             return model, loss, total.item(), worst
 
         # fp32 parameters: FSDP mechanics (units, AC recompute, two decoder calls, averaging) exact
@@ -101,7 +115,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             print(f"bf16 vs fp32 gradients: relative error {total:.4f} overall, worst {worst[0]:.3f} ({worst[1]})")
         assert torch.isfinite(loss) and abs(loss.item() - ref_losses[rank].item()) < 2e-2 * abs(ref_losses[rank].item())
-        assert total < 0.1 and worst[0] < 0.3, (total, worst)   # bf16 rounding; unrelated gradients: ~1.4
+        assert total < 0.1 and worst[0] < 0.3, (total, worst)  # bf16 rounding; unrelated gradients: ~1.4
 
         assert is_sharded(model)
         assert all(isinstance(b, CheckpointWrapper) for b in model.image_encoder.blocks)
@@ -109,7 +123,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for name, p in names.items():
             assert isinstance(p, DTensor), name
             assert p.device_mesh.size() == world and p.placements == (Shard(0),), name
-            assert p.dtype == torch.float32, name      # sharded master weights stay fp32
+            assert p.dtype == torch.float32, name  # sharded master weights stay fp32
         n_local = sum(p.to_local().numel() for p in names.values())
         assert n_local < 0.55 * n_full, (n_local, n_full)
 
@@ -160,8 +174,13 @@ def test_fsdp2_two_ranks_matches_fp32_and_exports(tmp_path):
     assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == WORLD
 
     out = tmp_path / "sam.pth"
-    r = subprocess.run([sys.executable, "-m", "segany.export", str(ckpt), str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "segany.export", str(ckpt), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     exported = torch.load(out, map_location="cpu", weights_only=True)
     full = to_official(torch.load(tmp_path / "full.pt", map_location="cpu", weights_only=True))
@@ -180,19 +199,19 @@ def test_strategy_configs_compose_and_instantiate(monkeypatch):
     from hydra.utils import instantiate
     from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 
-    from segany.training.config import register_resolvers
+    from segany.utils.config import register_resolvers
 
     register_resolvers()
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "256")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        fsdp = compose("train", overrides=["experiment=vit_h_sa1b"])      # the recipe includes strategy/fsdp
+        fsdp = compose("train", overrides=["experiment=vit_h_sa1b"])  # the recipe includes strategy/fsdp
         ddp = compose("train", overrides=["experiment=vit_b_sa1b", "+strategy=ddp"])
     s = instantiate(fsdp.trainer.strategy)
     assert isinstance(s, ModelParallelStrategy)
     assert s._data_parallel_size == 256 and s._tensor_parallel_size == 1 and s._save_distributed_checkpoint
     cfg = ShardingConfig(**fsdp.module.sharding)
     assert cfg.param_dtype == "bfloat16" and cfg.reduce_dtype == "float32" and cfg.activation_checkpointing
-    assert fsdp.trainer.max_steps == 90000          # the experiment is untouched
+    assert fsdp.trainer.max_steps == 90000  # the experiment is untouched
     s = instantiate(ddp.trainer.strategy)
     assert isinstance(s, DDPStrategy) and ddp.module.sharding is None

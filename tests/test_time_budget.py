@@ -1,12 +1,14 @@
 """TimeBudget: a step-planned run shrunk to what fits in max_time, the lr milestone scaled
 with it. The wall clock is replaced by a simulated one (a fixed number of seconds per
 step), so every expected number is computed by hand."""
+
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Timer
 
-from segany.training import TimeBudget, WarmupStepDecay
+from segany.callbacks import TimeBudget
+from segany.training import WarmupStepDecay
 
 
 class StepClock(Timer):
@@ -40,14 +42,22 @@ class Tiny(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=1.0)
-        return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self.schedule),
-                                 "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self.schedule), "interval": "step"},
+        }
 
 
 def fit(module, callbacks, max_steps=100):
-    trainer = pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module)
     return trainer
 
@@ -57,9 +67,9 @@ def test_a_slow_machine_runs_the_whole_schedule_shrunk_to_the_budget():
     module = Tiny()
     budget = TimeBudget(calibrate_steps=10, every=10, reserve_s=1.0)
     trainer = fit(module, [StepClock(31.0, 0.5), budget])
-    assert trainer.global_step == 60                          # ended by the shrunk max_steps
-    assert module.schedule.milestones == [48]                 # 80 x 60 / 100
-    lrs = torch.tensor(module.lrs)                             # lr used at steps 0..59
+    assert trainer.global_step == 60  # ended by the shrunk max_steps
+    assert module.schedule.milestones == [48]  # 80 x 60 / 100
+    lrs = torch.tensor(module.lrs)  # lr used at steps 0..59
     assert torch.allclose(lrs[2:48], torch.ones(46)) and torch.allclose(lrs[48:], torch.full((12,), 0.1))
     assert budget.state_dict() == {"planned": 100, "milestones": [80], "cooldown": [], "max_steps": 60}
 
@@ -73,7 +83,7 @@ def test_the_linear_cooldown_shrinks_with_the_plan():
     lrs = torch.tensor(module.lrs)
     expected = torch.tensor([1 - (t - 30) / 30 for t in range(30, 60)])
     assert torch.allclose(lrs[2:31], torch.ones(29)) and torch.allclose(lrs[30:], expected)
-    assert budget.state_dict()["cooldown"] == [50, 100]           # the plan, kept for resumes
+    assert budget.state_dict()["cooldown"] == [50, 100]  # the plan, kept for resumes
 
 
 def test_a_cooldown_under_way_keeps_its_start():
@@ -113,17 +123,22 @@ class StopAt(pl.Callback):
 def test_a_resumed_run_keeps_the_shrunk_plan(tmp_path):
     # first run: the budget shrinks 100 -> 60 steps (milestone 80 -> 48), interrupted at step 40
     module = Tiny()
-    trainer = fit(module, [StepClock(31.0, 0.5), TimeBudget(calibrate_steps=10, every=10, reserve_s=1.0),
-                           StopAt(40)])
+    trainer = fit(module, [StepClock(31.0, 0.5), TimeBudget(calibrate_steps=10, every=10, reserve_s=1.0), StopAt(40)])
     assert trainer.global_step == 40 and trainer.max_steps == 60
     ckpt = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(ckpt)
     # resumed with the plan's max_steps=100 and a budget that never re-estimates: only the
     # checkpointed state can bring back 60 (the 31 s clock alone would stop at step 62)
     module = Tiny()
-    trainer = pl.Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu",
-                         callbacks=[StepClock(31.0, 0.5), TimeBudget(calibrate_steps=1000, every=10)])
+    trainer = pl.Trainer(
+        max_steps=100,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[StepClock(31.0, 0.5), TimeBudget(calibrate_steps=1000, every=10)],
+    )
     trainer.fit(module, ckpt_path=ckpt)
     assert trainer.global_step == 60 and module.schedule.milestones == [48]
-    assert torch.allclose(torch.tensor(module.lrs), torch.tensor([1.0] * 8 + [0.1] * 12))   # steps 40..59
+    assert torch.allclose(torch.tensor(module.lrs), torch.tensor([1.0] * 8 + [0.1] * 12))  # steps 40..59

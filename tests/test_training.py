@@ -1,10 +1,11 @@
 """Optimiser groups, schedule, and the prompting simulation on the tiny model."""
+
 import pytest
 import torch
 
 import segany
+from segany.testing.toy import toy_batch
 from segany.training import PromptConfig, SamLoss, SamOptim, WarmupStepDecay, param_groups, simulate
-from segany.training.toy import toy_batch
 
 
 @pytest.fixture(scope="module")
@@ -12,8 +13,7 @@ def tiny():
     # the vit_tiny geometry (256 px, 16x16 tokens, 64x64 masks) with a narrow decoder and 2
     # blocks: the logic under test is the same, the CPU time a fraction
     torch.manual_seed(0)
-    return segany.build_sam("vit_tiny", depth=2, global_attn_indexes=(1,), prompt_embed_dim=64,
-                            decoder_mlp_dim=128)
+    return segany.build_sam("vit_tiny", depth=2, global_attn_indexes=(1,), prompt_embed_dim=64, decoder_mlp_dim=128)
 
 
 # ---------------------------------------------------------------- optimiser
@@ -35,8 +35,8 @@ def test_layer_decay_groups_get_the_stated_lrs(tiny):
         assert lr == pytest.approx(base * decay ** (depth - i)) and wd == 0.0
         assert _lr_of(opt, blk.attn.rel_pos_h)[1] == 0.0
         assert _lr_of(opt, blk.norm1.weight)[1] == 0.0
-    assert _lr_of(opt, enc.patch_embed.proj.weight) == (pytest.approx(base * decay ** 3), 0.1)
-    assert _lr_of(opt, enc.pos_embed) == (pytest.approx(base * decay ** 3), 0.0)
+    assert _lr_of(opt, enc.patch_embed.proj.weight) == (pytest.approx(base * decay**3), 0.1)
+    assert _lr_of(opt, enc.pos_embed) == (pytest.approx(base * decay**3), 0.0)
     assert _lr_of(opt, enc.neck[0].weight) == (pytest.approx(base), 0.1)
     assert _lr_of(opt, tiny.mask_decoder.iou_token.weight) == (pytest.approx(base), 0.1)
     assert _lr_of(opt, tiny.prompt_encoder.mask_downscaling[0].bias) == (pytest.approx(base), 0.0)
@@ -72,7 +72,7 @@ def test_schedule_linear_cooldown():
     # warmup 4, lr / 2 at 8, then a ramp 1 -> 0.1 over steps 10..20 on top of it
     s = WarmupStepDecay(warmup_iters=4, milestones=[8], gamma=0.5, cooldown=[10, 20], cooldown_final=0.1)
     steps = [0, 2, 4, 8, 10, 15, 19, 20, 30]
-    expected = [0, 0.5, 1, 0.5, 0.5, 0.5 * 0.55, 0.5 * 0.19, 0.05, 0.05]   # 1 - 0.9 x (step - 10) / 10
+    expected = [0, 0.5, 1, 0.5, 0.5, 0.5 * 0.55, 0.5 * 0.19, 0.05, 0.05]  # 1 - 0.9 x (step - 10) / 10
     assert [s(t) for t in steps] == pytest.approx(expected)
     for bad in ([10], [20, 10], [5, 5]):
         with pytest.raises(ValueError, match="optim.cooldown"):
@@ -122,8 +122,8 @@ def test_eleven_predictions_with_the_two_mask_rounds(tiny, monkeypatch):
     for kind in sched:
         n += kind == "point"
         expected.append(n)
-    assert n_points == expected                                  # mask rounds add no point
-    assert calls[0][1] and not any(m for _, m in calls[1:])      # mask prompt from round 1 on
+    assert n_points == expected  # mask rounds add no point
+    assert calls[0][1] and not any(m for _, m in calls[1:])  # mask prompt from round 1 on
     assert n_points[-1] == 9 and sched[-1] == "mask"
     assert out["round_loss"].shape == (11,) and (out["round_loss"] > 0).all()
 
@@ -147,6 +147,7 @@ def test_multimask_backprops_exactly_one_mask_per_target(tiny, monkeypatch):
     torch.manual_seed(3)
     cfg = PromptConfig(point_rounds=0, mask_rounds=0, p_box=0.5)
     from segany.training import prompting
+
     seen = {}
     orig_init = prompting.initial_prompts
 
@@ -157,14 +158,14 @@ def test_multimask_backprops_exactly_one_mask_per_target(tiny, monkeypatch):
 
     monkeypatch.setattr("segany.training.simulation.initial_prompts", spy)
     _run(tiny, batch, cfg, seed=3)
-    g = grads[0].flatten(2).abs().sum(-1) > 0                      # (R, 4) tokens with gradient
+    g = grads[0].flatten(2).abs().sum(-1) > 0  # (R, 4) tokens with gradient
     # padding rows are not decoded at all: the decoder saw the 2 x 6 valid rows only
     assert g.shape[0] == int(batch["valid"].sum()) == 12
     is_box = seen["is_box"]
     assert (~is_box).any() and is_box.any()
     pt, bx = ~is_box, is_box
-    assert (g[pt, 0] == 0).all() and (g[pt, 1:].sum(1) == 1).all()   # one of the 3 multimask outputs
-    assert (g[bx, 0]).all() and (g[bx, 1:] == 0).all()               # box: the single-mask output
+    assert (g[pt, 0] == 0).all() and (g[pt, 1:].sum(1) == 1).all()  # one of the 3 multimask outputs
+    assert (g[bx, 0]).all() and (g[bx, 1:] == 0).all()  # box: the single-mask output
 
 
 def test_invalid_masks_contribute_nothing(tiny):
@@ -203,7 +204,7 @@ def test_round_checkpointing_and_chunking_give_the_same_loss_and_gradients(tiny)
 def test_feedback_gradient_switch(tiny):
     batch = toy_batch(1, 2, 256)
     for detach in (True, False):
-        out = _run(tiny, batch, PromptConfig(point_rounds=1, mask_rounds=0, p_box=1.0, detach_feedback=detach))
+        _run(tiny, batch, PromptConfig(point_rounds=1, mask_rounds=0, p_box=1.0, detach_feedback=detach))
         g = tiny.prompt_encoder.mask_downscaling[0].weight.grad
         # the mask prompt embedding always learns; only the path into the previous round differs
         assert g is not None and g.abs().sum() > 0
@@ -217,7 +218,8 @@ def test_full_resolution_losses(tiny):
 
 # ---------------------------------------------------------------- logger
 def test_wandb_is_offline_without_credentials(tmp_path, monkeypatch):
-    from segany.training.loggers import wandb_credentials, wandb_logger
+    from segany.utils.wandb import wandb_credentials, wandb_logger
+
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     netrc = tmp_path / "netrc"
@@ -236,21 +238,30 @@ def test_wandb_is_offline_without_credentials(tmp_path, monkeypatch):
 def test_validation_images_draw_predictions_outlines_and_clicks():
     """draw_masks: predicted pixels blended with their colour, the GT outline white, the click dot."""
     import numpy as np
-    from segany.training.toy import toy_batch
+
+    from segany.testing.toy import toy_batch
     from segany.training.visualize import draw_masks
+
     batch = toy_batch(batch_size=2, num_masks=2, img_size=64, generator=torch.Generator().manual_seed(0))
     batch["input_size"] = torch.tensor([[64, 64], [48, 64]])
     pred = batch["masks"].clone()
     clicks = torch.tensor([[[10.0, 12.0], [40.0, 30.0]]] * 2)
     images = draw_masks(batch, pred, clicks, max_images=2)
     assert [im.shape for im in images] == [(64, 64, 3), (48, 64, 3)] and images[0].dtype == np.uint8
-    img0 = (batch["image"][0].permute(1, 2, 0) * torch.tensor([58.395, 57.12, 57.375])
-            + torch.tensor([123.675, 116.28, 103.53])).clamp(0, 255).numpy()
+    img0 = (
+        (
+            batch["image"][0].permute(1, 2, 0) * torch.tensor([58.395, 57.12, 57.375])
+            + torch.tensor([123.675, 116.28, 103.53])
+        )
+        .clamp(0, 255)
+        .numpy()
+    )
     changed = np.abs(images[0].astype(float) - img0).sum(-1) > 3
     inside = batch["masks"][0].any(0).numpy()
-    assert changed[inside].mean() > 0.9            # every predicted pixel is coloured
+    assert changed[inside].mean() > 0.9  # every predicted pixel is coloured
     far = ~inside
-    far[:20, :20] = False; far[25:35, 35:45] = False  # around the click dots
+    far[:20, :20] = False
+    far[25:35, 35:45] = False  # around the click dots
     assert changed[far].mean() < 0.1
 
 
@@ -260,14 +271,22 @@ def test_packed_rows_meet_their_own_image(tiny):
     against its own image's embedding."""
     cfg = PromptConfig(point_rounds=0, mask_rounds=0, p_box=1.0, box_noise_frac=0.0)
     batch = toy_batch(2, 3, 256, generator=torch.Generator().manual_seed(4))
-    batch["valid"][0, 1:] = False                                  # image 0: 1 mask, image 1: 3
+    batch["valid"][0, 1:] = False  # image 0: 1 mask, image 1: 3
     for k in ("masks", "masks_lowres"):
         batch[k][0, 1:] = False
     batch["boxes"][0, 1:] = 0.0
     singles = []
     for b, n in ((0, 1), (1, 3)):
-        one = {k: (v[b:b + 1, :n] if k in ("masks", "masks_lowres", "valid", "boxes", "mask_ids")
-                   else v[b:b + 1] if torch.is_tensor(v) else v) for k, v in batch.items()}
+        one = {
+            k: (
+                v[b : b + 1, :n]
+                if k in ("masks", "masks_lowres", "valid", "boxes", "mask_ids")
+                else v[b : b + 1]
+                if torch.is_tensor(v)
+                else v
+            )
+            for k, v in batch.items()
+        }
         singles.append(_run(tiny, one, cfg, grad=False)["loss"])
     both = _run(tiny, batch, cfg, grad=False)
     assert both["n_valid"] == 4

@@ -10,8 +10,9 @@ shards over ranks x workers and skip shards that already exist, so a killed job 
 where it stopped. SA1BDataModule reads the output as training data: train -> annotate ->
 retrain.
 """
-from .annotate import SA1B_SETTINGS, AutoAnnotator, SemiAnnotator
-from .run import run_stage
-from .sources import plan_jobs
+
+from segany.engine.annotate import SA1B_SETTINGS, AutoAnnotator, SemiAnnotator
+from segany.engine.run import run_stage
+from segany.engine.sources import plan_jobs
 
 __all__ = ["SA1B_SETTINGS", "AutoAnnotator", "SemiAnnotator", "run_stage", "plan_jobs"]

@@ -1,8 +1,9 @@
 """python -m segany.engine {auto,semi} ... (see cli.py; the worker functions live there so that
 spawned worker processes can import them)."""
+
 import sys
 
-from .cli import main
+from segany.engine.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,6 +15,7 @@ annotated pixels are dropped; the rest are added.
 Annotations are SA-1B's: id, segmentation (COCO RLE, str counts), bbox (xywh), area,
 predicted_iou, stability_score, point_coords ([[x, y]]), crop_box (xywh).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,21 +23,36 @@ from typing import Optional
 
 import numpy as np
 
-from ..inference import SamAutomaticMaskGenerator
-from ..inference.amg_utils import build_point_grid
+from segany.inference import SamAutomaticMaskGenerator
+from segany.inference.amg_utils import build_point_grid
 
-SA1B_SETTINGS = dict(points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88, stability_score_thresh=0.95,
-                     stability_score_offset=1.0, box_nms_thresh=0.7, crop_n_layers=2, crop_nms_thresh=0.7,
-                     crop_overlap_ratio=512 / 1500, crop_n_points_downscale_factor=2, min_mask_region_area=100)
+SA1B_SETTINGS = dict(
+    points_per_side=32,
+    points_per_batch=64,
+    pred_iou_thresh=0.88,
+    stability_score_thresh=0.95,
+    stability_score_offset=1.0,
+    box_nms_thresh=0.7,
+    crop_n_layers=2,
+    crop_nms_thresh=0.7,
+    crop_overlap_ratio=512 / 1500,
+    crop_n_points_downscale_factor=2,
+    min_mask_region_area=100,
+)
 MAX_AREA_FRAC = 0.95
-ID_STRIDE = 100_000          # annotation id = image_id * ID_STRIDE + index in the image
+ID_STRIDE = 100_000  # annotation id = image_id * ID_STRIDE + index in the image
 
 
 def _record_to_ann(r: dict) -> dict:
-    return {"segmentation": r["segmentation"], "bbox": [float(v) for v in r["bbox"]], "area": int(r["area"]),
-            "predicted_iou": float(r["predicted_iou"]), "stability_score": float(r["stability_score"]),
-            "point_coords": [[float(v) for v in p] for p in r["point_coords"]],
-            "crop_box": [float(v) for v in r["crop_box"]]}
+    return {
+        "segmentation": r["segmentation"],
+        "bbox": [float(v) for v in r["bbox"]],
+        "area": int(r["area"]),
+        "predicted_iou": float(r["predicted_iou"]),
+        "stability_score": float(r["stability_score"]),
+        "point_coords": [[float(v) for v in p] for p in r["point_coords"]],
+        "crop_box": [float(v) for v in r["crop_box"]],
+    }
 
 
 def _number_anns(anns: list, image_id: int, start: int = 0) -> list:
@@ -65,6 +81,7 @@ def _confident(ann: dict, min_iou: float, min_stability: float) -> bool:
     def ok(name, thr):
         v = ann.get(name)
         return not isinstance(v, (int, float)) or math.isnan(v) or v >= thr
+
     return ok("predicted_iou", min_iou) and ok("stability_score", min_stability)
 
 
@@ -72,15 +89,22 @@ class SemiAnnotator:
     """annotate(image, image_id, meta with the existing annotations) -> confident existing +
     new annotations (new ids continue after the largest index of the given ones)."""
 
-    def __init__(self, model, min_predicted_iou: float = 0.88, min_stability: float = 0.95,
-                 max_overlap: float = 0.5, max_area_frac: float = MAX_AREA_FRAC, points_per_side: int = 32,
-                 **settings):
+    def __init__(
+        self,
+        model,
+        min_predicted_iou: float = 0.88,
+        min_stability: float = 0.95,
+        max_overlap: float = 0.5,
+        max_area_frac: float = MAX_AREA_FRAC,
+        points_per_side: int = 32,
+        **settings,
+    ):
         kw = {k: v for k, v in SA1B_SETTINGS.items() if not k.startswith("crop_") and k != "points_per_side"}
         kw.update(settings)
         self.settings, self.model = kw, model
         self.min_iou, self.min_stability = float(min_predicted_iou), float(min_stability)
         self.max_overlap, self.max_area_frac = float(max_overlap), float(max_area_frac)
-        self.grid = build_point_grid(points_per_side)             # (P, 2) xy in [0, 1]
+        self.grid = build_point_grid(points_per_side)  # (P, 2) xy in [0, 1]
 
     def unannotated_points(self, covered: np.ndarray) -> np.ndarray:
         """Grid points (normalised xy) that fall on pixels no kept mask covers."""
@@ -89,7 +113,7 @@ class SemiAnnotator:
         return self.grid[~covered[xy[:, 1], xy[:, 0]]]
 
     def __call__(self, image: np.ndarray, image_id: int, meta: Optional[dict] = None) -> list:
-        from ..evaluation.sources import decode_mask
+        from segany.data.decode import decode_mask
 
         h, w = image.shape[:2]
         existing = [a for a in (meta or {}).get("annotations", []) if _confident(a, self.min_iou, self.min_stability)]
@@ -99,8 +123,9 @@ class SemiAnnotator:
         points = self.unannotated_points(covered)
         new = []
         if len(points):
-            gen = SamAutomaticMaskGenerator(self.model, points_per_side=None, point_grids=[points],
-                                            output_mode="coco_rle", **self.settings)
+            gen = SamAutomaticMaskGenerator(
+                self.model, points_per_side=None, point_grids=[points], output_mode="coco_rle", **self.settings
+            )
             for r in gen.generate(image):
                 m = decode_mask(r["segmentation"])
                 area = int(m.sum())
@@ -109,6 +134,6 @@ class SemiAnnotator:
                 if (m & covered).sum() > self.max_overlap * area:
                     continue
                 new.append(_record_to_ann(r))
-        given = (meta or {}).get("annotations", [])   # ids of dropped annotations are not reused either
+        given = (meta or {}).get("annotations", [])  # ids of dropped annotations are not reused either
         start = 1 + max((int(a["id"]) % ID_STRIDE for a in given if isinstance(a.get("id"), int)), default=-1)
         return existing + _number_anns(new, image_id, start)

@@ -4,6 +4,7 @@ Rank and world size default to the launcher's (RANK / WORLD_SIZE, SLURM_PROCID /
 SLURM_NTASKS); --workers N runs N processes per rank, each with its own model. Output shard
 j is written by slot j mod (world_size x workers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,17 +12,22 @@ import json
 import logging
 import sys
 
-from .annotate import MAX_AREA_FRAC, SA1B_SETTINGS
+from segany.engine.annotate import MAX_AREA_FRAC, SA1B_SETTINGS
 
 log = logging.getLogger("segany.engine")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m segany.engine", description=__doc__.split("\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m segany.engine",
+        description=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="stage", required=True)
-    for name, help_ in (("auto", "fully automatic stage: SA-1B mask generation on unlabelled images"),
-                        ("semi", "semi-automatic stage: add masks in the unannotated area of SA-1B shards")):
+    for name, help_ in (
+        ("auto", "fully automatic stage: SA-1B mask generation on unlabelled images"),
+        ("semi", "semi-automatic stage: add masks in the unannotated area of SA-1B shards"),
+    ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--input", required=True, help="folder of images, or SA-1B-format shards (spec)")
         s.add_argument("--out", required=True, help="output folder of SA-1B-format shards")
@@ -42,34 +48,56 @@ def parser() -> argparse.ArgumentParser:
         if name == "auto":
             s.add_argument("--crop-n-layers", type=int, default=SA1B_SETTINGS["crop_n_layers"])
             s.add_argument("--crop-nms-thresh", type=float, default=SA1B_SETTINGS["crop_nms_thresh"])
-            s.add_argument("--crop-n-points-downscale-factor", type=int,
-                           default=SA1B_SETTINGS["crop_n_points_downscale_factor"])
+            s.add_argument(
+                "--crop-n-points-downscale-factor", type=int, default=SA1B_SETTINGS["crop_n_points_downscale_factor"]
+            )
         else:
             s.add_argument("--min-predicted-iou", type=float, default=0.88, help="existing masks kept as confident")
             s.add_argument("--min-stability", type=float, default=0.95)
-            s.add_argument("--max-overlap", type=float, default=0.5,
-                           help="drop new masks with more than this fraction on annotated pixels")
+            s.add_argument(
+                "--max-overlap",
+                type=float,
+                default=0.5,
+                help="drop new masks with more than this fraction on annotated pixels",
+            )
     return p
 
 
 def build_annotator(args, model):
-    from .annotate import AutoAnnotator, SemiAnnotator
+    from segany.engine.annotate import AutoAnnotator, SemiAnnotator
 
-    common = dict(points_per_batch=args.points_per_batch, pred_iou_thresh=args.pred_iou_thresh,
-                  stability_score_thresh=args.stability_score_thresh, box_nms_thresh=args.box_nms_thresh,
-                  min_mask_region_area=args.min_mask_region_area, max_area_frac=args.max_area_frac)
+    common = dict(
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        box_nms_thresh=args.box_nms_thresh,
+        min_mask_region_area=args.min_mask_region_area,
+        max_area_frac=args.max_area_frac,
+    )
     if args.stage == "auto":
-        return AutoAnnotator(model, points_per_side=args.points_per_side, crop_n_layers=args.crop_n_layers,
-                             crop_nms_thresh=args.crop_nms_thresh,
-                             crop_n_points_downscale_factor=args.crop_n_points_downscale_factor, **common)
-    return SemiAnnotator(model, min_predicted_iou=args.min_predicted_iou, min_stability=args.min_stability,
-                         max_overlap=args.max_overlap, points_per_side=args.points_per_side, **common)
+        return AutoAnnotator(
+            model,
+            points_per_side=args.points_per_side,
+            crop_n_layers=args.crop_n_layers,
+            crop_nms_thresh=args.crop_nms_thresh,
+            crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
+            **common,
+        )
+    return SemiAnnotator(
+        model,
+        min_predicted_iou=args.min_predicted_iou,
+        min_stability=args.min_stability,
+        max_overlap=args.max_overlap,
+        points_per_side=args.points_per_side,
+        **common,
+    )
 
 
 def load(args):
     from omegaconf import OmegaConf
 
-    from ..evaluation.model import load_model, pick_device
+    from segany.modeling.load import load_model
+    from segany.utils.dist import pick_device
 
     model_cfg = OmegaConf.create({"_target_": "segany.build_sam", "variant": args.model})
     model, what = load_model(args.ckpt, model_cfg)
@@ -80,8 +108,8 @@ def work(args, slot: int, n_slots: int) -> dict:
     """One worker: load the model, annotate this slot's shards."""
     import torch
 
-    from .run import run_stage
-    from .sources import plan_jobs
+    from segany.engine.run import run_stage
+    from segany.engine.sources import plan_jobs
 
     if args.workers > 1:
         torch.set_num_threads(1)
@@ -96,7 +124,7 @@ def _spawned(w, args, rank, world, queue):
 
 
 def main(argv=None) -> int:
-    from ..evaluation.distributed import topology
+    from segany.utils.dist import topology
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
     args = parser().parse_args(argv)
@@ -107,6 +135,7 @@ def main(argv=None) -> int:
         totals = work(args, rank, world)
     else:
         import torch.multiprocessing as mp
+
         ctx = mp.get_context("spawn")
         queue = ctx.SimpleQueue()
         mp.start_processes(_spawned, args=(args, rank, world, queue), nprocs=args.workers, start_method="spawn")

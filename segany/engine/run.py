@@ -2,6 +2,7 @@
 output shard per job, written to a temporary file and renamed when complete — a shard that
 exists is done, so a restarted job skips it and a killed one leaves only a temp file (removed
 by the next run of the slot)."""
+
 from __future__ import annotations
 
 import glob
@@ -13,14 +14,21 @@ from typing import Callable
 
 from webdataset import TarWriter
 
-from ..evaluation.sources import decode_rgb
+from segany.data.decode import decode_rgb
 
 log = logging.getLogger("segany.engine")
 
 
 def image_json(item, h: int, w: int, anns: list) -> dict:
-    return {"image": {"image_id": int(item.image_id), "width": int(w), "height": int(h),
-                      "file_name": f"{item.key}.{item.ext}"}, "annotations": anns}
+    return {
+        "image": {
+            "image_id": int(item.image_id),
+            "width": int(w),
+            "height": int(h),
+            "file_name": f"{item.key}.{item.ext}",
+        },
+        "annotations": anns,
+    }
 
 
 def write_shard(job, annotate: Callable, path: str) -> dict:
@@ -61,7 +69,7 @@ def run_stage(jobs: list, annotate: Callable, out_dir: str, slot: int = 0, n_slo
         if job.index % n_slots != slot:
             continue
         path = os.path.join(out_dir, job.name)
-        for stale in glob.glob(glob.escape(path) + ".tmp-*"):     # left by a killed run of this slot
+        for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # left by a killed run of this slot
             os.remove(stale)
         if os.path.exists(path):
             totals["skipped"] += 1

@@ -7,6 +7,7 @@ input shard, written under the input shard's name; keys, image ids and (for ``se
 the existing annotations come from the shard. The cut depends only on the input, so every
 run of the same command plans the same jobs (what resuming relies on).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,17 +20,17 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 @dataclass
 class Item:
-    key: str                 # sample key in the output shard
-    ext: str                 # jpg | png (image bytes are copied unchanged)
+    key: str  # sample key in the output shard
+    ext: str  # jpg | png (image bytes are copied unchanged)
     data: bytes
     image_id: int
-    meta: Optional[dict]     # the input's SA-1B json (shards), None for plain images
+    meta: Optional[dict]  # the input's SA-1B json (shards), None for plain images
 
 
 @dataclass
 class Job:
     index: int
-    name: str                # output shard file name
+    name: str  # output shard file name
     items: Callable[[], Iterator[Item]]
 
 
@@ -42,10 +43,9 @@ def _folder_items(paths: list, first: int) -> Iterator[Item]:
 
 
 def _shard_items(url: str) -> Iterator[Item]:
-    from datamodules.faults import FaultCounter
-    from datamodules.shard_reader import read_pairs
-
-    from ..evaluation.sources import numeric_id
+    from segany.data.decode import numeric_id
+    from segany.data.faults import FaultCounter
+    from segany.data.streams.reader import read_pairs
 
     faults = FaultCounter(20, where="engine input")
     for pair in read_pairs(url, 0, faults):
@@ -55,8 +55,13 @@ def _shard_items(url: str) -> Iterator[Item]:
             raise ValueError(f"{url}: {pair.key}.json is not valid JSON: {exc}") from None
         image_id = (meta.get("image") or {}).get("image_id")
         ext = "png" if pair.image[:4] == b"\x89PNG" else "jpg"
-        yield Item(os.path.basename(pair.key), ext, pair.image,
-                   int(image_id) if isinstance(image_id, int) else numeric_id(pair.key), meta)
+        yield Item(
+            os.path.basename(pair.key),
+            ext,
+            pair.image,
+            int(image_id) if isinstance(image_id, int) else numeric_id(pair.key),
+            meta,
+        )
     if sum(faults.total.values()):
         raise ValueError(f"{url}: unreadable input ({dict(faults.total)}); fix or remove the shard")
 
@@ -64,20 +69,24 @@ def _shard_items(url: str) -> Iterator[Item]:
 def plan_jobs(input_spec: str, shard_size: int = 1000, prefix: str = "sa") -> list:
     """input_spec: a folder of images, or a shard spec (path, glob, brace range, list)."""
     if isinstance(input_spec, str) and os.path.isdir(input_spec):
-        paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(input_spec) for f in fs
-                       if f.lower().endswith(IMAGE_EXTS))
+        paths = sorted(
+            os.path.join(dp, f) for dp, _, fs in os.walk(input_spec) for f in fs if f.lower().endswith(IMAGE_EXTS)
+        )
         if not paths:
             raise FileNotFoundError(f"--input {input_spec}: no .jpg/.jpeg/.png image in this folder")
         if shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
-        return [Job(j, f"{prefix}-{j:06d}.tar",
-                    lambda s=s: _folder_items(paths[s:s + shard_size], s))
-                for j, s in enumerate(range(0, len(paths), shard_size))]
-    from datamodules.shards import resolve
+        return [
+            Job(j, f"{prefix}-{j:06d}.tar", lambda s=s: _folder_items(paths[s : s + shard_size], s))
+            for j, s in enumerate(range(0, len(paths), shard_size))
+        ]
+    from segany.data.streams.shards import resolve
 
     urls = resolve(input_spec, check=True, what="--input")
     names = [os.path.basename(u.rstrip("/")) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError(f"--input {input_spec}: two input shards share a file name; outputs would collide")
-    return [Job(j, name if name.endswith(".tar") else f"{name}.tar", lambda u=u: _shard_items(u))
-            for j, (u, name) in enumerate(zip(urls, names))]
+    return [
+        Job(j, name if name.endswith(".tar") else f"{name}.tar", lambda u=u: _shard_items(u))
+        for j, (u, name) in enumerate(zip(urls, names))
+    ]

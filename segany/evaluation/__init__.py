@@ -1,16 +1,34 @@
 """segany.evaluation: the SAM paper's zero-shot protocols — interactive single-point mIoU
 (points), object proposals (mask AR), instance segmentation from boxes (mask AP), edge
 detection (ODS/OIS/AP) — and their metrics; evaluate.py drives them (runner.py)."""
-from .bsds import image_counts, match
-from .bsds import summarize as summarize_edges
-from .clicks import center_click, distance_to_boundary, next_click, random_click
-from .coco_metrics import coco_ground_truth, mask_ap, mask_ar
-from .edges import edge_map, edge_nms
-from .instances import load_detections, segment_boxes
-from .proposals import proposal_generator, rank_proposals
-from .protocol import ClickProtocol, interactive_eval, summarize
 
-__all__ = ["ClickProtocol", "interactive_eval", "summarize", "center_click", "next_click", "random_click",
-           "distance_to_boundary", "coco_ground_truth", "mask_ar", "mask_ap", "proposal_generator",
-           "rank_proposals", "segment_boxes", "load_detections", "edge_map", "edge_nms", "image_counts",
-           "match", "summarize_edges"]
+from segany.evaluation.bsds import image_counts, match
+from segany.evaluation.bsds import summarize as summarize_edges
+from segany.evaluation.clicks import center_click, distance_to_boundary, next_click, random_click
+from segany.evaluation.coco_metrics import coco_ground_truth, mask_ap, mask_ar
+from segany.evaluation.edges import edge_map, edge_nms
+from segany.evaluation.instances import load_detections, segment_boxes
+from segany.evaluation.proposals import proposal_generator, rank_proposals
+from segany.evaluation.protocol import ClickProtocol, interactive_eval, summarize
+
+__all__ = [
+    "ClickProtocol",
+    "interactive_eval",
+    "summarize",
+    "center_click",
+    "next_click",
+    "random_click",
+    "distance_to_boundary",
+    "coco_ground_truth",
+    "mask_ar",
+    "mask_ap",
+    "proposal_generator",
+    "rank_proposals",
+    "segment_boxes",
+    "load_detections",
+    "edge_map",
+    "edge_nms",
+    "image_counts",
+    "match",
+    "summarize_edges",
+]

@@ -19,6 +19,7 @@ without BSDS's interpolation between them; AP is the area under the precision en
 sampled at recall 0, .01, ..., 1 (BSDS interpolates P(R) linearly and leaves recall it does
 not reach out); R50 is the largest recall reached with precision >= 0.5.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -27,7 +28,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 
-MAX_DIST = 0.0075     # tolerance, fraction of the image diagonal (BSDS default)
+MAX_DIST = 0.0075  # tolerance, fraction of the image diagonal (BSDS default)
 N_THRESH = 99
 
 
@@ -68,7 +69,7 @@ def match(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> tuple:
     gid[gy, gx] = np.arange(len(gy))
     r = int(np.floor(max_dist))
     rows, cols = [], []
-    for dy in range(-r, r + 1):                  # every offset within the tolerance disc
+    for dy in range(-r, r + 1):  # every offset within the tolerance disc
         for dx in range(-r, r + 1):
             if dy * dy + dx * dx > max_dist * max_dist:
                 continue
@@ -81,14 +82,15 @@ def match(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> tuple:
             cols.append(g[hit])
     rows, cols = np.concatenate(rows), np.concatenate(cols)
     graph = csr_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(len(py), len(gy)))
-    m = maximum_bipartite_matching(graph, perm_type="column")   # (n pred,) matched GT index or -1
+    m = maximum_bipartite_matching(graph, perm_type="column")  # (n pred,) matched GT index or -1
     ok = m >= 0
     matched[py[ok], px[ok]] = True
     return matched, int(ok.sum())
 
 
-def image_counts(edges: np.ndarray, gts: Sequence[np.ndarray], thr: np.ndarray = None,
-                 max_dist_frac: float = MAX_DIST) -> np.ndarray:
+def image_counts(
+    edges: np.ndarray, gts: Sequence[np.ndarray], thr: np.ndarray = None, max_dist_frac: float = MAX_DIST
+) -> np.ndarray:
     """(H, W) edge map in [0, 1] and its GT boundary maps -> (T, 4) counts per threshold:
     matched GT pixels, GT pixels (both summed over GT maps), matched predicted pixels,
     predicted pixels."""
@@ -115,7 +117,7 @@ def _prf(c: np.ndarray) -> tuple:
     """counts (..., 4) -> recall, precision, F (0 where undefined)."""
     c = c.astype(np.float64)
     r = np.where(c[..., 1] > 0, c[..., 0] / np.maximum(c[..., 1], 1), 0.0)
-    p = np.where(c[..., 3] > 0, c[..., 2] / np.maximum(c[..., 3], 1), 1.0)   # nothing predicted: precision 1
+    p = np.where(c[..., 3] > 0, c[..., 2] / np.maximum(c[..., 3], 1), 1.0)  # nothing predicted: precision 1
     f = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)
     return r, p, f
 
@@ -124,17 +126,23 @@ def summarize(counts: np.ndarray, thr: np.ndarray = None) -> dict:
     """counts (I images, T thresholds, 4) -> ODS, OIS, AP, R50, the ODS threshold and the
     dataset PR curve."""
     thr = thresholds(counts.shape[1]) if thr is None else np.asarray(thr)
-    r, p, f = _prf(counts.sum(0))                       # (T,) dataset-wide at each threshold
+    r, p, f = _prf(counts.sum(0))  # (T,) dataset-wide at each threshold
     best = int(f.argmax())
-    _, _, f_img = _prf(counts)                          # (I, T)
-    per_image_best = counts[np.arange(len(counts)), f_img.argmax(1)]   # (I, 4) counts at each image's best
+    _, _, f_img = _prf(counts)  # (I, T)
+    per_image_best = counts[np.arange(len(counts)), f_img.argmax(1)]  # (I, 4) counts at each image's best
     _, _, ois = _prf(per_image_best.sum(0))
     grid = np.linspace(0, 1, 101)
     env = np.array([p[r >= g].max() if (r >= g).any() else 0.0 for g in grid])
     ap = float(env.mean())
     r50 = float(r[p >= 0.5].max()) if (p >= 0.5).any() else 0.0
-    return {"ODS": float(f[best]), "OIS": float(ois), "AP": ap, "R50": r50, "ODS_threshold": float(thr[best]),
-            "curve": {"recall": r.tolist(), "precision": p.tolist(), "threshold": thr.tolist()}}
+    return {
+        "ODS": float(f[best]),
+        "OIS": float(ois),
+        "AP": ap,
+        "R50": r50,
+        "ODS_threshold": float(thr[best]),
+        "curve": {"recall": r.tolist(), "precision": p.tolist(), "threshold": thr.tolist()},
+    }
 
 
 def load_bsds_ground_truth(path: str) -> list:

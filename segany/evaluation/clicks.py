@@ -7,6 +7,7 @@ false negative, negative in a false positive region.
 Distances are exact Euclidean (OpenCV DIST_MASK_PRECISE), with the image border counted
 as boundary (one zero pixel padded around).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple

@@ -5,6 +5,7 @@ part files): images ``{id, height, width}``, annotations ``{image_id, segmentati
 RLE, str counts), area, bbox, iscrowd, category_id}``, detections ``{image_id,
 segmentation, score, category_id}``. Annotation ids are renumbered 1..n.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,14 +15,16 @@ from typing import Sequence
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-AREAS = ("all", "small", "medium", "large")   # COCOeval's areaRngLbl order
+AREAS = ("all", "small", "medium", "large")  # COCOeval's areaRngLbl order
 
 
 def coco_ground_truth(images: list, anns: list, categories: Sequence[int] = ()) -> COCO:
     cats = sorted({int(a["category_id"]) for a in anns} | {int(c) for c in categories}) or [1]
-    data = {"images": [{"id": int(i["id"]), "height": int(i["height"]), "width": int(i["width"])} for i in images],
-            "annotations": [dict(a, id=n + 1) for n, a in enumerate(anns)],
-            "categories": [{"id": c, "name": str(c)} for c in cats]}
+    data = {
+        "images": [{"id": int(i["id"]), "height": int(i["height"]), "width": int(i["width"])} for i in images],
+        "annotations": [dict(a, id=n + 1) for n, a in enumerate(anns)],
+        "categories": [{"id": c, "name": str(c)} for c in cats],
+    }
     ids = [i["id"] for i in data["images"]]
     if len(set(ids)) != len(ids):
         raise ValueError("ground truth: two images share an image id")
@@ -35,8 +38,9 @@ def coco_ground_truth(images: list, anns: list, categories: Sequence[int] = ()) 
 def _run(gt: COCO, dets: list, use_cats: bool, max_dets: Sequence[int]) -> COCOeval:
     unknown = {int(d["image_id"]) for d in dets} - set(gt.imgs)
     if unknown:
-        raise ValueError(f"detections refer to {len(unknown)} image ids not in the ground truth, "
-                         f"e.g. {sorted(unknown)[0]}")
+        raise ValueError(
+            f"detections refer to {len(unknown)} image ids not in the ground truth, e.g. {sorted(unknown)[0]}"
+        )
     with contextlib.redirect_stdout(io.StringIO()):
         res = gt.loadRes([dict(d) for d in dets])
         ev = COCOeval(gt, res, "segm")
@@ -58,7 +62,7 @@ def mask_ar(gt: COCO, dets: list, max_dets: Sequence[int] = (10, 100, 1000)) -> 
                 out[_ar_key(a, k)] = 0.0
         return out
     ev = _run(gt, dets, use_cats=False, max_dets=max_dets)
-    recall = ev.eval["recall"]                      # (T iou thresholds, K categories, A areas, M maxDets)
+    recall = ev.eval["recall"]  # (T iou thresholds, K categories, A areas, M maxDets)
     for m, k in enumerate(max_dets):
         for a, name in enumerate(AREAS):
             r = recall[:, :, a, m]

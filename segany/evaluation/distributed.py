@@ -3,6 +3,7 @@ rank 0 waits for all parts and merges them (or ``merge_only=true`` merges parts 
 an earlier, e.g. SLURM array, run). Rank and world size come from the config, else from
 the launcher's environment (torchrun: RANK / WORLD_SIZE, SLURM: SLURM_PROCID / SLURM_NTASKS).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,23 +12,13 @@ import time
 from typing import Optional
 
 
-def topology(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple:
-    env = os.environ
-    if world_size is None:
-        world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    if rank is None:
-        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} is not in a world of {world_size}")
-    return int(rank), int(world_size)
-
-
 def part_path(out_dir: str, task: str, dataset: str, rank: int, world: int) -> str:
     return os.path.join(out_dir, "parts", f"{task}.{dataset}.rank{rank:04d}-of-{world:04d}.json")
 
 
-def write_part(out_dir: str, task: str, dataset: str, rank: int, world: int, payload: dict,
-               fingerprint: Optional[str] = None) -> str:
+def write_part(
+    out_dir: str, task: str, dataset: str, rank: int, world: int, payload: dict, fingerprint: Optional[str] = None
+) -> str:
     """Write atomically (temp file + rename), so that a waiting rank never reads half a part."""
     path = part_path(out_dir, task, dataset, rank, world)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -46,21 +37,27 @@ def _read(path: str) -> Optional[dict]:
         return None
 
 
-def gather_parts(out_dir: str, task: str, dataset: str, world: int, timeout_s: float = 0.0,
-                 fingerprint: Optional[str] = None) -> list:
+def gather_parts(
+    out_dir: str, task: str, dataset: str, world: int, timeout_s: float = 0.0, fingerprint: Optional[str] = None
+) -> list:
     """All `world` parts' payloads, in rank order; waits up to timeout_s for missing ones. A part
     written by another evaluation (a different fingerprint: config or checkpoint) counts as missing."""
     paths = [part_path(out_dir, task, dataset, r, world) for r in range(world)]
     deadline = time.time() + timeout_s
     while True:
         parts = [_read(p) for p in paths]
-        missing = [p for p, part in zip(paths, parts)
-                   if part is None or (fingerprint is not None and part.get("fingerprint") != fingerprint)]
+        missing = [
+            p
+            for p, part in zip(paths, parts)
+            if part is None or (fingerprint is not None and part.get("fingerprint") != fingerprint)
+        ]
         if not missing:
             return [part["payload"] for part in parts]
         if time.time() >= deadline:
-            raise FileNotFoundError(f"{len(missing)} of {world} parts of {task}/{dataset} missing or from another "
-                                    f"evaluation, e.g. {missing[0]} (a rank failed, or raise merge_timeout_s)")
+            raise FileNotFoundError(
+                f"{len(missing)} of {world} parts of {task}/{dataset} missing or from another "
+                f"evaluation, e.g. {missing[0]} (a rank failed, or raise merge_timeout_s)"
+            )
         time.sleep(1.0)
 
 
@@ -71,7 +68,7 @@ def fingerprint(cfg, ckpt_path: Optional[str]) -> str:
 
     from omegaconf import OmegaConf
 
-    c = OmegaConf.to_container(cfg, resolve=False)      # as written: overrides show, no resolver runs
+    c = OmegaConf.to_container(cfg, resolve=False)  # as written: overrides show, no resolver runs
     for k in ("rank", "merge_only", "merge_timeout_s", "hydra"):
         c.pop(k, None)
     if ckpt_path and os.path.isfile(ckpt_path):

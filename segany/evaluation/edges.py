@@ -13,6 +13,7 @@ triangle-smoothed map (here: the Hessian's eigenvector of largest absolute curva
 unlike the toolbox's atan formula, is also right on exactly axis-aligned edges), suppression
 of pixels not above 1.01 x their two neighbours along the normal (bilinear interpolation).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,17 +21,16 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import convolve1d, map_coordinates
 
-from ..inference.amg import _nms
-from ..inference.amg_utils import batched_mask_to_box, build_point_grid
-from .sources import EvalImage
-
+from segany.evaluation.sources import EvalImage
+from segany.inference.amg import _nms
+from segany.inference.amg_utils import batched_mask_to_box, build_point_grid
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
 def sobel_magnitude(prob: torch.Tensor) -> torch.Tensor:
     """(N, H, W) float -> (N, H, W) gradient magnitude (replicate padding)."""
-    k = torch.stack([_SOBEL_X, _SOBEL_X.T])[:, None].to(prob)            # (2, 1, 3, 3)
+    k = torch.stack([_SOBEL_X, _SOBEL_X.T])[:, None].to(prob)  # (2, 1, 3, 3)
     g = F.conv2d(F.pad(prob[:, None], (1, 1, 1, 1), mode="replicate"), k)  # (N, 2, H, W)
     return g.pow(2).sum(1).sqrt()
 
@@ -71,19 +71,25 @@ def edge_nms(E: np.ndarray, radius: int = 1, margin: float = 1.01) -> np.ndarray
 
 
 @torch.no_grad()
-def edge_map(predictor, image: np.ndarray, points_per_side: int = 16, nms_thresh: float = 0.7,
-             points_per_batch: int = 64, thin: bool = True) -> np.ndarray:
+def edge_map(
+    predictor,
+    image: np.ndarray,
+    points_per_side: int = 16,
+    nms_thresh: float = 0.7,
+    points_per_batch: int = 64,
+    thin: bool = True,
+) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (H, W) float32 edge map in [0, 1]."""
     H, W = image.shape[:2]
     predictor.set_image(image)
-    grid = build_point_grid(points_per_side) * np.array([[W, H]])            # (P, 2) xy px
+    grid = build_point_grid(points_per_side) * np.array([[W, H]])  # (P, 2) xy px
     lows, boxes, scores = [], [], []
-    for s in range(0, len(grid), points_per_batch):                           # pass 1: boxes for NMS
-        pts = predictor.transform.apply_coords(grid[s:s + points_per_batch], (H, W))
-        pts = torch.as_tensor(pts, dtype=torch.float, device=predictor.device)[:, None]   # (b, 1, 2)
+    for s in range(0, len(grid), points_per_batch):  # pass 1: boxes for NMS
+        pts = predictor.transform.apply_coords(grid[s : s + points_per_batch], (H, W))
+        pts = torch.as_tensor(pts, dtype=torch.float, device=predictor.device)[:, None]  # (b, 1, 2)
         labels = torch.ones(pts.shape[:2], dtype=torch.int, device=pts.device)
-        masks, iou, low = predictor.predict_torch(pts, labels, multimask_output=True)    # (b, 3, H, W)
-        lows.append(low.flatten(0, 1))                                        # (b*3, h, w)
+        masks, iou, low = predictor.predict_torch(pts, labels, multimask_output=True)  # (b, 3, H, W)
+        lows.append(low.flatten(0, 1))  # (b*3, h, w)
         boxes.append(batched_mask_to_box(masks.flatten(0, 1)))
         scores.append(iou.flatten())
     low, box, score = torch.cat(lows), torch.cat(boxes), torch.cat(scores)
@@ -91,9 +97,10 @@ def edge_map(predictor, image: np.ndarray, points_per_side: int = 16, nms_thresh
     idx = torch.nonzero(nonempty)[:, 0]
     keep = idx[_nms(box[idx], score[idx], nms_thresh)] if len(idx) else idx
     E = torch.zeros(H, W, device=low.device)
-    for s in range(0, len(keep), points_per_batch):                           # pass 2: edges of kept masks
-        logits = predictor.model.postprocess_masks(low[keep[s:s + points_per_batch]][:, None],
-                                                   predictor.input_size, predictor.original_size)[:, 0]
+    for s in range(0, len(keep), points_per_batch):  # pass 2: edges of kept masks
+        logits = predictor.model.postprocess_masks(
+            low[keep[s : s + points_per_batch]][:, None], predictor.input_size, predictor.original_size
+        )[:, 0]
         grad = sobel_magnitude(torch.sigmoid(logits)) * outer_boundary(logits > predictor.model.mask_threshold)
         E = torch.maximum(E, grad.amax(0))
     predictor.reset_image()
@@ -108,8 +115,8 @@ def edge_map(predictor, image: np.ndarray, points_per_side: int = 16, nms_thresh
 
 def ground_truth_boundaries(ev: EvalImage) -> list:
     """Boundary maps of an evaluation image from its instance annotations (one map)."""
-    from .bsds import boundary_map, masks_to_labels
-    from .sources import decode_mask
+    from segany.data.decode import decode_mask
+    from segany.evaluation.bsds import boundary_map, masks_to_labels
 
     masks = [decode_mask(a["segmentation"]) for a in ev.anns if not a.get("iscrowd", 0)]
     if not masks:
@@ -117,15 +124,16 @@ def ground_truth_boundaries(ev: EvalImage) -> list:
     return [boundary_map(masks_to_labels(masks))]
 
 
-def edges_part(predictor, images, points_per_side: int = 16, nms_thresh: float = 0.7,
-               n_thresholds: int = 99, save_dir: str = None) -> dict:
+def edges_part(
+    predictor, images, points_per_side: int = 16, nms_thresh: float = 0.7, n_thresholds: int = 99, save_dir: str = None
+) -> dict:
     """{"keys", "counts" (I, T, 4) as lists} of a rank's share (bsds.image_counts per image);
     with save_dir, each edge map is also written there as an 8-bit PNG."""
     import os
 
     import cv2
 
-    from .bsds import image_counts, thresholds
+    from segany.evaluation.bsds import image_counts, thresholds
 
     thr = thresholds(n_thresholds)
     out = {"keys": [], "counts": []}
@@ -143,9 +151,9 @@ def edges_part(predictor, images, points_per_side: int = 16, nms_thresh: float =
 
 
 def edges_merge(parts: list) -> dict:
-    from .bsds import summarize
+    from segany.evaluation.bsds import summarize
 
-    counts = np.array([c for p in parts for c in p["counts"]], np.int64)     # (I, T, 4)
+    counts = np.array([c for p in parts for c in p["counts"]], np.int64)  # (I, T, 4)
     if counts.size == 0:
         raise ValueError("edges: no image with ground-truth boundaries")
     out = summarize(counts)

@@ -7,6 +7,7 @@ Detections: a COCO results json (``[{image_id, category_id, bbox [x, y, w, h], s
 e.g. ViTDet-H's on COCO/LVIS val), or ``gt_boxes`` — the ground-truth boxes with score 1, an
 oracle detector for data without one (the synthetic demo).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,9 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from ..inference.amg_utils import coco_encode_rle, mask_to_rle_pytorch
-from .coco_metrics import coco_ground_truth, mask_ap
-from .sources import EvalImage
+from segany.evaluation.coco_metrics import coco_ground_truth, mask_ap
+from segany.evaluation.sources import EvalImage
+from segany.inference.amg_utils import coco_encode_rle, mask_to_rle_pytorch
 
 
 def load_detections(path: str, min_score: float = 0.0) -> dict:
@@ -45,20 +46,26 @@ def load_detections(path: str, min_score: float = 0.0) -> dict:
         if float(d["score"]) < min_score:
             continue
         out.setdefault(int(d["image_id"]), []).append(
-            {"bbox": [float(v) for v in d["bbox"]], "score": float(d["score"]),
-             "category_id": int(d.get("category_id", 1))})
+            {
+                "bbox": [float(v) for v in d["bbox"]],
+                "score": float(d["score"]),
+                "category_id": int(d.get("category_id", 1)),
+            }
+        )
     return out
 
 
 def gt_box_detections(ev: EvalImage) -> list:
     """The oracle detector: every non-crowd GT box, score 1."""
-    return [{"bbox": a["bbox"], "score": 1.0, "category_id": a["category_id"]} for a in ev.anns
-            if not a.get("iscrowd", 0)]
+    return [
+        {"bbox": a["bbox"], "score": 1.0, "category_id": a["category_id"]} for a in ev.anns if not a.get("iscrowd", 0)
+    ]
 
 
 @torch.no_grad()
-def segment_boxes(predictor, boxes_xyxy: np.ndarray, refine: bool = True, multimask_first: bool = False,
-                  batch: int = 64) -> np.ndarray:
+def segment_boxes(
+    predictor, boxes_xyxy: np.ndarray, refine: bool = True, multimask_first: bool = False, batch: int = 64
+) -> np.ndarray:
     """Masks of boxes (N, 4) xyxy in original-image pixels, on the predictor's current image.
     Pass 1: box prompt (multimask_first: 3 outputs, the highest predicted IoU is the best);
     pass 2 (refine): the same box + pass 1's best low-res logits as mask prompt, single output.
@@ -66,21 +73,26 @@ def segment_boxes(predictor, boxes_xyxy: np.ndarray, refine: bool = True, multim
     H, W = predictor.original_size
     out = np.zeros((len(boxes_xyxy), H, W), bool)
     for s in range(0, len(boxes_xyxy), batch):
-        b = torch.as_tensor(boxes_xyxy[s:s + batch], dtype=torch.float, device=predictor.device)
-        b = predictor.transform.apply_boxes_torch(b, (H, W))                                  # (n, 4) input frame
+        b = torch.as_tensor(boxes_xyxy[s : s + batch], dtype=torch.float, device=predictor.device)
+        b = predictor.transform.apply_boxes_torch(b, (H, W))  # (n, 4) input frame
         masks, iou, low = predictor.predict_torch(None, None, boxes=b, multimask_output=multimask_first)
-        best = iou.argmax(1)                                                                  # (n,)
+        best = iou.argmax(1)  # (n,)
         rows = torch.arange(len(b), device=b.device)
-        masks, low = masks[rows, best], low[rows, best][:, None]                              # (n, H, W), (n, 1, h, w)
+        masks, low = masks[rows, best], low[rows, best][:, None]  # (n, H, W), (n, 1, h, w)
         if refine:
             masks, _, _ = predictor.predict_torch(None, None, boxes=b, mask_input=low, multimask_output=False)
             masks = masks[:, 0]
-        out[s:s + len(b)] = masks.cpu().numpy()
+        out[s : s + len(b)] = masks.cpu().numpy()
     return out
 
 
-def instances_part(predictor, images: Iterable[EvalImage], detections: Optional[dict], refine: bool = True,
-                   multimask_first: bool = False) -> dict:
+def instances_part(
+    predictor,
+    images: Iterable[EvalImage],
+    detections: Optional[dict],
+    refine: bool = True,
+    multimask_first: bool = False,
+) -> dict:
     """{"images", "gt", "dets"} of a rank's share; detections None = gt_boxes."""
     out = {"images": [], "gt": [], "dets": []}
     for ev in images:
@@ -95,16 +107,19 @@ def instances_part(predictor, images: Iterable[EvalImage], detections: Optional[
         predictor.set_image(ev.image)
         masks = segment_boxes(predictor, xyxy, refine, multimask_first)
         rles = [coco_encode_rle(r) for r in mask_to_rle_pytorch(torch.from_numpy(masks))]
-        out["dets"] += [{"image_id": ev.image_id, "category_id": d["category_id"], "score": d["score"],
-                         "segmentation": r} for d, r in zip(dets, rles)]
+        out["dets"] += [
+            {"image_id": ev.image_id, "category_id": d["category_id"], "score": d["score"], "segmentation": r}
+            for d, r in zip(dets, rles)
+        ]
     predictor.reset_image()
     return out
 
 
 def instances_merge(parts: list) -> dict:
     images = [i for p in parts for i in p["images"]]
-    gt = coco_ground_truth(images, [a for p in parts for a in p["gt"]],
-                           categories=[d["category_id"] for p in parts for d in p["dets"]])
+    gt = coco_ground_truth(
+        images, [a for p in parts for a in p["gt"]], categories=[d["category_id"] for p in parts for d in p["dets"]]
+    )
     out = mask_ap(gt, [d for p in parts for d in p["dets"]])
     out["num_images"] = len(images)
     out["num_detections"] = int(sum(len(p["dets"]) for p in parts))

@@ -1,20 +1,20 @@
 """The ``points`` task: interactive single-point mIoU (protocol.py) per dataset, sharded
 over ranks, and the mean over datasets (the paper averages its 23 datasets this way)."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .protocol import ClickProtocol, interactive_eval, summarize
+from segany.evaluation.protocol import ClickProtocol, interactive_eval, summarize
 
 
 @torch.no_grad()
-def points_part(model, dm, protocol: ClickProtocol, device, rank: int = 0, world: int = 1,
-                max_batches=None) -> dict:
+def points_part(model, dm, protocol: ClickProtocol, device, rank: int = 0, world: int = 1, max_batches=None) -> dict:
     """Per-mask IoUs of this rank's share of the datamodule's validation split:
     {"iou": {"k": [...]}, "iou_oracle": {"k": [...]}, "num_images": n} (json-safe keys)."""
     loader = dm.val_dataloader()
-    dm.val_dataset.set_topology(rank, world)          # the loader iterates the dataset lazily
+    dm.val_dataset.set_topology(rank, world)  # the loader iterates the dataset lazily
     per_mask = {"iou": {str(k): [] for k in protocol.clicks}, "iou_oracle": {str(k): [] for k in protocol.clicks}}
     images = 0
     for i, batch in enumerate(loader):

@@ -6,19 +6,27 @@ scored by class-agnostic mask AR@10/100/1000 (all, small, medium, large) with CO
 Any generator with the official ``generate(image) -> records`` API (``output_mode=
 "coco_rle"``) works, so the official package's generator can be scored the same way.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
 
-from ..inference import SamAutomaticMaskGenerator
-from .coco_metrics import coco_ground_truth, mask_ar
-from .sources import EvalImage
+from segany.evaluation.coco_metrics import coco_ground_truth, mask_ar
+from segany.evaluation.sources import EvalImage
+from segany.inference import SamAutomaticMaskGenerator
 
 
-def proposal_generator(model, points_per_side: int = 64, nms_thresh: float = 0.9, points_per_batch: int = 64,
-                       **overrides) -> SamAutomaticMaskGenerator:
-    kw = dict(points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=0.0,
-              stability_score_thresh=0.0, box_nms_thresh=nms_thresh, output_mode="coco_rle")
+def proposal_generator(
+    model, points_per_side: int = 64, nms_thresh: float = 0.9, points_per_batch: int = 64, **overrides
+) -> SamAutomaticMaskGenerator:
+    kw = dict(
+        points_per_side=points_per_side,
+        points_per_batch=points_per_batch,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        box_nms_thresh=nms_thresh,
+        output_mode="coco_rle",
+    )
     kw.update(overrides)
     return SamAutomaticMaskGenerator(model, **kw)
 
@@ -42,8 +50,7 @@ def proposals_part(generator, images: Iterable[EvalImage], top_k: int = 1000) ->
             seg = r["segmentation"]
             if not isinstance(seg, dict) or not isinstance(seg.get("counts"), str):
                 raise ValueError("proposal generator: set output_mode='coco_rle'")
-            out["dets"].append({"image_id": ev.image_id, "category_id": 1, "segmentation": seg,
-                                "score": r["score"]})
+            out["dets"].append({"image_id": ev.image_id, "category_id": 1, "segmentation": seg, "score": r["score"]})
     return out
 
 

@@ -13,6 +13,7 @@ low-res logits -> bilinear to S x S -> cropped to ``input_size``.
 All masks of an image go through the decoder together; only the click placement (distance
 transforms) runs per mask on the CPU.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -23,18 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clicks import center_click, next_click, random_click
+from segany.evaluation.clicks import center_click, next_click, random_click
 
 PAD = -1
 
 
 @dataclass
 class ClickProtocol:
-    clicks: Sequence[int] = (1, 2, 3, 5, 9)   # report mIoU after these numbers of clicks
+    clicks: Sequence[int] = (1, 2, 3, 5, 9)  # report mIoU after these numbers of clicks
     multimask_first: bool = True
     use_prev_mask: bool = True
-    first_click: str = "center"               # "center" (distance-transform maximum) | "random" (uniform in the mask)
-    seed: int = 0                             # random first clicks: drawn from (seed, image id)
+    first_click: str = "center"  # "center" (distance-transform maximum) | "random" (uniform in the mask)
+    seed: int = 0  # random first clicks: drawn from (seed, image id)
 
     def __post_init__(self):
         self.clicks = tuple(int(c) for c in self.clicks)
@@ -70,14 +71,20 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
     labels = torch.zeros(R, 0, dtype=torch.long, device=dev)
     mask_in, pred_np = None, None
     ids = batch.get("image_id") or [str(b) for b in range(B)]
-    rngs = ([np.random.default_rng([protocol.seed, zlib.crc32(str(ids[r // N]).encode()), r % N]) for r in range(R)]
-            if protocol.first_click == "random" else None)
-    res = {"iou": {k: [] for k in protocol.clicks}, "iou_oracle": {k: [] for k in protocol.clicks},
-           "count": int(v_np.sum())}
+    rngs = (
+        [np.random.default_rng([protocol.seed, zlib.crc32(str(ids[r // N]).encode()), r % N]) for r in range(R)]
+        if protocol.first_click == "random"
+        else None
+    )
+    res = {
+        "iou": {k: [] for k in protocol.clicks},
+        "iou_oracle": {k: [] for k in protocol.clicks},
+        "count": int(v_np.sum()),
+    }
     for k in range(1, max(protocol.clicks) + 1):
         c = np.zeros((R, 2), np.float32)
         l = np.full((R,), PAD, np.int64)
-        for r in np.nonzero(v_np)[0]:     # click placement: a distance transform per mask, on the CPU
+        for r in np.nonzero(v_np)[0]:  # click placement: a distance transform per mask, on the CPU
             if k > 1:
                 click = next_click(pred_np[r], gt_np[r])
             else:
@@ -89,10 +96,15 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
         labels = torch.cat((labels, torch.from_numpy(l).to(dev)[:, None]), 1)
 
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_in)
-        low, iou_pred = model.mask_decoder.predict_masks(emb, pe, sparse, dense)     # (R, 4, 4h, 4w), (R, 4)
+        low, iou_pred = model.mask_decoder.predict_masks(emb, pe, sparse, dense)  # (R, 4, 4h, 4w), (R, 4)
         low, iou_pred = low.float(), iou_pred.float()
-        true_iou = torch.stack([mask_iou(_full(low[:, i:i + 1], S).masked_fill(~inside[:, None], -1.0),
-                                         gt[:, None])[:, 0] for i in range(low.shape[1])], 1)   # (R, 4)
+        true_iou = torch.stack(
+            [
+                mask_iou(_full(low[:, i : i + 1], S).masked_fill(~inside[:, None], -1.0), gt[:, None])[:, 0]
+                for i in range(low.shape[1])
+            ],
+            1,
+        )  # (R, 4)
         if k == 1 and protocol.multimask_first:
             default = iou_pred[:, 1:].argmax(1) + 1
             oracle = true_iou[:, 1:].max(1).values
@@ -100,7 +112,7 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
             default = torch.zeros(R, dtype=torch.long, device=dev)
             oracle = true_iou.max(1).values
         rows = torch.arange(R, device=dev)
-        chosen_low = low[rows, default][:, None]                                         # (R, 1, 4h, 4w)
+        chosen_low = low[rows, default][:, None]  # (R, 1, 4h, 4w)
         pred = (_full(chosen_low, S)[:, 0] > 0) & inside
         pred_np = pred.cpu().numpy()
         if protocol.use_prev_mask:

@@ -1,6 +1,7 @@
 """Outputs of evaluate.py: metrics.json (one section per task; the points task's mean over
 datasets also flat at the top level, as before), results.md (markdown tables), plots
 (mIoU against clicks, edge PR curve) and, when enabled, a wandb run."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import os
 log = logging.getLogger("evaluate")
 
 COLUMNS = {
-    "points": None,   # miou@k columns, from the data
+    "points": None,  # miou@k columns, from the data
     "proposals": ("AR@10", "AR@100", "AR@1000", "AR_s@1000", "AR_m@1000", "AR_l@1000", "num_images"),
     "instances": ("AP", "AP50", "AP75", "APs", "APm", "APl", "num_images"),
     "edges": ("ODS", "OIS", "AP", "R50", "num_images"),
@@ -30,7 +31,7 @@ def update_metrics(out_dir: str, task: str, section: dict, extra: dict) -> dict:
             log.warning("%s is not valid JSON; rewriting it", path)
     metrics.update(extra)
     metrics[task] = section
-    if task == "points":    # flat keys of the first version of evaluate.py
+    if task == "points":  # flat keys of the first version of evaluate.py
         metrics.update(section["mean"])
     with open(path, "w") as f:
         json.dump(metrics, f, indent=1)
@@ -77,8 +78,10 @@ def write_markdown(out_dir: str, metrics: dict) -> str:
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -140,13 +143,18 @@ def log_wandb(wandb_cfg, out_dir: str, task: str, section: dict) -> None:
         return
     import wandb
 
-    from ..training.loggers import wandb_credentials
+    from segany.utils.wandb import wandb_credentials
 
     offline = wandb_cfg.get("offline")
     if offline is None:
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled") or not wandb_credentials()
-    run = wandb.run or wandb.init(project=wandb_cfg.get("project", "segany"), name=wandb_cfg.get("name"),
-                                  dir=out_dir, mode="offline" if offline else "online", job_type="eval")
+    run = wandb.run or wandb.init(
+        project=wandb_cfg.get("project", "segany"),
+        name=wandb_cfg.get("name"),
+        dir=out_dir,
+        mode="offline" if offline else "online",
+        job_type="eval",
+    )
     flat = {}
     for name, m in {**section["datasets"], "mean": section["mean"]}.items():
         for k, v in m.items():

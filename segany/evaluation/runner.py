@@ -4,6 +4,7 @@
 Tasks: points (interactive mIoU), proposals (mask AR), instances (mask AP from detector
 boxes), edges (BSDS-style ODS/OIS/AP); ``task=all`` runs the four.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,17 @@ import time
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..inference import SamPredictor
-from . import report
-from .distributed import fingerprint, gather_parts, topology, write_part
-from .edges import edges_merge, edges_part
-from .instances import instances_merge, instances_part, load_detections
-from .model import load_model, pick_device
-from .points import mean_over_datasets, points_merge, points_part
-from .proposals import proposal_generator, proposals_merge, proposals_part
-from .protocol import ClickProtocol
-from .sources import build_datamodule, dataset_configs, eval_images
+from segany.evaluation import report
+from segany.evaluation.distributed import fingerprint, gather_parts, write_part
+from segany.evaluation.edges import edges_merge, edges_part
+from segany.evaluation.instances import instances_merge, instances_part, load_detections
+from segany.evaluation.points import mean_over_datasets, points_merge, points_part
+from segany.evaluation.proposals import proposal_generator, proposals_merge, proposals_part
+from segany.evaluation.protocol import ClickProtocol
+from segany.evaluation.sources import build_datamodule, dataset_configs, eval_images
+from segany.inference import SamPredictor
+from segany.modeling.load import load_model
+from segany.utils.dist import pick_device, topology
 
 log = logging.getLogger("evaluate")
 TASKS = ("points", "proposals", "instances", "edges")
@@ -49,9 +51,13 @@ def output_dir(cfg: DictConfig) -> str:
 
 
 def _protocol(cfg) -> ClickProtocol:
-    return ClickProtocol(clicks=tuple(cfg.clicks), multimask_first=cfg.multimask_first,
-                         use_prev_mask=cfg.use_prev_mask, first_click=cfg.get("first_click", "center"),
-                         seed=cfg.seed)
+    return ClickProtocol(
+        clicks=tuple(cfg.clicks),
+        multimask_first=cfg.multimask_first,
+        use_prev_mask=cfg.use_prev_mask,
+        first_click=cfg.get("first_click", "center"),
+        seed=cfg.seed,
+    )
 
 
 class _Task:
@@ -91,32 +97,48 @@ class _Task:
     def section(self, per_dataset: dict) -> dict:
         cfg = self.cfg
         if self.name == "points":
-            sec = {"datasets": per_dataset, "mean": mean_over_datasets(per_dataset), "clicks": list(cfg.clicks),
-                   "protocol": {"multimask_first": cfg.multimask_first, "use_prev_mask": cfg.use_prev_mask,
-                                "first_click": cfg.get("first_click", "center")},
-                   "description": "Interactive single-point mIoU: click 1 at the mask centre (distance-transform "
-                                  "maximum), then on the largest error; default = most confident of 3 masks, "
-                                  "oracle = best."}
+            sec = {
+                "datasets": per_dataset,
+                "mean": mean_over_datasets(per_dataset),
+                "clicks": list(cfg.clicks),
+                "protocol": {
+                    "multimask_first": cfg.multimask_first,
+                    "use_prev_mask": cfg.use_prev_mask,
+                    "first_click": cfg.get("first_click", "center"),
+                },
+                "description": "Interactive single-point mIoU: click 1 at the mask centre (distance-transform "
+                "maximum), then on the largest error; default = most confident of 3 masks, "
+                "oracle = best.",
+            }
             sec["figures"] = [report.plot_points(self.out_dir, sec)]
             return sec
         keys = [k for k in next(iter(per_dataset.values())) if k != "curve"]
-        mean = {k: sum(d[k] for d in per_dataset.values()) / len(per_dataset) for k in keys
-                if isinstance(next(iter(per_dataset.values()))[k], float)}
+        mean = {
+            k: sum(d[k] for d in per_dataset.values()) / len(per_dataset)
+            for k in keys
+            if isinstance(next(iter(per_dataset.values()))[k], float)
+        }
         sec = {"datasets": per_dataset, "mean": mean, "settings": OmegaConf.to_container(cfg[self.name])}
         if self.name == "proposals":
-            sec["description"] = (f"Mask generator as proposals ({cfg.proposals.points_per_side}x"
-                                  f"{cfg.proposals.points_per_side} grid, NMS {cfg.proposals.nms_thresh}, no "
-                                  f"quality filter, top {cfg.proposals.top_k} by mean(pred IoU, stability)); "
-                                  "class-agnostic mask AR by COCOeval.")
+            sec["description"] = (
+                f"Mask generator as proposals ({cfg.proposals.points_per_side}x"
+                f"{cfg.proposals.points_per_side} grid, NMS {cfg.proposals.nms_thresh}, no "
+                f"quality filter, top {cfg.proposals.top_k} by mean(pred IoU, stability)); "
+                "class-agnostic mask AR by COCOeval."
+            )
             sec["figures"] = [report.plot_proposals(self.out_dir, sec, tuple(cfg.proposals.max_dets))]
         elif self.name == "instances":
-            sec["description"] = (f"Boxes from {cfg.instances.detections} prompt SAM"
-                                  f"{' + one refinement pass (best mask + box)' if cfg.instances.refine else ''}; "
-                                  "mask AP by COCOeval.")
+            sec["description"] = (
+                f"Boxes from {cfg.instances.detections} prompt SAM"
+                f"{' + one refinement pass (best mask + box)' if cfg.instances.refine else ''}; "
+                "mask AP by COCOeval."
+            )
         else:
-            sec["description"] = (f"{cfg.edges.points_per_side}x{cfg.edges.points_per_side} grid, NMS, Sobel on mask "
-                                  "probabilities at the outer boundary, max, normalise, edge NMS; BSDS-style "
-                                  "matching (tolerance 0.0075 x diagonal).")
+            sec["description"] = (
+                f"{cfg.edges.points_per_side}x{cfg.edges.points_per_side} grid, NMS, Sobel on mask "
+                "probabilities at the outer boundary, max, normalise, edge NMS; BSDS-style "
+                "matching (tolerance 0.0075 x diagonal)."
+            )
             sec["figures"] = [report.plot_edges(self.out_dir, sec)]
         return sec
 
@@ -139,21 +161,31 @@ def evaluate(cfg: DictConfig) -> dict:
         per_dataset = {}
         for dname, node in datasets.items():
             if not cfg.merge_only:
-                dm = build_datamodule(dname, node, None if name == "points" else 0,
-                                      img_size=model.image_encoder.img_size)
+                dm = build_datamodule(
+                    dname, node, None if name == "points" else 0, img_size=model.image_encoder.img_size
+                )
                 write_part(out_dir, name, dname, rank, world, task.part(dname, dm, rank, world), fp)
             if rank == 0:
-                per_dataset[dname] = task.merge(gather_parts(out_dir, name, dname, world,
-                                                             cfg.merge_timeout_s if world > 1 else 0, fp))
+                per_dataset[dname] = task.merge(
+                    gather_parts(out_dir, name, dname, world, cfg.merge_timeout_s if world > 1 else 0, fp)
+                )
         if rank != 0:
             continue
         sec = task.section(per_dataset)
         sec["seconds"] = round(time.time() - t0, 1)
-        extra = {"model": what, "data": {d: OmegaConf.select(n, "_target_") for d, n in datasets.items()},
-                 "world_size": world}
-        if name == "points":   # the first version's keys
-            extra.update({"num_images": sec["mean"]["num_images"], "seconds": sec["seconds"],
-                          "protocol": dict(sec["protocol"], clicks=sec["clicks"])})
+        extra = {
+            "model": what,
+            "data": {d: OmegaConf.select(n, "_target_") for d, n in datasets.items()},
+            "world_size": world,
+        }
+        if name == "points":  # the first version's keys
+            extra.update(
+                {
+                    "num_images": sec["mean"]["num_images"],
+                    "seconds": sec["seconds"],
+                    "protocol": dict(sec["protocol"], clicks=sec["clicks"]),
+                }
+            )
         metrics = report.update_metrics(out_dir, name, sec, extra)
         report.write_markdown(out_dir, metrics)
         report.log_wandb(cfg.get("wandb"), out_dir, name, sec)

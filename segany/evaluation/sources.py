@@ -2,35 +2,37 @@
 annotations of their validation split (for the tasks that work in the image frame:
 proposals, instances, edges).
 
-A dataset entry is a datamodule config (``_target_: datamodules.CocoDataModule`` with
-``val_annotations`` / ``val_images``, ``datamodules.SA1BDataModule`` with ``val_shards``,
-``datamodules.SyntheticDataModule``, ...); the ``points`` task batches it through the
+A dataset entry is a datamodule config (``_target_: segany.data.CocoDataModule`` with
+``val_annotations`` / ``val_images``, ``segany.data.SA1BDataModule`` with ``val_shards``,
+``segany.data.SyntheticDataModule``, ...); the ``points`` task batches it through the
 datamodule itself, the other tasks read its records (the encoded image and the COCO RLE
 of every annotation) and decode them here at full resolution.
 """
+
 from __future__ import annotations
 
 import logging
-import re
-import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-import cv2
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pycocotools import mask as mask_utils
+
+from segany.data.decode import decode_rgb, numeric_id
 
 log = logging.getLogger("evaluate")
 
 
 @dataclass
 class EvalImage:
-    key: str                 # sample key (COCO: str(image id); SA-1B: sa_<id>)
-    image_id: int            # COCO image id, else the digits of the key
-    image: np.ndarray        # (H, W, 3) uint8 RGB
-    anns: list = field(default_factory=list)  # {id, segmentation {size, counts str}, area, bbox xywh, iscrowd, category_id}
+    key: str  # sample key (COCO: str(image id); SA-1B: sa_<id>)
+    image_id: int  # COCO image id, else the digits of the key
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    anns: list = field(
+        default_factory=list
+    )  # {id, segmentation {size, counts str}, area, bbox xywh, iscrowd, category_id}
 
     @property
     def size(self) -> tuple:
@@ -54,8 +56,7 @@ def dataset_configs(cfg: DictConfig) -> dict:
     return {name: cfg.data}
 
 
-def build_datamodule(name: str, node: DictConfig, num_workers: Optional[int] = None,
-                     img_size: Optional[int] = None):
+def build_datamodule(name: str, node: DictConfig, num_workers: Optional[int] = None, img_size: Optional[int] = None):
     """Instantiate, prepare and set up the validation split of a dataset entry. img_size:
     the model's input size, which replaces the entry's own (a 192 px model gets 192 px
     batches whatever the data config says)."""
@@ -70,22 +71,6 @@ def build_datamodule(name: str, node: DictConfig, num_workers: Optional[int] = N
     return dm
 
 
-def numeric_id(key: str) -> int:
-    """Integer image id of a sample key: the key itself if numeric, else its trailing digits
-    (sa_123 -> 123), else a CRC32 of it."""
-    if key.isdigit():
-        return int(key)
-    m = re.search(r"(\d+)$", key)
-    return int(m.group(1)) if m else zlib.crc32(key.encode())
-
-
-def decode_rgb(data: bytes, where: str) -> np.ndarray:
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None:
-        raise ValueError(f"{where}: image does not decode")
-    return np.ascontiguousarray(img[..., ::-1])
-
-
 def _categories(ds) -> dict:
     """annotation id -> category id when the stream knows them (COCO), else {}."""
     coco = getattr(ds, "coco", None)
@@ -96,7 +81,7 @@ def eval_images(dm, rank: int = 0, world: int = 1, max_images: Optional[int] = N
     """The validation images of a set-up datamodule owned by `rank` of `world` (the stream's own
     split: SA-1B shards round robin, COCO images round robin), with all their annotations at
     the stored resolution. max_images bounds this rank's share (ceil(max_images / world))."""
-    from datamodules.faults import FaultCounter
+    from segany.data.faults import FaultCounter
 
     ds = dm.val_dataset
     cats = _categories(ds)
@@ -109,22 +94,23 @@ def eval_images(dm, rank: int = 0, world: int = 1, max_images: Optional[int] = N
         data = rec.image() if callable(rec.image) else rec.image
         image = decode_rgb(data, f"{rec.source}:{rec.key}")
         if image.shape[:2] != (rec.height, rec.width):
-            raise ValueError(f"{rec.source}:{rec.key}: image is {image.shape[:2]}, annotations say "
-                             f"{(rec.height, rec.width)}")
+            raise ValueError(
+                f"{rec.source}:{rec.key}: image is {image.shape[:2]}, annotations say {(rec.height, rec.width)}"
+            )
         anns = []
         for j, counts in enumerate(rec.counts):
             rle = {"size": [rec.height, rec.width], "counts": counts}
             enc = {"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
             ann_id = int(rec.ids[j])
-            anns.append({"id": ann_id, "segmentation": rle, "area": float(mask_utils.area(enc)),
-                         "bbox": [float(v) for v in mask_utils.toBbox(enc)],
-                         "iscrowd": int(bool(rec.iscrowd[j])), "category_id": int(cats.get(ann_id, 1))})
+            anns.append(
+                {
+                    "id": ann_id,
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(enc)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(enc)],
+                    "iscrowd": int(bool(rec.iscrowd[j])),
+                    "category_id": int(cats.get(ann_id, 1)),
+                }
+            )
         n += 1
         yield EvalImage(rec.key, numeric_id(rec.key), image, anns)
-
-
-def decode_mask(seg: dict) -> np.ndarray:
-    """COCO RLE (str or bytes counts) -> (H, W) bool."""
-    counts = seg["counts"]
-    return mask_utils.decode({"size": list(seg["size"]),
-                              "counts": counts.encode() if isinstance(counts, str) else counts}).astype(bool)

@@ -3,6 +3,7 @@ tabulate them — one row per run directory under DIR that holds checkpoints/las
 name, its overrides (Hydra's overrides.yaml in .hydra/ or hydra/, else an ``overrides`` list
 in its config.yaml) and mIoU at each click count, in DIR/results.md and DIR/results.json.
 Each run's own metrics go to <run>/eval/ as with ckpt_path=."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
-from .report import _fmt
+from segany.evaluation.report import _fmt
 
 log = logging.getLogger("evaluate")
 
@@ -19,8 +20,7 @@ log = logging.getLogger("evaluate")
 def find_runs(sweep_dir: str) -> list:
     if not os.path.isdir(sweep_dir):
         raise FileNotFoundError(f"sweep_dir={sweep_dir}: no such directory")
-    runs = sorted(dp for dp, _, fs in os.walk(sweep_dir)
-                  if os.path.basename(dp) == "checkpoints" and "last.ckpt" in fs)
+    runs = sorted(dp for dp, _, fs in os.walk(sweep_dir) if os.path.basename(dp) == "checkpoints" and "last.ckpt" in fs)
     runs = [os.path.dirname(r) for r in runs]
     if not runs:
         raise FileNotFoundError(f"sweep_dir={sweep_dir}: no run directory with checkpoints/last.ckpt under it")
@@ -44,27 +44,45 @@ def run_overrides(run_dir: str) -> list:
 
 
 def evaluate_sweep(cfg: DictConfig) -> dict:
-    from .runner import evaluate
+    from segany.evaluation.runner import evaluate
 
     sweep_dir = cfg.sweep_dir
     rows = []
     for run in find_runs(sweep_dir):
-        run_cfg = OmegaConf.merge(cfg, {"sweep_dir": None, "task": "points", "output_dir": None,
-                                        "ckpt_path": os.path.join(run, "checkpoints", "last.ckpt")})
+        run_cfg = OmegaConf.merge(
+            cfg,
+            {
+                "sweep_dir": None,
+                "task": "points",
+                "output_dir": None,
+                "ckpt_path": os.path.join(run, "checkpoints", "last.ckpt"),
+            },
+        )
         log.info("sweep: evaluating %s", run)
         metrics = evaluate(run_cfg)
-        if not metrics:       # not rank 0
+        if not metrics:  # not rank 0
             continue
-        rows.append({"run": os.path.relpath(run, sweep_dir), "overrides": run_overrides(run),
-                     **{k: v for k, v in metrics["points"]["mean"].items()}})
+        rows.append(
+            {
+                "run": os.path.relpath(run, sweep_dir),
+                "overrides": run_overrides(run),
+                **{k: v for k, v in metrics["points"]["mean"].items()},
+            }
+        )
     if not rows:
         return {}
     clicks = list(cfg.clicks)
     with open(os.path.join(sweep_dir, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
     cols = [f"miou@{k}" for k in clicks] + [f"miou_oracle@{clicks[0]}", "num_masks"]
-    lines = [f"# Sweep {os.path.abspath(sweep_dir)}", "", "points task, mean over datasets", "",
-             "| run | overrides | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    lines = [
+        f"# Sweep {os.path.abspath(sweep_dir)}",
+        "",
+        "points task, mean over datasets",
+        "",
+        "| run | overrides | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
     for r in rows:
         ov = " ".join(f"`{o}`" for o in r["overrides"]) or "—"
         lines.append(f"| {r['run']} | {ov} | " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")

@@ -5,7 +5,7 @@
 written for the release ports by changing the import.
 """
 
-from .amg import SamAutomaticMaskGenerator
-from .predictor import SamPredictor
+from segany.inference.amg import SamAutomaticMaskGenerator
+from segany.inference.predictor import SamPredictor
 
 __all__ = ["SamAutomaticMaskGenerator", "SamPredictor"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_area
 
-from .amg_utils import (
+from segany.inference.amg_utils import (
     area_from_rle,
     batch_iterator,
     batched_mask_to_box,
@@ -37,7 +37,7 @@ from .amg_utils import (
     uncrop_masks,
     uncrop_points,
 )
-from .predictor import SamPredictor
+from segany.inference.predictor import SamPredictor
 
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -72,11 +72,7 @@ class _Proposals:
     def cat(parts: Sequence["_Proposals"]) -> "_Proposals":
         return _Proposals(
             rles=[r for p in parts for r in p.rles],
-            **{
-                f.name: torch.cat([getattr(p, f.name) for p in parts])
-                for f in fields(_Proposals)
-                if f.name != "rles"
-            },
+            **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(_Proposals) if f.name != "rles"},
         )
 
     @staticmethod

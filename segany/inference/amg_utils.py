@@ -36,9 +36,7 @@ def build_point_grid(n_per_side: int) -> np.ndarray:
     return np.stack([xs.ravel(), ys.ravel()], axis=1)
 
 
-def build_all_layer_point_grids(
-    n_per_side: int, n_layers: int, scale_per_layer: int
-) -> List[np.ndarray]:
+def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> List[np.ndarray]:
     """One grid per crop layer (layer 0 = full image); layer ``i`` uses
     ``int(n_per_side / scale_per_layer**i)`` points per side."""
     return [build_point_grid(int(n_per_side / scale_per_layer**i)) for i in range(n_layers + 1)]
@@ -114,9 +112,7 @@ def is_box_near_crop_edge(
 # --------------------------------------------------------------------------- scores and boxes
 
 
-def calculate_stability_score(
-    masks: torch.Tensor, mask_threshold: float, threshold_offset: float
-) -> torch.Tensor:
+def calculate_stability_score(masks: torch.Tensor, mask_threshold: float, threshold_offset: float) -> torch.Tensor:
     """IoU of the masks binarised at ``threshold + offset`` and ``threshold - offset``.
 
     masks: (..., H, W) logits -> (...,) float32. The high-threshold mask lies inside

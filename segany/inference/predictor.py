@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 import torch
 
-from ..modeling.transforms import ResizeLongestSide
+from segany.modeling.transforms import ResizeLongestSide
 
 
 class SamPredictor:
@@ -51,7 +51,11 @@ class SamPredictor:
         original_image_size: (H, W) before resizing (shared by the batch).
         """
         img_size = self.model.image_encoder.img_size
-        if transformed_image.ndim != 4 or transformed_image.shape[1] != 3 or max(transformed_image.shape[2:]) != img_size:
+        if (
+            transformed_image.ndim != 4
+            or transformed_image.shape[1] != 3
+            or max(transformed_image.shape[2:]) != img_size
+        ):
             raise ValueError(
                 f"set_torch_image expects (B, 3, h, w) with long side {img_size}, got {tuple(transformed_image.shape)}"
             )

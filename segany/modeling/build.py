@@ -1,16 +1,17 @@
 """`build_sam`: one code path for every size, from scratch, an official checkpoint or MAE weights."""
+
 import logging
-from dataclasses import dataclass, field, asdict
-from typing import Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
 
 import torch.nn as nn
 
-from .checkpoint import load_mae_encoder, load_official
-from .image_encoder import ImageEncoderViT
-from .mask_decoder import MaskDecoder
-from .prompt_encoder import PromptEncoder
-from .sam import Sam
-from .transformer import TwoWayTransformer
+from segany.modeling.checkpoint import load_mae_encoder, load_official
+from segany.modeling.image_encoder import ImageEncoderViT
+from segany.modeling.mask_decoder import MaskDecoder
+from segany.modeling.prompt_encoder import PromptEncoder
+from segany.modeling.sam import Sam
+from segany.modeling.transformer import TwoWayTransformer
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SamConfig:
     """Every architectural number; `build_sam(variant, **overrides)` replaces any of them."""
+
     embed_dim: int
     depth: int
     num_heads: int
@@ -44,8 +46,7 @@ VARIANTS = {
     "vit_l": SamConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
     "vit_h": SamConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
     # for CPU tests and the demo: 256 px -> 16x16 tokens, low-res masks 64x64
-    "vit_tiny": SamConfig(embed_dim=192, depth=6, num_heads=3, global_attn_indexes=(2, 5), img_size=256,
-                          window_size=8),
+    "vit_tiny": SamConfig(embed_dim=192, depth=6, num_heads=3, global_attn_indexes=(2, 5), img_size=256, window_size=8),
 }
 
 
@@ -64,26 +65,45 @@ def sam_config(variant: str, **overrides) -> SamConfig:
     return SamConfig(**fields)
 
 
-def build_sam(variant: str = "vit_b", checkpoint: Optional[str] = None, encoder_init: Optional[str] = None,
-              **overrides) -> Sam:
+def build_sam(
+    variant: str = "vit_b", checkpoint: Optional[str] = None, encoder_init: Optional[str] = None, **overrides
+) -> Sam:
     """Build SAM of size `variant`; `checkpoint` loads an official SAM .pth strictly,
     `encoder_init` loads MAE/timm ViT weights into the image encoder (pos-embed resized)."""
     cfg = sam_config(variant, **overrides)
     grid = cfg.img_size // cfg.patch_size
     image_encoder = ImageEncoderViT(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, global_attn_indexes=cfg.global_attn_indexes, window_size=cfg.window_size,
-        out_chans=cfg.prompt_embed_dim, drop_path_rate=cfg.drop_path_rate,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        global_attn_indexes=cfg.global_attn_indexes,
+        window_size=cfg.window_size,
+        out_chans=cfg.prompt_embed_dim,
+        drop_path_rate=cfg.drop_path_rate,
         grad_checkpointing=cfg.grad_checkpointing,
     )
-    prompt_encoder = PromptEncoder(embed_dim=cfg.prompt_embed_dim, image_embedding_size=(grid, grid),
-                                   input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=cfg.mask_in_chans)
-    transformer = TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_embed_dim,
-                                    num_heads=cfg.decoder_heads, mlp_dim=cfg.decoder_mlp_dim,
-                                    dropout=cfg.decoder_dropout)
-    mask_decoder = MaskDecoder(transformer_dim=cfg.prompt_embed_dim, transformer=transformer,
-                               num_multimask_outputs=cfg.num_multimask_outputs, iou_head_depth=cfg.iou_head_depth,
-                               iou_head_hidden_dim=cfg.iou_head_hidden_dim)
+    prompt_encoder = PromptEncoder(
+        embed_dim=cfg.prompt_embed_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(cfg.img_size, cfg.img_size),
+        mask_in_chans=cfg.mask_in_chans,
+    )
+    transformer = TwoWayTransformer(
+        depth=cfg.decoder_depth,
+        embedding_dim=cfg.prompt_embed_dim,
+        num_heads=cfg.decoder_heads,
+        mlp_dim=cfg.decoder_mlp_dim,
+        dropout=cfg.decoder_dropout,
+    )
+    mask_decoder = MaskDecoder(
+        transformer_dim=cfg.prompt_embed_dim,
+        transformer=transformer,
+        num_multimask_outputs=cfg.num_multimask_outputs,
+        iou_head_depth=cfg.iou_head_depth,
+        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+    )
     model = Sam(image_encoder, prompt_encoder, mask_decoder)
     model.config = cfg
     if checkpoint is not None:

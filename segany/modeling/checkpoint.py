@@ -3,6 +3,7 @@
 The release names the image encoder's MLP `mlp.lin1/lin2`; timm (and segany) name it
 `mlp.fc1/fc2`. Everything else has the same key names.
 """
+
 import os
 import tempfile
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
@@ -34,22 +36,23 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 def from_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Release key names -> segany key names."""
-    return {k.replace(".mlp.lin", ".mlp.fc") if k.startswith("image_encoder.") else k: v
-            for k, v in state_dict.items()}
+    return {k.replace(".mlp.lin", ".mlp.fc") if k.startswith("image_encoder.") else k: v for k, v in state_dict.items()}
 
 
 def to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """segany key names -> release key names."""
-    return {k.replace(".mlp.fc", ".mlp.lin") if k.startswith("image_encoder.") else k: v
-            for k, v in state_dict.items()}
+    return {k.replace(".mlp.fc", ".mlp.lin") if k.startswith("image_encoder.") else k: v for k, v in state_dict.items()}
 
 
 def _mismatch_report(expected: Dict[str, torch.Tensor], given: Dict[str, torch.Tensor]) -> List[str]:
     lines = []
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
-    wrong = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in given and given[k].shape != expected[k].shape]
+    wrong = [
+        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and given[k].shape != expected[k].shape
+    ]
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if keys:
             shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
@@ -63,8 +66,10 @@ def load_official(model: nn.Module, path: str) -> None:
     expected = model.state_dict()
     problems = _mismatch_report(expected, given)
     if problems:
-        raise CheckpointError(f"checkpoint {path!r} does not match the model "
-                              f"(is it an official SAM checkpoint of this size?):\n" + "\n".join(problems))
+        raise CheckpointError(
+            f"checkpoint {path!r} does not match the model "
+            f"(is it an official SAM checkpoint of this size?):\n" + "\n".join(problems)
+        )
     model.load_state_dict(given, strict=True)
 
 
@@ -98,8 +103,7 @@ class InitReport:
     not_initialised: List[str]  # in the encoder, left at their fresh init (rel-pos, neck)
 
     def __str__(self) -> str:
-        return (f"{len(self.loaded)} tensors loaded; unused: {self.unused}; "
-                f"left at init: {self.not_initialised}")
+        return f"{len(self.loaded)} tensors loaded; unused: {self.unused}; left at init: {self.not_initialised}"
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
@@ -110,14 +114,15 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
         if side * side == n - 1:
             pos_embed = pos_embed[:, 1:]
         else:
-            side = int(round(n ** 0.5))
+            side = int(round(n**0.5))
             if side * side != n:
                 raise CheckpointError(f"pos_embed with {n} tokens is not a square grid")
         pos_embed = pos_embed.reshape(1, side, side, -1)
     if pos_embed.shape[1:3] == (grid, grid):
         return pos_embed
-    resized = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bicubic",
-                            align_corners=False)
+    resized = F.interpolate(
+        pos_embed.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bicubic", align_corners=False
+    )
     return resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
 
 
@@ -130,12 +135,18 @@ def load_mae_encoder(encoder: nn.Module, path: str) -> InitReport:
     if "pos_embed" in given:
         given["pos_embed"] = resize_pos_embed(given["pos_embed"], grid)
     usable = {k: v for k, v in given.items() if k in expected}
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs encoder {tuple(expected[k].shape)}"
-             for k, v in usable.items() if v.shape != expected[k].shape]
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs encoder {tuple(expected[k].shape)}"
+        for k, v in usable.items()
+        if v.shape != expected[k].shape
+    ]
     if wrong:
         raise CheckpointError(f"MAE checkpoint {path!r} does not fit this encoder size:\n    " + "\n    ".join(wrong))
     if not any(k.startswith("blocks.") for k in usable):
         raise CheckpointError(f"{path!r} holds no ViT blocks with timm/MAE key names (blocks.N.attn.qkv ...)")
     encoder.load_state_dict(usable, strict=False)
-    return InitReport(loaded=sorted(usable), unused=sorted(set(given) - set(usable)),
-                      not_initialised=sorted(set(expected) - set(usable)))
+    return InitReport(
+        loaded=sorted(usable),
+        unused=sorted(set(given) - set(usable)),
+        not_initialised=sorted(set(expected) - set(usable)),
+    )

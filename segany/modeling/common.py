@@ -1,4 +1,5 @@
 """Small building blocks shared by the prompt encoder and the mask decoder."""
+
 from typing import Type
 
 import torch
@@ -23,8 +24,7 @@ class LayerNorm2d(nn.Module):
 class MLPBlock(nn.Module):
     """Transformer feed-forward block: lin1 -> act -> (dropout) -> lin2."""
 
-    def __init__(self, embedding_dim: int, mlp_dim: int, act: Type[nn.Module] = nn.GELU,
-                 dropout: float = 0.0) -> None:
+    def __init__(self, embedding_dim: int, mlp_dim: int, act: Type[nn.Module] = nn.GELU, dropout: float = 0.0) -> None:
         super().__init__()
         self.lin1 = nn.Linear(embedding_dim, mlp_dim)
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)
@@ -38,8 +38,9 @@ class MLPBlock(nn.Module):
 class MLP(nn.Module):
     """`num_layers` linear layers with ReLU between them (hypernetworks, IoU head)."""
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int,
-                 sigmoid_output: bool = False) -> None:
+    def __init__(
+        self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, sigmoid_output: bool = False
+    ) -> None:
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))

@@ -4,6 +4,7 @@ timm's `VisionTransformerSAM` has the release's structure and key names (except
 `mlp.fc1/fc2` for the release's `mlp.lin1/lin2`, mapped in `checkpoint.py`) and runs
 attention through `scaled_dot_product_attention` with the decomposed rel-pos as a bias.
 """
+
 from functools import partial
 from typing import Sequence
 

@@ -13,13 +13,14 @@ final (N, 4, 4h, 4w) logits are rearranged into an image. Same parameters (the r
 `output_upscaling.*` keys) and the same function as running the module; on the CPU about
 1.6x faster in training (no layout conversions between the convolutions and the GELUs).
 """
+
 from typing import Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import MLP, LayerNorm2d
+from segany.modeling.common import MLP, LayerNorm2d
 
 
 class MaskDecoder(nn.Module):
@@ -60,8 +61,9 @@ class MaskDecoder(nn.Module):
         multimask_output: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> masks (N, K, 4h, 4w) logits, iou_pred (N, K); K = 3 with multimask_output else 1."""
-        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
-                                             dense_prompt_embeddings)
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sel], iou_pred[:, sel]
 
@@ -78,18 +80,21 @@ class MaskDecoder(nn.Module):
         if n % b != 0:
             raise ValueError(f"{n} prompt rows cannot be grouped over {b} images")
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)  # (5, C)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype),
-                            sparse_prompt_embeddings], dim=1)  # (N, 5+T, C)
+        tokens = torch.cat(
+            [output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype), sparse_prompt_embeddings],
+            dim=1,
+        )  # (N, 5+T, C)
 
         # every prompt row gets its own copy of its image's embedding (the transformer updates it)
         src = image_embeddings if n == b else image_embeddings.repeat_interleave(n // b, dim=0)
         src = src + dense_prompt_embeddings  # (N, C, h, w)
         hs, src = self.transformer(src, image_pe, tokens)  # (N, 5+T, C), (N, hw, C)
         iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]  # (N, 4, C)
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # (N, 4, C)
 
-        hyper_in = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-                               dim=1)  # (N, 4, C/8)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )  # (N, 4, C/8)
         masks = self.upscale_masks(src, hyper_in, h, w)  # (N, 4, 4h, 4w)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred
@@ -101,19 +106,19 @@ class MaskDecoder(nn.Module):
         ``hyper_in @ output_upscaling(src as (N, C, h, w))`` flattened over pixels."""
         up1, norm, act1, up2, act2 = self.output_upscaling
         n, k = src.shape[0], hyper_in.shape[1]
-        x = _subpixel_convt(src, up1)                                       # (N, hw, 4, C/4)
+        x = _subpixel_convt(src, up1)  # (N, hw, 4, C/4)
         x = act1(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))
-        x = act2(_subpixel_convt(x.flatten(1, 2), up2))                      # (N, hw*4, 4, C/8)
+        x = act2(_subpixel_convt(x.flatten(1, 2), up2))  # (N, hw*4, 4, C/8)
         # position (token t=(i, j), block (a, b), sub-block (a2, b2)) = pixel (4i+2a+a2, 4j+2b+b2)
-        logits = x.flatten(1, 2) @ hyper_in.transpose(1, 2)                  # (N, hw*16, K)
-        logits = logits.view(n, h, w, 2, 2, 2, 2, k)                          # (N, i, j, a, b, a2, b2, K)
+        logits = x.flatten(1, 2) @ hyper_in.transpose(1, 2)  # (N, hw*16, K)
+        logits = logits.view(n, h, w, 2, 2, 2, 2, k)  # (N, i, j, a, b, a2, b2, K)
         return logits.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, k, 4 * h, 4 * w)
 
 
 def _subpixel_convt(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
     """A kernel-2 stride-2 transposed convolution on pixels given as rows: x (N, P, Cin) ->
     (N, P, 4, Cout), the 2x2 output block of each input pixel in (a, b) row-major order."""
-    w = conv.weight                                                          # (Cin, Cout, 2, 2)
-    y = x @ w.permute(0, 2, 3, 1).reshape(w.shape[0], 4 * w.shape[1])       # (N, P, 4*Cout)
+    w = conv.weight  # (Cin, Cout, 2, 2)
+    y = x @ w.permute(0, 2, 3, 1).reshape(w.shape[0], 4 * w.shape[1])  # (N, P, 4*Cout)
     y = y.view(*x.shape[:2], 4, w.shape[1])
     return y + conv.bias if conv.bias is not None else y

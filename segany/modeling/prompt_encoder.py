@@ -11,12 +11,13 @@ in one (N, P) tensor (what the training loop needs). The release's call
 `forward(points=(coords, labels), boxes=..., masks=...)` works unchanged, including its
 padding point appended when points come without a box.
 """
+
 from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 
-from .common import LayerNorm2d
+from segany.modeling.common import LayerNorm2d
 
 PAD, NEG, POS, BOX_TL, BOX_BR = -1, 0, 1, 2, 3
 
@@ -27,8 +28,9 @@ class PositionEmbeddingRandom(nn.Module):
     def __init__(self, num_pos_feats: int = 128, scale: Optional[float] = None) -> None:
         super().__init__()
         scale = 1.0 if scale is None or scale <= 0.0 else scale
-        self.register_buffer("positional_encoding_gaussian_matrix",
-                             scale * torch.randn((2, num_pos_feats)))  # (2, C/2), in the state_dict
+        self.register_buffer(
+            "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats))
+        )  # (2, C/2), in the state_dict
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         """(..., 2) coords normalised to [0, 1] -> (..., C)."""

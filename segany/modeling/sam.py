@@ -4,24 +4,31 @@ Beyond the release's API (`forward(batched_input, multimask_output)`, `preproces
 `postprocess_masks`), `decode` runs the decoder for B images x M prompts in one call.
 Nothing here is under `no_grad`: the same module trains.
 """
+
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .constants import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
-from .image_encoder import ImageEncoderViT
-from .mask_decoder import MaskDecoder
-from .prompt_encoder import PromptEncoder
+from segany.modeling.constants import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
+from segany.modeling.image_encoder import ImageEncoderViT
+from segany.modeling.mask_decoder import MaskDecoder
+from segany.modeling.prompt_encoder import PromptEncoder
 
 
 class Sam(nn.Module):
     mask_threshold: float = MASK_THRESHOLD
     image_format: str = "RGB"
 
-    def __init__(self, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
-                 pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD) -> None:
+    def __init__(
+        self,
+        image_encoder: ImageEncoderViT,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        pixel_mean=PIXEL_MEAN,
+        pixel_std=PIXEL_STD,
+    ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
@@ -44,8 +51,9 @@ class Sam(nn.Module):
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
 
-    def postprocess_masks(self, masks: torch.Tensor, input_size: Tuple[int, ...],
-                          original_size: Tuple[int, ...]) -> torch.Tensor:
+    def postprocess_masks(
+        self, masks: torch.Tensor, input_size: Tuple[int, ...], original_size: Tuple[int, ...]
+    ) -> torch.Tensor:
         """(B, K, 4h, 4w) low-res logits -> (B, K, H, W) logits at the original image size."""
         masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
@@ -97,11 +105,12 @@ class Sam(nn.Module):
         outputs = []
         for record, embedding in zip(batched_input, embeddings):
             points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
-            sparse, dense = self.prompt_encoder(points=points, boxes=record.get("boxes"),
-                                                masks=record.get("mask_inputs"))
-            low_res, iou = self.mask_decoder(embedding.unsqueeze(0), self.prompt_encoder.get_dense_pe(),
-                                             sparse, dense, multimask_output)
+            sparse, dense = self.prompt_encoder(
+                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
+            )
+            low_res, iou = self.mask_decoder(
+                embedding.unsqueeze(0), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+            )
             masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
-            outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou,
-                            "low_res_logits": low_res})
+            outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res})
         return outputs

@@ -1,18 +1,18 @@
 """The mask decoder's two-way transformer: prompt tokens and image tokens attend to each other."""
+
 from typing import Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import MLPBlock
+from segany.modeling.common import MLPBlock
 
 
 class Attention(nn.Module):
     """Multi-head attention whose q/k/v live in a (possibly) downsampled internal dimension."""
 
-    def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1,
-                 dropout: float = 0.0) -> None:
+    def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.internal_dim = embedding_dim // downsample_rate
         self.num_heads = num_heads
@@ -40,9 +40,16 @@ class Attention(nn.Module):
 class TwoWayAttentionBlock(nn.Module):
     """Self-attention on tokens, tokens -> image, MLP on tokens, image -> tokens."""
 
-    def __init__(self, embedding_dim: int, num_heads: int, mlp_dim: int = 2048,
-                 activation: Type[nn.Module] = nn.ReLU, attention_downsample_rate: int = 2,
-                 skip_first_layer_pe: bool = False, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int = 2048,
+        activation: Type[nn.Module] = nn.ReLU,
+        attention_downsample_rate: int = 2,
+        skip_first_layer_pe: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.self_attn = Attention(embedding_dim, num_heads, dropout=dropout)
         self.norm1 = nn.LayerNorm(embedding_dim)
@@ -54,8 +61,9 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate, dropout)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
-                key_pe: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         # queries (N, T, C) prompt tokens; keys (N, HW, C) image tokens; key_pe broadcasts (1|N, HW, C)
         if self.skip_first_layer_pe:  # layer 0: the tokens *are* their PE, no residual
             queries = self.self_attn(queries, queries, queries)
@@ -74,22 +82,37 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class TwoWayTransformer(nn.Module):
-    def __init__(self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
-                 activation: Type[nn.Module] = nn.ReLU, attention_downsample_rate: int = 2,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        depth: int,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        activation: Type[nn.Module] = nn.ReLU,
+        attention_downsample_rate: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.depth = depth
         self.embedding_dim = embedding_dim
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, activation, attention_downsample_rate,
-                                 skip_first_layer_pe=(i == 0), dropout=dropout)
+            TwoWayAttentionBlock(
+                embedding_dim,
+                num_heads,
+                mlp_dim,
+                activation,
+                attention_downsample_rate,
+                skip_first_layer_pe=(i == 0),
+                dropout=dropout,
+            )
             for i in range(depth)
         )
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate, dropout)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
-    def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
-                point_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """image_embedding (N, C, h, w), image_pe (1|N, C, h, w), point_embedding (N, T, C)
         -> tokens (N, T, C), image tokens (N, hw, C)."""
         keys = image_embedding.flatten(2).transpose(1, 2)

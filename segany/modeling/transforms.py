@@ -1,4 +1,5 @@
 """Resize so the longest side equals the model's input size, as the release does."""
+
 from typing import Tuple
 
 import numpy as np

@@ -1,12 +1,23 @@
 """segany.training: the SAM training recipe (simulated interactive prompting, losses,
 optimiser, schedule) and its LightningModule."""
-from .budget import TimeBudget
-from .losses import SamLoss, dice_loss, mask_iou, sigmoid_focal_loss
-from .module import SamModule
-from .optim import SamOptim, param_groups
-from .prompting import PromptConfig, round_schedule
-from .schedule import WarmupStepDecay
-from .simulation import simulate
 
-__all__ = ["SamModule", "SamLoss", "SamOptim", "PromptConfig", "WarmupStepDecay", "param_groups",
-           "round_schedule", "simulate", "TimeBudget", "sigmoid_focal_loss", "dice_loss", "mask_iou"]
+from segany.training.losses import SamLoss, dice_loss, mask_iou, sigmoid_focal_loss
+from segany.training.module import SamModule
+from segany.training.optim import SamOptim, param_groups
+from segany.training.prompting import PromptConfig, round_schedule
+from segany.training.schedule import WarmupStepDecay
+from segany.training.simulation import simulate
+
+__all__ = [
+    "SamModule",
+    "SamLoss",
+    "SamOptim",
+    "PromptConfig",
+    "WarmupStepDecay",
+    "param_groups",
+    "round_schedule",
+    "simulate",
+    "sigmoid_focal_loss",
+    "dice_loss",
+    "mask_iou",
+]

@@ -12,6 +12,7 @@ Both are selected by the configs (configs/trainer/default.yaml `plugins`,
 configs/strategy/fsdp.yaml), so ModelCheckpoint's periodic and `last` checkpoints and
 train.py's final one all go through them.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint: storage_options are not supported")
         path = Path(path)
-        if "://" in str(path):                      # object stores: Lightning's own (transactional) write
+        if "://" in str(path):  # object stores: Lightning's own (transactional) write
             return super().save_checkpoint(checkpoint, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")

@@ -7,6 +7,7 @@ Shapes: R rows (masks of all images), K candidate masks per row (3 multimask, 1 
 H x W the loss resolution. Per-row losses come out un-reduced over rows; the caller sums
 over rows and rounds and divides by the number of valid masks (across ranks).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,8 +69,8 @@ class SamLoss:
     iou_weight: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    supervise_all_iou: bool = True   # IoU MSE on every candidate (SAM 2) or only the backpropagated one
-    iou_loss: str = "mse"            # IoU head regression loss: "mse" (paper) or "l1"
+    supervise_all_iou: bool = True  # IoU MSE on every candidate (SAM 2) or only the backpropagated one
+    iou_loss: str = "mse"  # IoU head regression loss: "mse" (paper) or "l1"
 
     def __post_init__(self):
         for key in ("focal_weight", "dice_weight", "iou_weight"):
@@ -87,16 +88,16 @@ class SamLoss:
         gradient), ``focal``, ``dice``, ``iou`` (the chosen mask's components), ``best``
         (index of the backpropagated candidate) and ``true_iou`` (actual IoU of the chosen).
         """
-        logits, iou_pred = logits.float(), iou_pred.float()                      # losses in fp32 under autocast
-        t = target[:, None].to(logits.dtype).expand_as(logits)                    # (R, K, H, W)
+        logits, iou_pred = logits.float(), iou_pred.float()  # losses in fp32 under autocast
+        t = target[:, None].to(logits.dtype).expand_as(logits)  # (R, K, H, W)
         focal = sigmoid_focal_loss(logits, t, self.focal_alpha, self.focal_gamma)  # (R, K)
-        dice = dice_loss(logits, t)                                               # (R, K)
-        true_iou = mask_iou(logits, t)                                            # (R, K)
+        dice = dice_loss(logits, t)  # (R, K)
+        true_iou = mask_iou(logits, t)  # (R, K)
         iou_err = IOU_LOSSES[self.iou_loss](iou_pred, true_iou.to(iou_pred.dtype))  # (R, K)
 
-        combo = self.focal_weight * focal + self.dice_weight * dice               # (R, K)
-        best = combo.detach().argmin(dim=1, keepdim=True)                         # (R, 1)
-        pick = lambda x: x.gather(1, best).squeeze(1)                             # (R, K) -> (R,)
+        combo = self.focal_weight * focal + self.dice_weight * dice  # (R, K)
+        best = combo.detach().argmin(dim=1, keepdim=True)  # (R, 1)
+        pick = lambda x: x.gather(1, best).squeeze(1)  # (R, K) -> (R,)
         iou_term = iou_err.mean(dim=1) if self.supervise_all_iou else pick(iou_err)
         total = pick(combo) + self.iou_weight * iou_term
         zero = torch.zeros((), device=total.device, dtype=total.dtype)

@@ -5,6 +5,7 @@ masks, see simulation.py) -> loss / (valid masks across all ranks).
 validation_step = the same simulation without gradients, plus the single-point protocol of
 segany.evaluation at a few click counts, and a few images with their predicted masks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,17 +15,16 @@ from typing import Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
-from pytorch_lightning.strategies import ModelParallelStrategy
-
-from ..evaluation.protocol import ClickProtocol, interactive_eval
-from .losses import SamLoss
-from .optim import SamOptim
-from .prompting import PromptConfig
-from .sharding import ShardingConfig, is_sharded
-from .simulation import simulate
-from .visualize import draw_masks
+from segany.evaluation.protocol import ClickProtocol, interactive_eval
+from segany.training.losses import SamLoss
+from segany.training.optim import SamOptim
+from segany.training.prompting import PromptConfig
+from segany.training.sharding import ShardingConfig, is_sharded
+from segany.training.simulation import simulate
+from segany.training.visualize import draw_masks
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,31 @@ class SamModule(pl.LightningModule):
     interrupted and resumed before it (no RNG state needs to travel in checkpoints);
     validation reseeds from (seed, "val") so its numbers are comparable across a run."""
 
-    def __init__(self, model: nn.Module, prompting: Optional[PromptConfig] = None, loss: Optional[SamLoss] = None,
-                 optim: Optional[SamOptim] = None, freeze_image_encoder: bool = False,
-                 freeze_prompt_encoder: bool = False, freeze_mask_decoder: bool = False,
-                 val_clicks=(1, 3), val_images: int = 4, run_config: Optional[dict] = None,
-                 sharding: Optional[dict] = None, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        prompting: Optional[PromptConfig] = None,
+        loss: Optional[SamLoss] = None,
+        optim: Optional[SamOptim] = None,
+        freeze_image_encoder: bool = False,
+        freeze_prompt_encoder: bool = False,
+        freeze_mask_decoder: bool = False,
+        val_clicks=(1, 3),
+        val_images: int = 4,
+        run_config: Optional[dict] = None,
+        sharding: Optional[dict] = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.model = model
         self.prompting = prompting or PromptConfig()
         self.loss_fn = loss or SamLoss()
         self.optim = optim or SamOptim()
-        self.freeze = {"image_encoder": bool(freeze_image_encoder), "prompt_encoder": bool(freeze_prompt_encoder),
-                       "mask_decoder": bool(freeze_mask_decoder)}
+        self.freeze = {
+            "image_encoder": bool(freeze_image_encoder),
+            "prompt_encoder": bool(freeze_prompt_encoder),
+            "mask_decoder": bool(freeze_mask_decoder),
+        }
         for part, frozen in self.freeze.items():
             if frozen:
                 getattr(self.model, part).requires_grad_(False)
@@ -60,7 +73,7 @@ class SamModule(pl.LightningModule):
             raise ValueError("module.freeze_*: all three parts frozen, nothing to train")
         self.val_protocol = ClickProtocol(clicks=tuple(val_clicks))
         self.val_images = int(val_images)
-        self.run_config = run_config       # the resolved Hydra config, stored in checkpoints
+        self.run_config = run_config  # the resolved Hydra config, stored in checkpoints
         self.sharding = ShardingConfig(**sharding) if sharding else None
         self.seed = int(seed)
         self._faults: dict = {}
@@ -73,15 +86,17 @@ class SamModule(pl.LightningModule):
             return
         if self.sharding is None:
             if self.trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
-                raise ValueError("trainer.strategy is ModelParallelStrategy but module.sharding is not set "
-                                 "(use +strategy=fsdp, which sets both)")
+                raise ValueError(
+                    "trainer.strategy is ModelParallelStrategy but module.sharding is not set "
+                    "(use +strategy=fsdp, which sets both)"
+                )
             return
         self.sharding.apply(self.model, mesh=self.device_mesh["data_parallel"])
 
     # ---------------------------------------------------------------- helpers
     def train(self, mode: bool = True):
         super().train(mode)
-        for part, frozen in self.freeze.items():   # frozen parts: no drop path / dropout
+        for part, frozen in self.freeze.items():  # frozen parts: no drop path / dropout
             if frozen:
                 getattr(self.model, part).eval()
         return self
@@ -127,8 +142,12 @@ class SamModule(pl.LightningModule):
 
     def step_seed(self, step: int, stream: int = 0) -> int:
         """A 63-bit seed from (seed, step, rank, stream): independent streams per rank and step."""
-        x = (self.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + self.global_rank * 0x94D049BB133111EB
-             + stream * 0xD6E8FEB86659FD93) % (1 << 64)
+        x = (
+            self.seed * 0x9E3779B97F4A7C15
+            + step * 0xBF58476D1CE4E5B9
+            + self.global_rank * 0x94D049BB133111EB
+            + stream * 0xD6E8FEB86659FD93
+        ) % (1 << 64)
         x ^= x >> 31
         return (x * 0x2545F4914F6CDD1D % (1 << 64)) >> 1
 
@@ -144,12 +163,15 @@ class SamModule(pl.LightningModule):
             B = batch["image"].shape[0]
             opt = self.optimizers()
             lr = max(g["lr"] for g in opt.param_groups) if opt is not None else 0.0
-            self.log_dict({"perf/images_per_s": B / dt, "perf/masks_per_s": self._last_masks / dt,
-                           "train/lr": lr}, on_step=True, batch_size=B)
+            self.log_dict(
+                {"perf/images_per_s": B / dt, "perf/masks_per_s": self._last_masks / dt, "train/lr": lr},
+                on_step=True,
+                batch_size=B,
+            )
 
     def on_validation_epoch_start(self):
         self._val_drawn = 0
-        torch.manual_seed(self.step_seed(0, stream=1))        # the same validation prompts every time
+        torch.manual_seed(self.step_seed(0, stream=1))  # the same validation prompts every time
 
     def validation_step(self, batch: dict, batch_idx: int):
         B = batch["image"].shape[0]
@@ -161,8 +183,7 @@ class SamModule(pl.LightningModule):
         for k, v in ev["iou"].items():
             if ev["count"] > 0:
                 logs[f"val/miou@{k}"] = float(np.mean(v))
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=B, sync_dist=True,
-                      prog_bar=False)
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=B, sync_dist=True, prog_bar=False)
         if self.val_images > self._val_drawn and self.global_rank == 0:
             self._log_images(batch, ev, self.val_images - self._val_drawn)
 
@@ -172,16 +193,20 @@ class SamModule(pl.LightningModule):
         if not images:
             return
         logger = self.logger
-        if hasattr(logger, "log_image"):      # WandbLogger
+        if hasattr(logger, "log_image"):  # WandbLogger
             logger.log_image(key="val/predictions", images=list(images), step=self.global_step)
         elif self.trainer is not None and self.trainer.log_dir:
             import os
+
             import cv2
+
             d = os.path.join(self.trainer.log_dir, "val_images")
             os.makedirs(d, exist_ok=True)
             for i, im in enumerate(images):
-                cv2.imwrite(os.path.join(d, f"step{self.global_step:07d}_{self._val_drawn - len(images) + i}.png"),
-                            im[..., ::-1])
+                cv2.imwrite(
+                    os.path.join(d, f"step{self.global_step:07d}_{self._val_drawn - len(images) + i}.png"),
+                    im[..., ::-1],
+                )
 
     # ---------------------------------------------------------------- optimiser
     def configure_optimizers(self):
@@ -191,4 +216,3 @@ class SamModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["segany_config"] = self.run_config
-

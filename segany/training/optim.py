@@ -9,6 +9,7 @@ and Lightning schedulers ignore. Here every group gets ``lr = base_lr * scale`` 
 (``lr_scale`` is kept for reference) and the scheduler is a LambdaLR, which multiplies each
 group's own initial lr.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,7 +18,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .schedule import WarmupStepDecay
+from segany.training.schedule import WarmupStepDecay
 
 NO_DECAY_KEYS = ("pos_embed", "rel_pos")
 
@@ -25,7 +26,7 @@ NO_DECAY_KEYS = ("pos_embed", "rel_pos")
 def encoder_layer_id(name: str, depth: int) -> int:
     """Parameter name (of the whole Sam) -> layer id for lr decay."""
     if name.startswith("image_encoder."):
-        sub = name[len("image_encoder."):]
+        sub = name[len("image_encoder.") :]
         if sub.startswith(("patch_embed", "pos_embed", "cls_token")):
             return 0
         m = re.match(r"blocks\.(\d+)\.", sub)
@@ -34,8 +35,13 @@ def encoder_layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0,
-                 no_decay_keys: Sequence[str] = NO_DECAY_KEYS) -> list:
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    no_decay_keys: Sequence[str] = NO_DECAY_KEYS,
+) -> list:
     """Trainable parameters of ``model`` (a Sam) grouped by (lr scale, decay?). Each group:
     {"params", "lr": lr * scale, "lr_scale", "weight_decay", "name"}."""
     depth = len(model.image_encoder.blocks)
@@ -47,8 +53,17 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
         scale = layer_decay ** (depth + 1 - lid)
         decay = not (p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in no_decay_keys))
         key = f"layer_{lid}_{'decay' if decay else 'no_decay'}"
-        g = groups.setdefault(key, {"params": [], "names": [], "lr": lr * scale, "lr_scale": scale,
-                                    "weight_decay": weight_decay if decay else 0.0, "name": key})
+        g = groups.setdefault(
+            key,
+            {
+                "params": [],
+                "names": [],
+                "lr": lr * scale,
+                "lr_scale": scale,
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": key,
+            },
+        )
         g["params"].append(p)
         g["names"].append(name)
     return list(groups.values())
@@ -57,11 +72,22 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
 class SamOptim:
     """Config node ``optim``: builds the optimizer and its per-step scheduler for a Sam."""
 
-    def __init__(self, lr: float = 8e-4, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.1, layer_decay: float = 1.0,
-                 no_decay_keys: Iterable[str] = NO_DECAY_KEYS, warmup_iters: int = 250,
-                 warmup_start_factor: float = 0.0, milestones: Sequence[int] = (),
-                 gamma=0.1, cooldown: Sequence[int] = (), cooldown_final: float = 0.0, fused: bool = False):
+    def __init__(
+        self,
+        lr: float = 8e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        layer_decay: float = 1.0,
+        no_decay_keys: Iterable[str] = NO_DECAY_KEYS,
+        warmup_iters: int = 250,
+        warmup_start_factor: float = 0.0,
+        milestones: Sequence[int] = (),
+        gamma=0.1,
+        cooldown: Sequence[int] = (),
+        cooldown_final: float = 0.0,
+        fused: bool = False,
+    ):
         if lr <= 0:
             raise ValueError(f"optim.lr={lr} must be > 0")
         if not 0 < layer_decay <= 1:
@@ -70,8 +96,7 @@ class SamOptim:
         self.weight_decay, self.layer_decay = float(weight_decay), float(layer_decay)
         self.no_decay_keys = tuple(no_decay_keys)
         self.fused = bool(fused)
-        self.schedule = WarmupStepDecay(warmup_iters, milestones, gamma, warmup_start_factor, cooldown,
-                                        cooldown_final)
+        self.schedule = WarmupStepDecay(warmup_iters, milestones, gamma, warmup_start_factor, cooldown, cooldown_final)
 
     def __call__(self, model: nn.Module):
         groups = param_groups(model, self.lr, self.weight_decay, self.layer_decay, self.no_decay_keys)
@@ -79,7 +104,13 @@ class SamOptim:
             raise ValueError("optim: no trainable parameters (are all parts frozen?)")
         for g in groups:
             g.pop("names")
-        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps,
-                                weight_decay=self.weight_decay, **({"fused": True} if self.fused else {}))
+        opt = torch.optim.AdamW(
+            groups,
+            lr=self.lr,
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            **({"fused": True} if self.fused else {}),
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
         return opt, sched

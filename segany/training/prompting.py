@@ -20,6 +20,7 @@ frame, labels (R, P) long: -1 pad, 0 negative, 1 positive, 2 box top-left, 3 box
 bottom-right. A box is therefore two "points", so every round is one prompt-encoder call
 with ``boxes=None``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,23 +47,24 @@ class PromptConfig:
       detach_feedback    stop gradients through the logits fed back as mask prompt.
     """
 
-    point_rounds: int = 8          # rounds adding one error point after round 0
-    mask_rounds: int = 2           # rounds with no new point (mask prompt only); with no point
-                                   # rounds they follow round 0 back to back
-    mask_round_last: bool = True   # one mask round is the last round; the others random
-    p_box: float = 0.5             # round 0: probability of the noisy GT box (else a point)
-    box_noise_frac: float = 0.1    # box noise std as a fraction of the box side
-    box_noise_max: float = 20.0    # cap on that std, pixels of the input frame
-    multimask: bool = True         # 3 outputs (min-loss) while the prompt is a single point
-    feed_back_mask: bool = True    # previous logits as mask prompt from round 1
+    point_rounds: int = 8  # rounds adding one error point after round 0
+    mask_rounds: int = 2  # rounds with no new point (mask prompt only); with no point
+    # rounds they follow round 0 back to back
+    mask_round_last: bool = True  # one mask round is the last round; the others random
+    p_box: float = 0.5  # round 0: probability of the noisy GT box (else a point)
+    box_noise_frac: float = 0.1  # box noise std as a fraction of the box side
+    box_noise_max: float = 20.0  # cap on that std, pixels of the input frame
+    multimask: bool = True  # 3 outputs (min-loss) while the prompt is a single point
+    feed_back_mask: bool = True  # previous logits as mask prompt from round 1
     detach_feedback: bool = True
-    resolution: str = "low"        # "low" (S/4, the decoder's) or "full" (S, as SAM 2)
+    resolution: str = "low"  # "low" (S/4, the decoder's) or "full" (S, as SAM 2)
     checkpoint_rounds: bool = False
     mask_chunk: Optional[int] = None
 
     def __post_init__(self):
         def bad(key, why):
             raise ValueError(f"prompting.{key}={getattr(self, key)!r}: {why}")
+
         if self.point_rounds < 0:
             bad("point_rounds", "must be >= 0")
         if self.mask_rounds < 0:
@@ -109,7 +111,7 @@ def sample_uniform(region: Tensor, generator: Optional[torch.Generator] = None):
     R, H, W = region.shape
     u = torch.rand(region.shape, device=region.device, generator=generator)
     u = u.masked_fill_(~region, -1.0)
-    flat = u.view(R, H * W).argmax(dim=1)                       # (R,)
+    flat = u.view(R, H * W).argmax(dim=1)  # (R,)
     found = region.view(R, H * W).any(dim=1)
     return torch.stack((flat // W, flat % W), dim=1), found
 
@@ -121,13 +123,14 @@ def pixel_to_input(yx: Tensor, res: int, img_size: int) -> Tensor:
     return (yx.flip(-1).float() + 0.5) * s - 0.5
 
 
-def noisy_boxes(boxes: Tensor, frac: float, max_std: float, img_size: int,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+def noisy_boxes(
+    boxes: Tensor, frac: float, max_std: float, img_size: int, generator: Optional[torch.Generator] = None
+) -> Tensor:
     """(R, 4) xyxy -> (R, 4) xyxy, each coordinate + N(0, std^2) with std = min(frac * side,
     max_std) (side = width for x, height for y), clamped to [0, img_size - 1] and re-ordered
     so that x1 <= x2, y1 <= y2."""
-    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)             # (R, 2)
-    std = (frac * wh).clamp(max=max_std).repeat(1, 2)            # (R, 4)
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)  # (R, 2)
+    std = (frac * wh).clamp(max=max_std).repeat(1, 2)  # (R, 4)
     noise = torch.randn(boxes.shape, device=boxes.device, generator=generator, dtype=boxes.dtype)
     out = (boxes + noise * std).clamp(0, img_size - 1)
     lo = torch.minimum(out[:, :2], out[:, 2:])
@@ -135,8 +138,9 @@ def noisy_boxes(boxes: Tensor, frac: float, max_std: float, img_size: int,
     return torch.cat((lo, hi), dim=1)
 
 
-def initial_prompts(masks: Tensor, boxes: Tensor, valid: Tensor, cfg: PromptConfig,
-                    generator: Optional[torch.Generator] = None):
+def initial_prompts(
+    masks: Tensor, boxes: Tensor, valid: Tensor, cfg: PromptConfig, generator: Optional[torch.Generator] = None
+):
     """Round 0. masks (R, S, S) bool GT in the input frame, boxes (R, 4) xyxy, valid (R,).
 
     Returns coords (R, 2, 2) float, labels (R, 2) long, is_box (R,) bool:
@@ -147,20 +151,19 @@ def initial_prompts(masks: Tensor, boxes: Tensor, valid: Tensor, cfg: PromptConf
     dev = masks.device
     is_box = torch.rand(R, device=dev, generator=generator) < cfg.p_box
     yx, found = sample_uniform(masks, generator)
-    point = pixel_to_input(yx, S, S)                             # (R, 2)
-    point_rows = torch.stack((point, torch.zeros_like(point)), dim=1)            # (R, 2, 2)
+    point = pixel_to_input(yx, S, S)  # (R, 2)
+    point_rows = torch.stack((point, torch.zeros_like(point)), dim=1)  # (R, 2, 2)
     box_rows = noisy_boxes(boxes.float(), cfg.box_noise_frac, cfg.box_noise_max, S, generator).view(R, 2, 2)
     coords = torch.where(is_box[:, None, None], box_rows, point_rows)
     lab_box = torch.tensor([BOX_TL, BOX_BR], device=dev)
     lab_pt = torch.tensor([POS, PAD], device=dev)
-    labels = torch.where(is_box[:, None], lab_box, lab_pt)                        # (R, 2)
+    labels = torch.where(is_box[:, None], lab_box, lab_pt)  # (R, 2)
     ok = valid & (is_box | found)
     labels = labels.masked_fill(~ok[:, None], PAD)
     return coords, labels, is_box
 
 
-def error_points(pred: Tensor, gt: Tensor, valid: Tensor, img_size: int,
-                 generator: Optional[torch.Generator] = None):
+def error_points(pred: Tensor, gt: Tensor, valid: Tensor, img_size: int, generator: Optional[torch.Generator] = None):
     """One corrective click per row, uniform over the error region.
 
     pred, gt (R, H, W) bool at the loss resolution; valid (R,).

@@ -5,6 +5,7 @@ lr / 10 at 60k and 86,666 of 90k for ViT-H), and optionally a linear cooldown at
 Used as a ``LambdaLR`` factor: each param group's lr = its own initial lr (base_lr times
 its layer-decay scale, see optim.py) x ``WarmupStepDecay(step)``.
 """
+
 from __future__ import annotations
 
 from bisect import bisect_right
@@ -19,9 +20,15 @@ class WarmupStepDecay:
     (and stays there after ``end``); empty = no cooldown. A class, not a lambda, so LambdaLR
     can checkpoint it."""
 
-    def __init__(self, warmup_iters: int = 250, milestones: Sequence[int] = (),
-                 gamma: Union[float, Sequence[float]] = 0.1, start_factor: float = 0.0,
-                 cooldown: Sequence[int] = (), cooldown_final: float = 0.0):
+    def __init__(
+        self,
+        warmup_iters: int = 250,
+        milestones: Sequence[int] = (),
+        gamma: Union[float, Sequence[float]] = 0.1,
+        start_factor: float = 0.0,
+        cooldown: Sequence[int] = (),
+        cooldown_final: float = 0.0,
+    ):
         milestones = [int(m) for m in (milestones or ())]
         if milestones != sorted(milestones):
             raise ValueError(f"optim.milestones={milestones} must be increasing")

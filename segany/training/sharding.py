@@ -29,6 +29,7 @@ Lightning: use `pytorch_lightning.strategies.ModelParallelStrategy` with
 and call `ShardingConfig(**cfg).apply(self.model, self.device_mesh["data_parallel"])` from
 `LightningModule.configure_model`.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -53,7 +54,7 @@ DType = Union[str, torch.dtype, None]
 
 
 def _dtype(d: DType) -> Optional[torch.dtype]:
-    """"bfloat16" / "bf16" / "float32" / torch.bfloat16 / None -> torch.dtype | None."""
+    """ "bfloat16" / "bf16" / "float32" / torch.bfloat16 / None -> torch.dtype | None."""
     if d is None or isinstance(d, torch.dtype):
         return d
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
@@ -64,9 +65,16 @@ def _dtype(d: DType) -> Optional[torch.dtype]:
     return dtype
 
 
-def shard_sam(model: nn.Module, *, mesh=None, param_dtype: DType = "bfloat16", reduce_dtype: DType = "float32",
-              cpu_offload: bool = False, activation_checkpointing: bool = False,
-              reshard_after_forward: bool = True) -> nn.Module:
+def shard_sam(
+    model: nn.Module,
+    *,
+    mesh=None,
+    param_dtype: DType = "bfloat16",
+    reduce_dtype: DType = "float32",
+    cpu_offload: bool = False,
+    activation_checkpointing: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
     """Shard a segany `Sam` in place with FSDP2 and return it.
 
     mesh: a 1-D DeviceMesh over the data-parallel ranks (None: all ranks of the default
@@ -103,6 +111,7 @@ def shard_sam(model: nn.Module, *, mesh=None, param_dtype: DType = "bfloat16", r
 class ShardingConfig:
     """The `module.sharding` config node (configs/strategy/fsdp.yaml); `apply` is what
     `configure_model` calls with the strategy's data-parallel mesh."""
+
     param_dtype: Optional[str] = "bfloat16"
     reduce_dtype: Optional[str] = "float32"
     cpu_offload: bool = False
@@ -110,7 +119,7 @@ class ShardingConfig:
     reshard_after_forward: bool = True
 
     def __post_init__(self):
-        _dtype(self.param_dtype), _dtype(self.reduce_dtype)   # fail at config time, naming the value
+        _dtype(self.param_dtype), _dtype(self.reduce_dtype)  # fail at config time, naming the value
 
     def apply(self, model: nn.Module, mesh=None) -> nn.Module:
         return shard_sam(model, mesh=mesh, **asdict(self))

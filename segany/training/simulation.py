@@ -13,6 +13,7 @@ tokens + the loss. With ``checkpoint_rounds`` a unit stores only its inputs and 
 recomputed in backward, so the stored activations are those of one unit instead of
 rounds x masks of them. Prompt sampling happens between units, outside the graph.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .losses import SamLoss, mask_iou
-from .prompting import INIT, MASK, POINT, PromptConfig, error_points, initial_prompts, round_schedule
+from segany.training.losses import SamLoss, mask_iou
+from segany.training.prompting import POINT, PromptConfig, error_points, initial_prompts, round_schedule
 
-MULTI_TOKENS = (1, 2, 3)    # multimask outputs; token 0 is the single-mask output
+MULTI_TOKENS = (1, 2, 3)  # multimask outputs; token 0 is the single-mask output
 
 
 def loss_targets(batch: dict, resolution: str) -> Tensor:
@@ -42,9 +43,19 @@ def loss_targets(batch: dict, resolution: str) -> Tensor:
     return low.view(B, N, S // 4, S // 4)
 
 
-def _unit(model, emb: Tensor, img: Tensor, pe: Tensor, coords: Tensor, labels: Tensor,
-          mask_in: Optional[Tensor], target: Tensor, valid: Tensor, multi_rows: Optional[Tensor],
-          loss_fn: SamLoss):
+def _unit(
+    model,
+    emb: Tensor,
+    img: Tensor,
+    pe: Tensor,
+    coords: Tensor,
+    labels: Tensor,
+    mask_in: Optional[Tensor],
+    target: Tensor,
+    valid: Tensor,
+    multi_rows: Optional[Tensor],
+    loss_fn: SamLoss,
+):
     """One round for one chunk of rows (the checkpointed function).
 
     emb (B, C, h, w), img (R,) the image of each row, pe (1, C, h, w), coords (R, P, 2),
@@ -60,27 +71,36 @@ def _unit(model, emb: Tensor, img: Tensor, pe: Tensor, coords: Tensor, labels: T
     masks, iou = model.mask_decoder.predict_masks(emb.index_select(0, img), pe, sparse, dense)
     # masks (R, 4, 4h, 4w), iou (R, 4)
     if multi_rows is None:
-        cand, cand_iou = masks[:, :1], iou[:, :1]                             # (R, 1, ...)
+        cand, cand_iou = masks[:, :1], iou[:, :1]  # (R, 1, ...)
     else:  # multimask rows: tokens 1..3; single rows: token 0 three times (same min)
-        idx = torch.where(multi_rows[:, None], torch.tensor(MULTI_TOKENS, device=masks.device),
-                          torch.zeros(3, dtype=torch.long, device=masks.device))          # (R, 3)
+        idx = torch.where(
+            multi_rows[:, None],
+            torch.tensor(MULTI_TOKENS, device=masks.device),
+            torch.zeros(3, dtype=torch.long, device=masks.device),
+        )  # (R, 3)
         cand = masks.gather(1, idx[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))  # (R, 3, 4h, 4w)
-        cand_iou = iou.gather(1, idx)                                                     # (R, 3)
+        cand_iou = iou.gather(1, idx)  # (R, 3)
     H, W = target.shape[-2:]
-    logits = cand if cand.shape[-2:] == (H, W) else F.interpolate(cand, (H, W), mode="bilinear",
-                                                                   align_corners=False)
+    logits = cand if cand.shape[-2:] == (H, W) else F.interpolate(cand, (H, W), mode="bilinear", align_corners=False)
     out = loss_fn(logits, cand_iou, target, valid)
     # the mask with the highest predicted IoU is fed back and defines the error region
-    top = cand_iou.detach().argmax(dim=1)                                                  # (R,)
-    feedback = cand[torch.arange(cand.shape[0], device=cand.device), top][:, None]          # (R, 1, 4h, 4w)
-    chosen = logits.detach()[torch.arange(cand.shape[0], device=cand.device), top]          # (R, H, W)
+    top = cand_iou.detach().argmax(dim=1)  # (R,)
+    feedback = cand[torch.arange(cand.shape[0], device=cand.device), top][:, None]  # (R, 1, 4h, 4w)
+    chosen = logits.detach()[torch.arange(cand.shape[0], device=cand.device), top]  # (R, H, W)
     pred = chosen > 0
     chosen_iou = mask_iou(chosen[:, None], target[:, None])[:, 0]
     return out["loss"].sum(), feedback, pred, chosen_iou, out["loss"].detach()
 
 
-def simulate(model, embeddings: Tensor, batch: dict, cfg: PromptConfig, loss_fn: SamLoss,
-             generator: Optional[torch.Generator] = None, schedule: Optional[list] = None) -> dict:
+def simulate(
+    model,
+    embeddings: Tensor,
+    batch: dict,
+    cfg: PromptConfig,
+    loss_fn: SamLoss,
+    generator: Optional[torch.Generator] = None,
+    schedule: Optional[list] = None,
+) -> dict:
     """Run all rounds on a batch. embeddings (B, 256, h, w) from the image encoder.
 
     Returns {"loss": sum over rounds and valid masks (scalar, the caller normalises),
@@ -90,38 +110,48 @@ def simulate(model, embeddings: Tensor, batch: dict, cfg: PromptConfig, loss_fn:
     masks, boxes, valid = batch["masks"], batch["boxes"], batch["valid"]
     B, N, S, _ = masks.shape
     schedule = schedule or round_schedule(cfg, generator)
-    target_all = loss_targets(batch, cfg.resolution)                     # (B, N, H, W)
+    target_all = loss_targets(batch, cfg.resolution)  # (B, N, H, W)
     pe = model.prompt_encoder.get_dense_pe()
     # the rows to decode: valid pairs only (all rows if none is valid, so that every rank
     # still runs the decoder and its gradient hooks fire; those rows add zero loss)
-    rows = valid.reshape(-1).nonzero().squeeze(1)                         # (R,) flat b*N + n
+    rows = valid.reshape(-1).nonzero().squeeze(1)  # (R,) flat b*N + n
     if rows.numel() == 0:
         rows = torch.arange(B * N, device=masks.device)
     R_all = rows.numel()
-    chunk = B * cfg.mask_chunk if cfg.mask_chunk else R_all               # rows per unit
+    chunk = B * cfg.mask_chunk if cfg.mask_chunk else R_all  # rows per unit
     total = embeddings.new_zeros(())
     T = len(schedule)
     round_loss = torch.zeros(T, device=masks.device)
     round_iou = torch.zeros(T, device=masks.device)
     first_point = schedule.index(POINT) if POINT in schedule else T
 
-    for r0 in range(0, R_all, chunk):     # chunks of rows (all images together), not single masks
-        idx = rows[r0:r0 + chunk]                                         # (R,)
-        img = idx // N                                                    # (R,) image of each row
-        gt = masks.reshape(B * N, S, S).index_select(0, idx)              # (R, S, S)
+    for r0 in range(0, R_all, chunk):  # chunks of rows (all images together), not single masks
+        idx = rows[r0 : r0 + chunk]  # (R,)
+        img = idx // N  # (R,) image of each row
+        gt = masks.reshape(B * N, S, S).index_select(0, idx)  # (R, S, S)
         target = target_all.reshape(B * N, *target_all.shape[-2:]).index_select(0, idx)
-        v = valid.reshape(B * N).index_select(0, idx)                     # (R,) all True unless none is
-        coords, labels, is_box = initial_prompts(gt, boxes.reshape(B * N, 4).index_select(0, idx), v, cfg,
-                                                 generator)
+        v = valid.reshape(B * N).index_select(0, idx)  # (R,) all True unless none is
+        coords, labels, is_box = initial_prompts(gt, boxes.reshape(B * N, 4).index_select(0, idx), v, cfg, generator)
         multi = (~is_box) if cfg.multimask else None
         mask_in, pred = None, None
         for t, kind in enumerate(schedule):
             if kind == POINT:
                 c, l = error_points(pred, target, v, S, generator)
                 coords, labels = torch.cat((coords, c), 1), torch.cat((labels, l), 1)
-            ambiguous = t < first_point                   # still a single point (or a box)
-            args = (model, embeddings, img, pe, coords, labels, mask_in, target, v,
-                    multi if ambiguous else None, loss_fn)
+            ambiguous = t < first_point  # still a single point (or a box)
+            args = (
+                model,
+                embeddings,
+                img,
+                pe,
+                coords,
+                labels,
+                mask_in,
+                target,
+                v,
+                multi if ambiguous else None,
+                loss_fn,
+            )
             if cfg.checkpoint_rounds and torch.is_grad_enabled():
                 loss, fb, pred, iou, row_loss = checkpoint(_unit, *args, use_reentrant=False)
             else:
@@ -131,5 +161,10 @@ def simulate(model, embeddings: Tensor, batch: dict, cfg: PromptConfig, loss_fn:
             round_iou[t] += torch.where(v, iou, 0.0).sum()
             if cfg.feed_back_mask:
                 mask_in = fb.detach() if cfg.detach_feedback else fb
-    return {"loss": total, "round_loss": round_loss, "round_iou": round_iou,
-            "n_valid": valid.sum(), "schedule": schedule}
+    return {
+        "loss": total,
+        "round_loss": round_loss,
+        "round_iou": round_iou,
+        "n_valid": valid.sum(),
+        "schedule": schedule,
+    }

@@ -1,4 +1,5 @@
 """Validation images: predicted masks drawn over the input image."""
+
 from __future__ import annotations
 
 import colorsys
@@ -7,7 +8,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..modeling.constants import PIXEL_MEAN, PIXEL_STD
+from segany.modeling.constants import PIXEL_MEAN, PIXEL_STD
 
 
 def draw_masks(batch: dict, pred: torch.Tensor, clicks: torch.Tensor, max_images: int = 4, alpha: float = 0.5):
@@ -20,7 +21,7 @@ def draw_masks(batch: dict, pred: torch.Tensor, clicks: torch.Tensor, max_images
     for b in range(min(max_images, pred.shape[0])):
         h, w = (int(x) for x in batch["input_size"][b])
         img = (batch["image"][b].detach().float().cpu() * std + mean).clamp(0, 255)
-        img = np.ascontiguousarray(img.permute(1, 2, 0).numpy()[:h, :w], dtype=np.float32)   # OpenCV needs contiguous
+        img = np.ascontiguousarray(img.permute(1, 2, 0).numpy()[:h, :w], dtype=np.float32)  # OpenCV needs contiguous
         valid = batch["valid"][b].cpu().numpy()
         n_valid = max(int(valid.sum()), 1)
         for j in np.nonzero(valid)[0]:

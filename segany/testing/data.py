@@ -1,5 +1,6 @@
 """Builders of small SA-1B-format data for tests and examples: masks, json, JPEG bytes,
 hand-made tar files (so that tests can cut, corrupt and reorder members)."""
+
 from __future__ import annotations
 
 import io
@@ -20,14 +21,18 @@ def sa1b_json(image_id: int, masks: list, ids=None, **per_mask) -> dict:
     h, w = masks[0].shape
     anns = []
     for j, m in enumerate(masks):
-        ann = {"id": int(ids[j]) if ids is not None else image_id * 1000 + j,
-               "segmentation": {"size": [h, w], "counts": rle_string(m)},
-               "bbox": [float(v) for v in mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m.astype(np.uint8))))],
-               "area": int(m.sum())}
+        ann = {
+            "id": int(ids[j]) if ids is not None else image_id * 1000 + j,
+            "segmentation": {"size": [h, w], "counts": rle_string(m)},
+            "bbox": [float(v) for v in mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m.astype(np.uint8))))],
+            "area": int(m.sum()),
+        }
         ann.update({k: v[j] for k, v in per_mask.items()})
         anns.append(ann)
-    return {"image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"},
-            "annotations": anns}
+    return {
+        "image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"},
+        "annotations": anns,
+    }
 
 
 def jpeg(image_rgb: np.ndarray, quality: int = 95) -> bytes:

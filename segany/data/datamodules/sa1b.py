@@ -15,14 +15,14 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .datamodule import StreamDataModule
-from .faults import FaultCounter, SampleFault
-from .sample import Record, SampleConfig
-from .shard_reader import ShardSample, read_pairs
-from .shards import assign, resolve, subset
-from .stream import StreamDataset
+from segany.data.datamodules.base import StreamDataModule
+from segany.data.faults import FaultCounter, SampleFault
+from segany.data.sample import Record, SampleConfig
+from segany.data.streams.reader import ShardSample, read_pairs
+from segany.data.streams.shards import assign, resolve, subset
+from segany.data.streams.dataset import StreamDataset
 
-log = logging.getLogger("datamodules")
+log = logging.getLogger("segany.data")
 
 
 def _positive_int(value, field: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-log = logging.getLogger("datamodules")
+log = logging.getLogger("segany.data")
 
 FAULT_KINDS = (
     "bad_image",           # image bytes do not decode, truncated JPEG, wrong size

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from .faults import FaultCounter
-from .shards import close_quietly, open_shard
-from .tar_stream import TarTruncated, iter_members
+from segany.data.faults import FaultCounter
+from segany.data.streams.shards import close_quietly, open_shard
+from segany.data.formats.tar import TarTruncated, iter_members
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 _NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")

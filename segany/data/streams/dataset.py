@@ -21,10 +21,10 @@ from typing import Iterator, Optional
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .faults import FaultCounter, SampleFault
-from .sample import Record, SampleConfig, make_sample
+from segany.data.faults import FaultCounter, SampleFault
+from segany.data.sample import Record, SampleConfig, make_sample
 
-log = logging.getLogger("datamodules")
+log = logging.getLogger("segany.data")
 
 MAX_CONSECUTIVE_FAULTS = 1000
 

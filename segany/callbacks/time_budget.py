@@ -16,6 +16,7 @@ stay where they were. Without ``max_time`` or ``max_steps`` it does nothing. The
 result depends on the machine's speed: a run under a time budget is not step-for-step
 reproducible elsewhere (large-scale recipes leave max_time unset).
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,7 @@ from typing import Optional
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Timer
 
-from .schedule import WarmupStepDecay
+from segany.training.schedule import WarmupStepDecay
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,10 @@ class TimeBudget(pl.Callback):
         if calibrate_steps < 1 or every < 1:
             raise ValueError(f"TimeBudget: calibrate_steps={calibrate_steps} and every={every} must be >= 1")
         self.calibrate_steps, self.every, self.reserve_s = int(calibrate_steps), int(every), float(reserve_s)
-        self.planned: Optional[int] = None           # max_steps of the plan
-        self.milestones: Optional[list] = None       # lr milestones of the plan
-        self.cooldown: Optional[list] = None         # linear cooldown [start, end] of the plan
-        self.max_steps: Optional[int] = None         # the current (shrunk) plan, for resumes
+        self.planned: Optional[int] = None  # max_steps of the plan
+        self.milestones: Optional[list] = None  # lr milestones of the plan
+        self.cooldown: Optional[list] = None  # linear cooldown [start, end] of the plan
+        self.max_steps: Optional[int] = None  # the current (shrunk) plan, for resumes
 
     # --------------------------------------------------------------- lookups
     @staticmethod
@@ -59,12 +60,12 @@ class TimeBudget(pl.Callback):
 
     # --------------------------------------------------------------- hooks
     def on_train_start(self, trainer, pl_module):
-        if self.planned is None:                      # fresh start (a resume restores them)
+        if self.planned is None:  # fresh start (a resume restores them)
             self.planned = trainer.max_steps
             sched = self._schedules(trainer)
             self.milestones = list(sched[0].milestones) if sched else []
             self.cooldown = list(sched[0].cooldown) if sched else []
-        elif self.max_steps and 0 < self.max_steps < trainer.max_steps:   # resumed: the shrunk plan
+        elif self.max_steps and 0 < self.max_steps < trainer.max_steps:  # resumed: the shrunk plan
             trainer.fit_loop.epoch_loop.max_steps = self.max_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -75,15 +76,15 @@ class TimeBudget(pl.Callback):
         if timer is None or timer.time_remaining() is None or not self.planned or self.planned < 0:
             return
         sched = self._schedules(trainer)
-        per_step = timer.time_elapsed() / step        # s/step, validation and resumes included
+        per_step = timer.time_elapsed() / step  # s/step, validation and resumes included
         fits = step + max(0.0, timer.time_remaining() - self.reserve_s) / per_step
-        new_max = min(self.planned, max(step, int(fits)))            # step: stop now
-        new_max = int(trainer.strategy.broadcast(new_max))      # every rank takes rank 0's plan
+        new_max = min(self.planned, max(step, int(fits)))  # step: stop now
+        new_max = int(trainer.strategy.broadcast(new_max))  # every rank takes rank 0's plan
         if new_max == trainer.max_steps:
             return
         scale = new_max / self.planned
 
-        def moved(now, planned):   # steps already passed stay where they were
+        def moved(now, planned):  # steps already passed stay where they were
             return [m if m <= step else max(step + 1, round(m0 * scale)) for m, m0 in zip(now, planned)]
 
         for s in sched:
@@ -91,14 +92,24 @@ class TimeBudget(pl.Callback):
             if self.cooldown:
                 start, end = moved(s.cooldown, self.cooldown)
                 s.cooldown = [start, max(start + 1, end)]
-        log.info("TimeBudget: %.3f s/step, max_steps %d -> %d of %d planned, lr milestones %s, cooldown %s",
-                 per_step, trainer.max_steps, new_max, self.planned, sched[0].milestones if sched else [],
-                 sched[0].cooldown if sched else [])
+        log.info(
+            "TimeBudget: %.3f s/step, max_steps %d -> %d of %d planned, lr milestones %s, cooldown %s",
+            per_step,
+            trainer.max_steps,
+            new_max,
+            self.planned,
+            sched[0].milestones if sched else [],
+            sched[0].cooldown if sched else [],
+        )
         trainer.fit_loop.epoch_loop.max_steps = self.max_steps = new_max
 
     def state_dict(self):
-        return {"planned": self.planned, "milestones": self.milestones, "cooldown": self.cooldown,
-                "max_steps": self.max_steps}
+        return {
+            "planned": self.planned,
+            "milestones": self.milestones,
+            "cooldown": self.cooldown,
+            "max_steps": self.max_steps,
+        }
 
     def load_state_dict(self, state_dict):
         self.planned, self.milestones = state_dict["planned"], state_dict["milestones"]

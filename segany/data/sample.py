@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from . import rle
-from .faults import SampleFault
-from .transforms import (decode_image, flip_boxes, lowres, normalize_pad, place_masks, plan,
+from segany.data.formats import rle
+from segany.data.faults import SampleFault
+from segany.data.transforms import (decode_image, flip_boxes, lowres, normalize_pad, place_masks, plan,
                          warp_image)
 
 

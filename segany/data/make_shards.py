@@ -1,7 +1,7 @@
 """Write SA-1B-format tar shards (`<key>.jpg` + `<key>.json`, COCO RLE masks).
 
-    python -m datamodules.make_shards synthetic OUT_DIR --num 300 --seed 0 --prefix train
-    python -m datamodules.make_shards coco OUT_DIR --images IMG_DIR --annotations ann.json
+    python -m segany.data.make_shards synthetic OUT_DIR --num 300 --seed 0 --prefix train
+    python -m segany.data.make_shards coco OUT_DIR --images IMG_DIR --annotations ann.json
 
 The COCO converter keeps each image file's bytes as they are (so decoding is identical),
 turns every annotation (polygons, uncompressed or compressed RLE) into a compressed RLE
@@ -43,7 +43,7 @@ def write_shards(samples: Iterable[tuple[str, str, bytes, dict]], out_dir: str, 
 
 def coco_samples(images_dir: str, annotations: str, stats: dict) -> Iterator[tuple[str, str, bytes, dict]]:
     """SA-1B-format samples of a COCO / LVIS instance dataset, keyed by str(image id)."""
-    from .coco import image_path, load_coco, rle_counts
+    from segany.data.formats.coco import image_path, load_coco, rle_counts
 
     coco = load_coco(annotations)
     for img_id in sorted(coco.imgs):
@@ -74,7 +74,7 @@ def coco_samples(images_dir: str, annotations: str, stats: dict) -> Iterator[tup
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.make_shards", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m segany.data.make_shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     syn = sub.add_parser("synthetic", help="random scenes of shapes with exact masks")
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     coco.add_argument("--shard-size", type=int, default=1000)
     args = parser.parse_args(argv)
     if args.command == "synthetic":
-        from .synthetic import scene_samples
+        from segany.data.scenes import scene_samples
         paths = write_shards(scene_samples(args.num, args.seed, args.first_id, args.min_side, args.max_side),
                              args.out_dir, args.prefix, args.shard_size)
         print(f"wrote {args.num} scenes to {len(paths)} shards in {args.out_dir}")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .constants import PIXEL_MEAN, PIXEL_STD
-from .faults import SampleFault
-from .rle import sample_grid
+from segany.modeling.constants import PIXEL_MEAN, PIXEL_STD
+from segany.data.faults import SampleFault
+from segany.data.formats.rle import sample_grid
 
 
 @dataclass

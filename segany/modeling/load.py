@@ -1,5 +1,6 @@
 """Load the model to evaluate (or to annotate with): a train.py checkpoint (the model is
 rebuilt from the config stored in it), an official SAM .pth, or nothing (untrained)."""
+
 from __future__ import annotations
 
 import os
@@ -32,13 +33,6 @@ def load_model(ckpt_path: Optional[str], model_cfg: Optional[DictConfig] = None,
         raise ValueError(f"{ckpt_path}: carries no segany_config; give the model config")
     net_cfg = OmegaConf.create(run_cfg["model"]) if run_cfg else model_cfg
     model = instantiate(net_cfg, checkpoint=None, encoder_init=None)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     return model, f"{ckpt_path} (step {ckpt.get('global_step')})"
-
-
-def pick_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

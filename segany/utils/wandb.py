@@ -1,4 +1,5 @@
 """Loggers: wandb by default, offline unless credentials exist, never a login prompt."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,9 @@ def wandb_credentials() -> bool:
         return False
 
 
-def wandb_logger(project: str = "segany", name: Optional[str] = None, save_dir: str = ".",
-                 offline: Optional[bool] = None, **kwargs):
+def wandb_logger(
+    project: str = "segany", name: Optional[str] = None, save_dir: str = ".", offline: Optional[bool] = None, **kwargs
+):
     """pytorch_lightning WandbLogger; offline when ``offline`` is True, or when it is None and
     no credentials are configured (then WANDB_MODE=offline, so wandb never asks for a key)."""
     from pytorch_lightning.loggers import WandbLogger
@@ -28,7 +30,9 @@ def wandb_logger(project: str = "segany", name: Optional[str] = None, save_dir: 
     if offline is None:
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled") or not wandb_credentials()
     if offline:
-        os.environ["WANDB_MODE"] = os.environ.get("WANDB_MODE") if os.environ.get("WANDB_MODE") == "disabled" else "offline"
+        os.environ["WANDB_MODE"] = (
+            os.environ.get("WANDB_MODE") if os.environ.get("WANDB_MODE") == "disabled" else "offline"
+        )
         log.info("wandb offline (no API key / netrc login); sync later with `wandb sync %s/wandb`", save_dir)
     os.makedirs(save_dir, exist_ok=True)
     return WandbLogger(project=project, name=name, save_dir=save_dir, offline=offline, **kwargs)

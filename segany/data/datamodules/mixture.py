@@ -37,14 +37,14 @@ from typing import Iterator, Mapping, Optional
 
 import numpy as np
 
-from .datamodule import sample_config
-from .faults import FaultCounter
-from .sa1b import SA1BDataModule, SA1BStream
-from .sample import Record, SampleConfig
-from .shards import resolve, subset
-from .stream import StreamDataset
+from segany.data.datamodules.base import sample_config
+from segany.data.faults import FaultCounter
+from segany.data.datamodules.sa1b import SA1BDataModule, SA1BStream
+from segany.data.sample import Record, SampleConfig
+from segany.data.streams.shards import resolve, subset
+from segany.data.streams.dataset import StreamDataset
 
-log = logging.getLogger("datamodules")
+log = logging.getLogger("segany.data")
 
 SAMPLE_KEYS = ("max_area_frac", "min_area", "min_predicted_iou", "min_stability_score", "include_crowd",
                "max_masks", "jitter", "jitter_scale", "flip")

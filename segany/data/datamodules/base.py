@@ -19,11 +19,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from .sample import SampleConfig, collate
-from .shards import topology
-from .stream import StreamDataset
+from segany.data.sample import SampleConfig, collate
+from segany.data.streams.shards import topology
+from segany.data.streams.dataset import StreamDataset
 
-log = logging.getLogger("datamodules")
+log = logging.getLogger("segany.data")
 
 
 def _worker_init(_):

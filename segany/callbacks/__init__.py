@@ -1,0 +1,5 @@
+"""Lightning callbacks that are not part of the paper's recipe."""
+
+from segany.callbacks.time_budget import TimeBudget
+
+__all__ = ["TimeBudget"]

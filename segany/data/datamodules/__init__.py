@@ -1,0 +1,1 @@
+"""Lightning datamodules: SA-1B shards, their weighted mixture, COCO / LVIS, synthetic scenes."""

@@ -1,0 +1,1 @@
+"""On-disk formats: COCO RLE (parsed and resampled), tar members, COCO / LVIS json."""

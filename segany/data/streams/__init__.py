@@ -1,0 +1,1 @@
+"""Reading shards: shard specs and opening, (image, json) pairs from tars, the resumable stream dataset."""

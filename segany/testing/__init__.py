@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: toy batches, files written in the real formats."""

@@ -1,0 +1,80 @@
+"""OmegaConf resolvers shared by train.py and evaluate.py: run names and directories."""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import OmegaConf
+
+
+def slurm_suffix() -> str:
+    """ "_<SLURM_JOB_ID>" inside a SLURM job (constant across requeues), "" otherwise."""
+    return f"_{os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else ""
+
+
+MAX_DIRNAME = 120  # longer override lists are shortened to a prefix + a hash (names are <= 255 bytes)
+
+
+def _multirun_job():
+    """The running job's hydra config in a multirun (``-m``) job, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover
+        return None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return hc if hc.get("mode") == RunMode.MULTIRUN else None
+
+
+def sweep_job() -> str:
+    """Directory of this job inside its sweep: the job's command-line overrides
+    (``hydra.job.override_dirname``, minus ``hydra.job.config.override_dirname.exclude_keys``)
+    with "/" replaced, "base" when there are none, plus the SLURM suffix. Derived from the
+    overrides only (no timestamp, no job number), so a requeued or re-launched job finds its own
+    directory again. "" outside a multirun job."""
+    hc = _multirun_job()
+    if hc is None:
+        return ""
+    name = str(hc.job.get("override_dirname") or "").replace(os.sep, "_") or "base"
+    if len(name) > MAX_DIRNAME:
+        import hashlib
+
+        name = name[: MAX_DIRNAME - 11] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name + slurm_suffix()
+
+
+def run_name(name: str) -> str:
+    """``paths.run_name``: "<name>[_<SLURM job id>]" for a single run; "<name>_sweep/<sweep_job>"
+    for each job of a multirun, so that every job of a sweep has its own run directory."""
+    job = sweep_job()
+    return f"{name}_sweep/{job}" if job else f"{name}{slurm_suffix()}"
+
+
+def output_dir(default: str) -> str:
+    """``paths.run_dir``: the output directory Hydra has given the running job, once it has one
+    (train.py: hydra.run.dir / hydra.sweep.dir + subdir, both = root / run_name; also a Lightning
+    DDP rank that Lightning re-launches with hydra.run.dir=<rank 0's directory>, which must agree
+    with rank 0 even inside a multirun), else `default` (Hydra not running: compose() in tests)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:  # pragma: no cover
+        return default
+    if HydraConfig.initialized():
+        out = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None, throw_on_missing=False)
+        if out:
+            return str(out)
+    return default
+
+
+def register_resolvers() -> None:
+    """${slurm_suffix:}, ${sweep_job:}, ${run_name:<name>}, ${output_dir:<default>} (see above)."""
+    for key, fn in (
+        ("slurm_suffix", slurm_suffix),
+        ("sweep_job", sweep_job),
+        ("run_name", run_name),
+        ("output_dir", output_dir),
+    ):
+        if not OmegaConf.has_resolver(key):
+            OmegaConf.register_new_resolver(key, fn)
