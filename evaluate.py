@@ -6,15 +6,23 @@
     task=edges      edge maps from a 16x16 point grid: ODS / OIS / AP (BSDS-style matching)
     task=all        the four
 
-each on one dataset (`data=...`) or a list (`datasets`, name -> datamodule config), per dataset
-and averaged; writes metrics.json, results.md and plots to output_dir, and logs to wandb with
-wandb.enabled=true. Sharded: launch N ranks (torchrun / srun, or rank=i world_size=N), each
-evaluates its share, rank 0 merges.
+each on one dataset (`data=...`; only its validation split is read) or a list (`datasets`,
+name -> datamodule config), per dataset and averaged; writes metrics.json, results.md and plots
+to output_dir, by default a folder named after the checkpoint and the data, so that evaluations
+of one checkpoint on different data never overwrite each other:
+
+    <run dir>/eval/<ckpt stem>-<data>        train.py checkpoint: runs/demo/eval/last-synthetic/
+    <paths.root_dir>/eval/<ckpt stem>-<data> official .pth: runs/eval/sam_vit_b_01ec64-coco-instances_val2017/
+    <paths.root_dir>/eval/untrained-<data>   no checkpoint
+
+(<data>: the `datasets` names joined by +, or data's name and the stem of its validation file:
+coco-instances_val2017, coco-lvis_v1_val). Logs to wandb with wandb.enabled=true. Sharded:
+launch N ranks (torchrun / srun, or rank=i world_size=N), each evaluates its share, rank 0 merges.
 
     python evaluate.py ckpt_path=runs/demo/checkpoints/last.ckpt       # points on held-out synthetic scenes
     python evaluate.py ckpt_path=runs/demo/checkpoints/last.ckpt task=all
     python evaluate.py                                                  # untrained vit_tiny baseline
-    python evaluate.py ckpt_path=sam_vit_b_01ec64.pth model=vit_b data=coco data.val_annotations=...
+    python evaluate.py ckpt_path=sam_vit_b_01ec64.pth model=vit_b data=coco data.val_annotations=... data.val_images=...
     python evaluate.py sweep_dir=runs/lr_sweep                          # every run of a sweep -> results.md
 """
 

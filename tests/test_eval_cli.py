@@ -125,7 +125,7 @@ def test_sweep_dir_tabulates_every_run(tmp_path):
     assert [r["run"] for r in rows] == ["0", "1"]
     assert rows[1]["overrides"] == ["optim.lr=1e-4", "model.drop_path_rate=0.1"]
     for r in rows:
-        own = json.loads((sweep / r["run"] / "eval" / "metrics.json").read_text())
+        own = json.loads((sweep / r["run"] / "eval" / "last-synthetic-syn" / "metrics.json").read_text())
         assert r["miou@1"] == own["miou@1"] and r["miou@3"] == own["miou@3"]
     assert rows[0]["miou@1"] != rows[1]["miou@1"]  # different weights, different rows
     md = (sweep / "results.md").read_text()

@@ -16,12 +16,17 @@ of pixels not above 1.01 x their two neighbours along the normal (bilinear inter
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import convolve1d, map_coordinates
 
+from segany.evaluation import report
+from segany.evaluation.registry import ImageTask, register
 from segany.evaluation.sources import EvalImage
+from segany.inference import SamPredictor
 from segany.inference.amg import _nms
 from segany.inference.amg_utils import batched_mask_to_box, build_point_grid
 
@@ -129,8 +134,6 @@ def edges_part(
 ) -> dict:
     """{"keys", "counts" (I, T, 4) as lists} of a rank's share (bsds.image_counts per image);
     with save_dir, each edge map is also written there as an 8-bit PNG."""
-    import os
-
     import cv2
 
     from segany.evaluation.bsds import image_counts, thresholds
@@ -159,3 +162,31 @@ def edges_merge(parts: list) -> dict:
     out = summarize(counts)
     out["num_images"] = int(counts.shape[0])
     return out
+
+
+@register("edges")
+class EdgesTask(ImageTask):
+    """cfg.edges: points_per_side, nms_thresh, n_thresholds, save_maps (PNGs under
+    <output_dir>/edge_maps/<dataset>/)."""
+
+    def part_images(self, dataset: str, images) -> dict:
+        p = self.cfg.edges
+        save = os.path.join(self.out_dir, "edge_maps", dataset) if p.save_maps else None
+        return edges_part(SamPredictor(self.model), images, p.points_per_side, p.nms_thresh, p.n_thresholds, save)
+
+    def merge(self, parts: list) -> dict:
+        return edges_merge(parts)
+
+    def description(self) -> str:
+        n = self.cfg.edges.points_per_side
+        return (
+            f"{n}x{n} grid, NMS, Sobel on mask probabilities at the outer boundary, max, normalise, edge NMS; "
+            "BSDS-style matching (tolerance 0.0075 x diagonal)."
+        )
+
+    def figures(self, section: dict) -> list:
+        return [report.plot_edges(self.out_dir, section)]
+
+    @classmethod
+    def columns(cls, section: dict) -> list:
+        return ["ODS", "OIS", "AP", "R50", "num_images"]

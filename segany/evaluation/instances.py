@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from segany.evaluation.coco_metrics import coco_ground_truth, mask_ap
+from segany.evaluation.registry import ImageTask, register
 from segany.evaluation.sources import EvalImage
+from segany.inference import SamPredictor
 from segany.inference.amg_utils import coco_encode_rle, mask_to_rle_pytorch
 
 
@@ -124,3 +126,31 @@ def instances_merge(parts: list) -> dict:
     out["num_images"] = len(images)
     out["num_detections"] = int(sum(len(p["dets"]) for p in parts))
     return out
+
+
+@register("instances")
+class InstancesTask(ImageTask):
+    """cfg.instances: detections (a COCO results json, read once for all datasets, or gt_boxes),
+    min_score, refine, multimask_first."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._detections = None
+
+    def part_images(self, dataset: str, images: Iterable[EvalImage]) -> dict:
+        p = self.cfg.instances
+        if p.detections != "gt_boxes" and self._detections is None:
+            self._detections = load_detections(p.detections, p.min_score)
+        return instances_part(SamPredictor(self.model), images, self._detections, p.refine, p.multimask_first)
+
+    def merge(self, parts: list) -> dict:
+        return instances_merge(parts)
+
+    def description(self) -> str:
+        p = self.cfg.instances
+        refine = " + one refinement pass (best mask + box)" if p.refine else ""
+        return f"Boxes from {p.detections} prompt SAM{refine}; mask AP by COCOeval."
+
+    @classmethod
+    def columns(cls, section: dict) -> list:
+        return ["AP", "AP50", "AP75", "APs", "APm", "APl", "num_images"]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from segany.evaluation import report
 from segany.evaluation.protocol import ClickProtocol, interactive_eval, summarize
+from segany.evaluation.registry import EvalTask, register
 
 
 @torch.no_grad()
@@ -46,3 +48,57 @@ def mean_over_datasets(per_dataset: dict) -> dict:
     out["num_masks"] = int(sum(d["num_masks"] for d in per_dataset.values()))
     out["num_images"] = int(sum(d["num_images"] for d in per_dataset.values()))
     return out
+
+
+@register("points")
+class PointsTask(EvalTask):
+    """Batches of the datamodule's validation loader (its own workers), cfg.max_batches per rank."""
+
+    num_workers = None
+
+    def protocol(self) -> ClickProtocol:
+        cfg = self.cfg
+        return ClickProtocol(
+            clicks=tuple(cfg.clicks),
+            multimask_first=cfg.multimask_first,
+            use_prev_mask=cfg.use_prev_mask,
+            first_click=cfg.get("first_click", "center"),
+            seed=cfg.seed,
+        )
+
+    def part(self, dataset: str, dm, rank: int, world: int) -> dict:
+        return points_part(self.model, dm, self.protocol(), self.device, rank, world, self.cfg.max_batches)
+
+    def merge(self, parts: list) -> dict:
+        return points_merge(parts)
+
+    def report(self, per_dataset: dict) -> dict:
+        cfg = self.cfg
+        sec = {
+            "datasets": per_dataset,
+            "mean": mean_over_datasets(per_dataset),
+            "clicks": list(cfg.clicks),
+            "protocol": {
+                "multimask_first": cfg.multimask_first,
+                "use_prev_mask": cfg.use_prev_mask,
+                "first_click": cfg.get("first_click", "center"),
+            },
+            "description": "Interactive single-point mIoU: click 1 at the mask centre (distance-transform "
+            "maximum), then on the largest error; default = most confident of 3 masks, oracle = best.",
+        }
+        sec["figures"] = [report.plot_points(self.out_dir, sec)]
+        return sec
+
+    @classmethod
+    def columns(cls, section: dict) -> list:
+        ks = section["clicks"]
+        return [f"miou@{k}" for k in ks] + [f"miou_oracle@{k}" for k in ks] + ["num_masks"]
+
+    def top_level(self, section: dict) -> dict:
+        """The keys of the first version of evaluate.py: the mean over datasets, flat."""
+        flat = {
+            "num_images": section["mean"]["num_images"],
+            "seconds": section["seconds"],
+            "protocol": dict(section["protocol"], clicks=section["clicks"]),
+        }
+        return dict(flat, **section["mean"])

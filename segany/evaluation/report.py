@@ -11,16 +11,10 @@ import os
 
 log = logging.getLogger("evaluate")
 
-COLUMNS = {
-    "points": None,  # miou@k columns, from the data
-    "proposals": ("AR@10", "AR@100", "AR@1000", "AR_s@1000", "AR_m@1000", "AR_l@1000", "num_images"),
-    "instances": ("AP", "AP50", "AP75", "APs", "APm", "APl", "num_images"),
-    "edges": ("ODS", "OIS", "AP", "R50", "num_images"),
-}
 
-
-def update_metrics(out_dir: str, task: str, section: dict, extra: dict) -> dict:
-    """Merge a task's section into <out_dir>/metrics.json (other tasks' sections are kept)."""
+def update_metrics(out_dir: str, task: str, section: dict, extra: dict, top_level: dict) -> dict:
+    """Merge a task's section into <out_dir>/metrics.json (other tasks' sections are kept):
+    extra (model, data, ...), the section under the task's name, then the task's top-level keys."""
     path = os.path.join(out_dir, "metrics.json")
     metrics = {}
     if os.path.isfile(path):
@@ -31,8 +25,7 @@ def update_metrics(out_dir: str, task: str, section: dict, extra: dict) -> dict:
             log.warning("%s is not valid JSON; rewriting it", path)
     metrics.update(extra)
     metrics[task] = section
-    if task == "points":  # flat keys of the first version of evaluate.py
-        metrics.update(section["mean"])
+    metrics.update(top_level)
     with open(path, "w") as f:
         json.dump(metrics, f, indent=1)
     return metrics
@@ -52,22 +45,18 @@ def table(rows: dict, columns) -> str:
     return "\n".join(lines)
 
 
-def points_columns(section: dict) -> list:
-    ks = section["clicks"]
-    return [f"miou@{k}" for k in ks] + [f"miou_oracle@{k}" for k in ks] + ["num_masks"]
-
-
-def write_markdown(out_dir: str, metrics: dict) -> str:
+def write_markdown(out_dir: str, metrics: dict, columns: dict) -> str:
+    """results.md: a table per task section in metrics.json; columns: task name -> its
+    columns(section) (in the order of the tables)."""
     parts = [f"# Evaluation of {metrics.get('model', '?')}", ""]
-    for task in ("points", "proposals", "instances", "edges"):
+    for task, cols_of in columns.items():
         if task not in metrics:
             continue
         sec = metrics[task]
-        cols = points_columns(sec) if task == "points" else COLUMNS[task]
         rows = dict(sec["datasets"])
         if len(rows) > 1:
             rows["**mean**"] = sec["mean"]
-        parts += [f"## {task}", "", sec.get("description", ""), "", table(rows, cols), ""]
+        parts += [f"## {task}", "", sec.get("description", ""), "", table(rows, cols_of(sec)), ""]
         for fig in sec.get("figures", []):
             parts += [f"![{task}]({fig})", ""]
     path = os.path.join(out_dir, "results.md")

@@ -11,13 +11,16 @@ of every annotation) and decode them here at full resolution.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pycocotools import mask as mask_utils
 
 from segany.data.decode import decode_rgb, numeric_id
@@ -54,6 +57,33 @@ def dataset_configs(cfg: DictConfig) -> dict:
         raise ValueError("data: no datamodule config (_target_) and no datasets given")
     name = target.rsplit(".", 1)[-1].replace("DataModule", "").lower() or "data"
     return {name: cfg.data}
+
+
+def _stem(value) -> str:
+    """A path or shard spec -> a folder-name-safe stem: the file name without extension, or the
+    folder's name when the file name is a pattern (sa_{000000..000009}.tar, *.tar)."""
+    path = str(value[0] if isinstance(value, (list, tuple, ListConfig)) else value).rstrip("/")
+    base = os.path.basename(path)
+    if any(c in base for c in "*?[{"):
+        base = os.path.basename(os.path.dirname(path))
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(base)[0]).strip("._")
+
+
+def dataset_label(datasets: dict, named: bool) -> str:
+    """The datasets' part of the default output folder name. named (cfg.datasets given): the names
+    joined by '+' (a count and a hash when that gets long); else the one dataset's name and the
+    stem of what its validation split reads (val_annotations, val_shards, or a synthetic root)
+    when that adds something: coco-instances_val2017, coco-lvis_v1_val, sa1b-val, synthetic."""
+    if named:
+        label = "+".join(datasets)
+        return label if len(label) <= 80 else f"{len(datasets)}_datasets-{hashlib.sha1(label.encode()).hexdigest()[:8]}"
+    ((name, node),) = datasets.items()
+    for key in ("val_annotations", "val_shards", "root"):
+        value = OmegaConf.select(node, key, default=None)
+        if value:
+            stem = _stem(value)
+            return name if stem in ("", name) else f"{name}-{stem}"
+    return name
 
 
 def build_datamodule(name: str, node: DictConfig, num_workers: Optional[int] = None, img_size: Optional[int] = None):

@@ -2,7 +2,7 @@
 tabulate them — one row per run directory under DIR that holds checkpoints/last.ckpt: its
 name, its overrides (Hydra's overrides.yaml in .hydra/ or hydra/, else an ``overrides`` list
 in its config.yaml) and mIoU at each click count, in DIR/results.md and DIR/results.json.
-Each run's own metrics go to <run>/eval/ as with ckpt_path=."""
+Each run's own metrics go to <run>/eval/last-<dataset>/ as with ckpt_path=."""
 
 from __future__ import annotations
 

@@ -67,7 +67,15 @@ class StreamDataModule(pl.LightningDataModule):
         self._loaded: Optional[dict] = None
 
     # -- subclass interface ----------------------------------------------------------------
-    def _build(self) -> tuple[Optional[StreamDataset], Optional[StreamDataset]]:
+    train_key = "train_*"   # the config key(s) of the training split, for errors
+    val_key = "val_*"
+
+    def _build_train(self) -> Optional[StreamDataset]:
+        """The training stream, None when no training split is configured; checks its paths."""
+        raise NotImplementedError
+
+    def _build_val(self) -> Optional[StreamDataset]:
+        """The validation stream, None when no validation split is configured; checks its paths."""
         raise NotImplementedError
 
     def _default_epoch_length(self, world_size: int) -> Optional[int]:
@@ -75,8 +83,19 @@ class StreamDataModule(pl.LightningDataModule):
 
     # -- Lightning hooks -----------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_dataset is None and self.val_dataset is None:
-            self.train_dataset, self.val_dataset = self._build()
+        """Build (once) the splits `stage` reads, checking only their paths: "fit" the training
+        split, which must be configured, and the validation split; "validate" / "test" /
+        "predict" the validation split only (evaluation never needs the training paths);
+        None every configured split."""
+        name = type(self).__name__
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._build_train()
+            if self.train_dataset is None and stage == "fit":
+                raise ValueError(f"{name}: training needs a training split; data.{self.train_key} is not set")
+        if self.val_dataset is None:
+            self.val_dataset = self._build_val()
+        if stage is None and self.train_dataset is None and self.val_dataset is None:
+            raise ValueError(f"{name}: neither data.{self.train_key} nor data.{self.val_key} is set")
 
     def _loader(self, ds: StreamDataset, batch_size: int) -> DataLoader:
         extra = {}

@@ -112,20 +112,30 @@ class CocoDataModule(StreamDataModule):
         self.train_annotations, self.train_images = train_annotations, train_images
         self.val_annotations, self.val_images = val_annotations, val_images
 
-    def _stream(self, annotations, images, train: bool) -> Optional[CocoStream]:
+    train_key, val_key = "train_annotations", "val_annotations"
+
+    def _stream(self, split: str) -> Optional[CocoStream]:
+        """split "train" / "val": the stream of <split>_annotations + <split>_images; errors name the key."""
+        annotations, images = getattr(self, f"{split}_annotations"), getattr(self, f"{split}_images")
         if not annotations:
             return None
         if not images:
-            raise ValueError(f"{type(self).__name__}: {annotations} needs its image folder")
+            raise ValueError(f"{type(self).__name__}: data.{split}_images is not set ({annotations} needs its "
+                             "image folder)")
+        if not os.path.isfile(annotations):
+            raise FileNotFoundError(f"data.{split}_annotations: annotation file {annotations} does not exist")
+        if not os.path.isdir(images):
+            raise FileNotFoundError(f"data.{split}_images: image folder {images} does not exist")
+        train = split == "train"
         return CocoStream(annotations, images, self.cfg, train=train,
                           batch_size=self.batch_size if train else self.val_batch_size,
                           epoch_length=self.epoch_length, seed=self.seed, max_fault_warnings=self.max_fault_warnings)
 
-    def _build(self):
-        if not self.train_annotations and not self.val_annotations:
-            raise ValueError(f"{type(self).__name__}: neither train_annotations nor val_annotations is set")
-        return (self._stream(self.train_annotations, self.train_images, True),
-                self._stream(self.val_annotations, self.val_images, False))
+    def _build_train(self) -> Optional[CocoStream]:
+        return self._stream("train")
+
+    def _build_val(self) -> Optional[CocoStream]:
+        return self._stream("val")
 
     def _default_epoch_length(self, world_size: int) -> int:
         return max(1, len(self.train_dataset.image_ids) // (world_size * self.batch_size))

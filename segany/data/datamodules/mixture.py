@@ -216,5 +216,7 @@ class SA1BMixtureDataModule(SA1BDataModule):
                              fractions, self.cfg, batch_size=self.batch_size, epoch_length=self.epoch_length,
                              seed=self.seed, max_fault_warnings=self.max_fault_warnings)
 
-    def _build(self):
-        return self._train_stream(), self._stream(self.val_shards, False, "val_shards")
+    train_key = "sources"
+
+    def _build_train(self) -> MixtureStream:
+        return self._train_stream()

@@ -167,11 +167,13 @@ class SA1BDataModule(StreamDataModule):
                           epoch_length=self.epoch_length, seed=self.seed,
                           max_fault_warnings=self.max_fault_warnings)
 
-    def _build(self):
-        if not self.train_shards and not self.val_shards:
-            raise ValueError(f"{type(self).__name__}: neither train_shards nor val_shards is set")
-        return (self._stream(self.train_shards, True, "train_shards"),
-                self._stream(self.val_shards, False, "val_shards"))
+    train_key, val_key = "train_shards", "val_shards"
+
+    def _build_train(self) -> Optional[SA1BStream]:
+        return self._stream(self.train_shards, True, "train_shards")
+
+    def _build_val(self) -> Optional[SA1BStream]:
+        return self._stream(self.val_shards, False, "val_shards")
 
     def _default_epoch_length(self, world_size: int) -> Optional[int]:
         raise ValueError(f"{type(self).__name__}: set epoch_length (training batches per rank per epoch); "

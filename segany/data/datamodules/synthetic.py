@@ -59,7 +59,8 @@ class SyntheticDataModule(SA1BDataModule):
         with open(os.path.join(self.root, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
 
-    def _build(self):
+    def _resolve_shards(self) -> None:
+        """Point train_shards / val_shards at the shards of this config (generated if missing)."""
         found = self._manifest()
         if found is None:
             if self.trainer is not None:
@@ -69,7 +70,14 @@ class SyntheticDataModule(SA1BDataModule):
             found = self._manifest()
         self.train_shards = [os.path.join(self.root, p) for p in found["train"]] or None
         self.val_shards = [os.path.join(self.root, p) for p in found["val"]] or None
-        return super()._build()
+
+    def _build_train(self):
+        self._resolve_shards()
+        return super()._build_train()
+
+    def _build_val(self):
+        self._resolve_shards()
+        return super()._build_val()
 
     def _default_epoch_length(self, world_size: int) -> int:
         return max(1, self.spec["num_train"] // (world_size * self.batch_size))

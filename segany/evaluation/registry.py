@@ -1,0 +1,105 @@
+"""The zero-shot tasks' common interface and their registry (the pattern of detectron2's
+``DatasetEvaluator``): one class per task, registered under its name with ``@register("name")``;
+the runner looks the requested names up in ``TASKS`` and calls the same methods on each.
+
+Per dataset, every rank runs ``part`` on its share and writes the json-safe payload; rank 0
+``merge``s the ranks' payloads into the dataset's metrics, then ``report``s the section of
+metrics.json (per-dataset metrics, their mean, settings, description, figures).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from segany.evaluation.sources import EvalImage, eval_images
+
+TASKS: dict = {}  # name -> EvalTask subclass, in registration order (the order of task=all)
+
+
+def register(name: str):
+    """Class decorator: ``@register("points")`` makes the task available as ``task=points``."""
+
+    def add(cls):
+        if name in TASKS:
+            raise ValueError(f"task {name!r} is registered twice ({TASKS[name].__qualname__}, {cls.__qualname__})")
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+
+    return add
+
+
+def task_names(cfg: DictConfig) -> list:
+    """cfg.task (a name, a list of names, or all) -> the names to run, checked against TASKS."""
+    t = cfg.get("task", "points")
+    names = list(t) if isinstance(t, (list, ListConfig)) else [str(t)]
+    if names == ["all"]:
+        return list(TASKS)
+    bad = [n for n in names if n not in TASKS]
+    if bad:
+        raise ValueError(f"task={bad[0]!r}: expected one of {', '.join(TASKS)} or all")
+    return names
+
+
+class EvalTask:
+    """One task on one model: part (a rank's share of a dataset) -> merge (the ranks' parts of a
+    dataset -> its metrics) -> report (all datasets -> the task's section of metrics.json)."""
+
+    name = ""  # set by @register
+    num_workers: Optional[int] = 0  # loader workers of the datamodule part() reads (None: its config's)
+
+    def __init__(self, cfg: DictConfig, model, device, out_dir: str):
+        self.cfg, self.model, self.device, self.out_dir = cfg, model, device, out_dir
+
+    def part(self, dataset: str, dm, rank: int, world: int) -> dict:
+        """This rank's share of the set-up datamodule's validation split -> a json-safe payload."""
+        raise NotImplementedError
+
+    def merge(self, parts: list) -> dict:
+        """The payloads of all ranks (rank order) -> the metrics of one dataset."""
+        raise NotImplementedError
+
+    def report(self, per_dataset: dict) -> dict:
+        """dataset -> metrics ==> the task's section: datasets, mean (unweighted over datasets, of
+        the float metrics), settings (cfg.<task>), description, figures (files in out_dir)."""
+        first = next(iter(per_dataset.values()))
+        mean = {
+            k: sum(d[k] for d in per_dataset.values()) / len(per_dataset) for k in first if isinstance(first[k], float)
+        }
+        sec = {"datasets": per_dataset, "mean": mean, "settings": OmegaConf.to_container(self.cfg[self.name])}
+        sec["description"] = self.description()
+        figures = self.figures(sec)
+        if figures:
+            sec["figures"] = figures
+        return sec
+
+    def description(self) -> str:
+        return ""
+
+    def figures(self, section: dict) -> list:
+        """Write the task's plots into out_dir; -> their file names."""
+        return []
+
+    @classmethod
+    def columns(cls, section: dict) -> list:
+        """The metric columns of the task's table in results.md."""
+        raise NotImplementedError
+
+    def top_level(self, section: dict) -> dict:
+        """Keys written at the top level of metrics.json besides the section (none by default)."""
+        return {}
+
+
+class ImageTask(EvalTask):
+    """A task on the raw validation images at their stored resolution (sources.eval_images),
+    bounded by cfg.max_images; the datamodule's own loader and workers are not used."""
+
+    num_workers = 0
+
+    def part(self, dataset: str, dm, rank: int, world: int) -> dict:
+        return self.part_images(dataset, eval_images(dm, rank, world, self.cfg.max_images))
+
+    def part_images(self, dataset: str, images: Iterable[EvalImage]) -> dict:
+        raise NotImplementedError
