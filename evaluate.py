@@ -29,10 +29,12 @@ launch N ranks (torchrun / srun, or rank=i world_size=N), each evaluates its sha
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from segany.utils.cli import check_overrides
 from segany.utils.config import register_resolvers
 
 log = logging.getLogger("evaluate")
@@ -55,4 +57,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])  # before Hydra: a key given twice (shell-expanded braces) is an error
     main()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
 
 import hydra
 import pytorch_lightning as pl
@@ -23,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from segany.training.checkpointing import resolve_checkpoint
 from segany.training.config import check_train_config
-from segany.utils.config import register_resolvers
+from segany.utils.cli import check_overrides
+from segany.utils.config import launcher_layout, register_resolvers
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -69,28 +71,65 @@ def resume_path(cfg: DictConfig):
 def apply_global_batch(cfg: DictConfig, trainer: pl.Trainer) -> None:
     """global_batch (images per optimiser step over all ranks) = data.batch_size x world size
     x accumulate_grad_batches. Sets the accumulation from the world size this job really
-    has; fails before training when no whole number of micro-batches gives it."""
+    has; fails before training when no whole number of micro-batches gives it.
+    Without global_batch: trainer.accumulate_grad_batches as set (null: 1)."""
     gb = cfg.get("global_batch")
-    if gb is None:
-        return
-    per_pass = int(cfg.data.batch_size) * trainer.world_size
-    if gb % per_pass:
-        raise ValueError(
-            f"global_batch={gb} cannot be met: data.batch_size={cfg.data.batch_size} x world size "
-            f"{trainer.world_size} = {per_pass} images per pass does not divide it; change "
-            f"trainer.devices / trainer.num_nodes or data.batch_size"
-        )
-    acc = gb // per_pass
     set_acc = cfg.trainer.get("accumulate_grad_batches")
-    if set_acc not in (None, 1, acc):
-        raise ValueError(
-            f"trainer.accumulate_grad_batches={set_acc} contradicts global_batch={gb} "
-            f"(needs {acc} with {per_pass} images per pass); leave it unset"
-        )
+    bs = int(cfg.data.batch_size)
+    if gb is None:
+        acc = int(set_acc or 1)
+    else:
+        per_pass = bs * trainer.world_size
+        if gb % per_pass:
+            raise ValueError(
+                f"global_batch={gb} cannot be met: data.batch_size={bs} x world size "
+                f"{trainer.world_size} = {per_pass} images per pass does not divide it; change "
+                f"trainer.devices / trainer.num_nodes or data.batch_size"
+            )
+        acc = gb // per_pass
+        if set_acc not in (None, acc):
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={set_acc} contradicts global_batch={gb} "
+                f"(needs {acc} with {per_pass} images per pass); leave it null"
+            )
     trainer.accumulate_grad_batches = acc
-    log.info(
-        "global batch %d = %d per rank x %d ranks x %d accumulated", gb, cfg.data.batch_size, trainer.world_size, acc
-    )
+    if getattr(trainer, "global_rank", 0) == 0:
+        layout = launcher_layout()
+        log.info(
+            "global batch %d = %d per rank x %d ranks x %d accumulated (%s nodes x %s devices, %s)",
+            bs * trainer.world_size * acc,
+            bs,
+            trainer.world_size,
+            acc,
+            getattr(trainer, "num_nodes", "?"),
+            getattr(trainer, "num_devices", "?"),
+            f"from {layout[0]}" if layout else "no launcher",
+        )
+
+
+def resolve_data(datamodule, trainer: pl.Trainer) -> dict:
+    """split -> {count, first, last} of the shards the run reads (datamodule.resolve_shards),
+    logged on rank 0; {} for a datamodule without shards. Generated data (synthetic) is
+    prepared first, on local rank 0 as Lightning would (then a no-op in fit)."""
+    if not hasattr(datamodule, "resolve_shards"):
+        return {}
+    if trainer.local_rank == 0:
+        datamodule.prepare_data()
+    resolved = datamodule.resolve_shards()
+    if trainer.global_rank == 0:
+        for split, r in resolved.items():
+            log.info("data %s: %d shards, %s ... %s", split, r["count"], r.get("first"), r.get("last"))
+            for name, src in (r.get("sources") or {}).items():
+                log.info("  source %s: %d shards, %s ... %s", name, src["count"], src["first"], src["last"])
+    return resolved
+
+
+def save_run_config(cfg: DictConfig, path: str, data_resolved: dict) -> None:
+    """The resolved config, plus data_resolved (the shard counts this run really found)."""
+    run = OmegaConf.to_container(cfg, resolve=True)
+    if data_resolved:
+        run["data_resolved"] = data_resolved
+    OmegaConf.save(OmegaConf.create(run), path)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -98,9 +137,12 @@ def train(cfg: DictConfig) -> dict:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     module, datamodule, trainer = build(cfg)
+    data_resolved = resolve_data(datamodule, trainer)
+    if data_resolved and getattr(module, "run_config", None) is not None:
+        module.run_config["data_resolved"] = data_resolved  # in every checkpoint, as config.yaml
     os.makedirs(cfg.paths.run_dir, exist_ok=True)
     if trainer.global_rank == 0:
-        OmegaConf.save(cfg, os.path.join(cfg.paths.run_dir, "config.yaml"), resolve=True)
+        save_run_config(cfg, os.path.join(cfg.paths.run_dir, "config.yaml"), data_resolved)
     ckpt = resume_path(cfg)
     log.info("run dir %s; %s", cfg.paths.run_dir, f"resuming from {ckpt}" if ckpt else "fresh start")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
@@ -115,4 +157,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])  # before Hydra: a key given twice (shell-expanded braces) is an error
     main()

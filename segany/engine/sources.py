@@ -67,13 +67,17 @@ def _shard_items(url: str) -> Iterator[Item]:
 
 
 def plan_jobs(input_spec: str, shard_size: int = 1000, prefix: str = "sa") -> list:
-    """input_spec: a folder of images, or a shard spec (path, glob, brace range, list)."""
-    if isinstance(input_spec, str) and os.path.isdir(input_spec):
+    """input_spec: a folder of images, or a shard spec (segany.data.streams.shards: a folder of
+    *.tar shards, a list file, a brace range, a glob, ...)."""
+    is_dir = isinstance(input_spec, str) and os.path.isdir(input_spec)
+    paths = []
+    if is_dir:
         paths = sorted(
             os.path.join(dp, f) for dp, _, fs in os.walk(input_spec) for f in fs if f.lower().endswith(IMAGE_EXTS)
         )
-        if not paths:
-            raise FileNotFoundError(f"--input {input_spec}: no .jpg/.jpeg/.png image in this folder")
+        if not paths and not any(f.endswith(".tar") for f in os.listdir(input_spec)):
+            raise FileNotFoundError(f"--input {input_spec}: no .jpg/.jpeg/.png image and no *.tar shard in this folder")
+    if paths:
         if shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
         return [

@@ -38,11 +38,11 @@ from typing import Iterator, Mapping, Optional
 import numpy as np
 
 from segany.data.datamodules.base import sample_config
-from segany.data.faults import FaultCounter
 from segany.data.datamodules.sa1b import SA1BDataModule, SA1BStream
+from segany.data.faults import FaultCounter
 from segany.data.sample import Record, SampleConfig
-from segany.data.streams.shards import resolve, subset
 from segany.data.streams.dataset import StreamDataset
+from segany.data.streams.shards import check_readable, resolve, subset, summary
 
 log = logging.getLogger("segany.data")
 
@@ -198,14 +198,27 @@ class SA1BMixtureDataModule(SA1BDataModule):
         except (TypeError, ValueError) as exc:
             raise ValueError(f"data.sources.{src.name}: {exc}") from None
 
+    def _source_urls(self, src: Source) -> list:
+        urls = resolve(src.shards, check=False, what=f"data.sources.{src.name}.shards")
+        return subset(urls, src.num_shards, f"data.sources.{src.name}.num_shards")
+
+    def resolve_shards(self) -> dict:
+        """As SA1BDataModule.resolve_shards; train: the total over the active sources, and
+        each source's {count, first, last} under train.sources."""
+        per = {src.name: summary(self._source_urls(src)) for src in self.active}
+        train = {"count": sum(p["count"] for p in per.values()), "sources": per}
+        self.resolved = {"train": train}
+        if self.val_shards:
+            self.resolved["val"] = summary(self._urls(self.val_shards, False, "data.val_shards"))
+        return self.resolved
+
     def _train_stream(self) -> MixtureStream:
         children, fractions = [], []
         for src in self.active:
             what = f"data.sources.{src.name}.shards"
-            urls = subset(resolve(src.shards, check=False, what=what), src.num_shards,
-                          f"data.sources.{src.name}.num_shards")
+            urls = self._source_urls(src)
             if self.check_shards:
-                resolve(urls, check=True, what=what)
+                check_readable(urls, what, src.shards)
             children.append(SA1BStream(urls, self._source_cfg(src), interleave=self.interleave,
                                        resampled=self.resampled, train=True, batch_size=self.batch_size,
                                        epoch_length=self.epoch_length, seed=self.seed,
@@ -219,4 +232,6 @@ class SA1BMixtureDataModule(SA1BDataModule):
     train_key = "sources"
 
     def _build_train(self) -> MixtureStream:
-        return self._train_stream()
+        train = self._train_stream()
+        self.resolve_shards()
+        return train

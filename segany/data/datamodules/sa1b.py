@@ -18,9 +18,9 @@ import numpy as np
 from segany.data.datamodules.base import StreamDataModule
 from segany.data.faults import FaultCounter, SampleFault
 from segany.data.sample import Record, SampleConfig
-from segany.data.streams.reader import ShardSample, read_pairs
-from segany.data.streams.shards import assign, resolve, subset
 from segany.data.streams.dataset import StreamDataset
+from segany.data.streams.reader import ShardSample, read_pairs
+from segany.data.streams.shards import assign, check_readable, resolve, subset, summary
 
 log = logging.getLogger("segany.data")
 
@@ -153,15 +153,27 @@ class SA1BDataModule(StreamDataModule):
         self.interleave = int(interleave)
         self.resampled = bool(resampled)
         self.check_shards = bool(check_shards)
+        self.resolved: dict = {}       # split -> {count, first, last}: resolve_shards() or setup()
+
+    def _urls(self, spec, train: bool, what: str) -> list:
+        urls = resolve(spec, check=False, what=what)
+        return subset(urls, self.train_num_shards, "data.train_num_shards") if train else urls
+
+    def resolve_shards(self) -> dict:
+        """split -> {count, first, last} of the shards this run will read (train: after
+        train_num_shards), without opening them: train.py logs it and records it in the run's
+        config as data_resolved. A spec that matches nothing fails here, naming it."""
+        self.resolved = {split: summary(self._urls(spec, split == "train", f"data.{split}_shards"))
+                         for split, spec in (("train", self.train_shards), ("val", self.val_shards)) if spec}
+        return self.resolved
 
     def _stream(self, spec, train: bool, what: str) -> Optional[SA1BStream]:
         if not spec:
             return None
-        urls = resolve(spec, check=False, what=what)
-        if train:
-            urls = subset(urls, self.train_num_shards, "data.train_num_shards")
+        urls = self._urls(spec, train, what)
         if self.check_shards:
-            resolve(urls, check=True, what=what)       # only the shards that will be read
+            check_readable(urls, what, spec)             # only the shards that will be read
+        self.resolved["train" if train else "val"] = summary(urls)
         return SA1BStream(urls, self.cfg, interleave=self.interleave, resampled=self.resampled, train=train,
                           batch_size=self.batch_size if train else self.val_batch_size,
                           epoch_length=self.epoch_length, seed=self.seed,
@@ -170,10 +182,10 @@ class SA1BDataModule(StreamDataModule):
     train_key, val_key = "train_shards", "val_shards"
 
     def _build_train(self) -> Optional[SA1BStream]:
-        return self._stream(self.train_shards, True, "train_shards")
+        return self._stream(self.train_shards, True, "data.train_shards")
 
     def _build_val(self) -> Optional[SA1BStream]:
-        return self._stream(self.val_shards, False, "val_shards")
+        return self._stream(self.val_shards, False, "data.val_shards")
 
     def _default_epoch_length(self, world_size: int) -> Optional[int]:
         raise ValueError(f"{type(self).__name__}: set epoch_length (training batches per rank per epoch); "

@@ -68,6 +68,9 @@ class SyntheticDataModule(SA1BDataModule):
                                         "prepare_data() has not run")
             self.prepare_data()
             found = self._manifest()
+        self._use(found)
+
+    def _use(self, found: dict) -> None:
         self.train_shards = [os.path.join(self.root, p) for p in found["train"]] or None
         self.val_shards = [os.path.join(self.root, p) for p in found["val"]] or None
 
@@ -78,6 +81,14 @@ class SyntheticDataModule(SA1BDataModule):
     def _build_val(self):
         self._resolve_shards()
         return super()._build_val()
+
+    def resolve_shards(self) -> dict:
+        """As SA1BDataModule.resolve_shards once prepare_data() has written the shards; {} before."""
+        found = self._manifest()
+        if found is None:
+            return {}
+        self._use(found)
+        return super().resolve_shards()
 
     def _default_epoch_length(self, world_size: int) -> int:
         return max(1, self.spec["num_train"] // (world_size * self.batch_size))

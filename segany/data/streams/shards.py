@@ -1,10 +1,18 @@
 """Shard lists: expansion, checks at start, opening at a byte offset, splitting by rank
 and worker, and where rank / world size come from.
 
-Shard specs follow webdataset: a string with brace ranges (`sa_{000000..000999}.tar`),
-several joined by `::`, or a list of such strings. Local paths may also use glob
-wildcards. URLs: local paths, `file://`, `pipe:<command>` (webdataset's gopen), and any
-protocol fsspec knows (`s3://`, `gs://`, `memory://`, ...; its backend must be installed).
+A shard spec is a string, several joined by `::`, or a list of such strings. Each part is
+  - a directory: every `*.tar` directly in it, sorted by name
+        data.train_shards=/datasets/sa1b
+  - a list file (`.txt`, `.list`, `.shards`): one shard per line; blank lines and `#`
+    comments ignored; relative paths are relative to the list file's directory
+        data.train_shards=/datasets/sa1b/train.txt
+  - a brace range or set, expanded by webdataset (`sa_{000000..000999}.tar`). On a command
+    line the braces need two quotes: single for bash, double for Hydra's grammar
+        'data.train_shards="/datasets/sa1b/sa_{000000..000999}.tar"'
+  - a local path with glob wildcards (`sa_*.tar`, sorted), a plain path, `file://`,
+    `pipe:<command>` (webdataset's gopen), or any URL fsspec knows (`s3://`, `gs://`,
+    `memory://`, ...; its backend must be installed).
 """
 from __future__ import annotations
 
@@ -34,20 +42,76 @@ def _local_path(url: str):
     return None
 
 
-def expand(spec: Union[str, Sequence[str]]) -> list[str]:
-    """Brace-expand (and glob, for local paths) a shard spec into a list of URLs."""
+LIST_SUFFIXES = (".txt", ".list", ".shards")
+
+
+def _describe(spec) -> str:
+    """repr of a spec for messages, shortened when it is a long list."""
+    if isinstance(spec, (list, tuple)) and len(spec) > 4:
+        return f"[{spec[0]!r}, {spec[1]!r}, ... {spec[-1]!r}] ({len(spec)} entries)"
+    return repr(spec)
+
+
+def _list_file(path: str, what: str) -> list[str]:
+    """Entries of a shard list file: one per line, `#` comments and blank lines dropped,
+    relative paths made relative to the file's directory (URLs are kept as they are)."""
+    if not os.path.isfile(path):
+        kind = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"{what}: shard list file {path} {kind}")
+    base = os.path.dirname(os.path.abspath(path))
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if _scheme(line) == "" and not os.path.isabs(os.path.expanduser(line)):
+                line = os.path.join(base, line)
+            entries.append(line)
+    if not entries:
+        raise FileNotFoundError(f"{what}: shard list file {path} lists no shard (only blank or # lines)")
+    return entries
+
+
+def _directory(path: str, what: str) -> list[str]:
+    found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+    if not found:
+        raise FileNotFoundError(f"{what}: directory {path} holds no *.tar shard")
+    return found
+
+
+def _expand_url(url: str, what: str, in_list: bool) -> list[str]:
+    path = _local_path(url)
+    if path is None:
+        return [url]
+    if os.path.isdir(path) and not path.endswith(".tar"):  # a directory named *.tar is a bad shard
+        return _directory(path, what)
+    if path.endswith(LIST_SUFFIXES):
+        if in_list:
+            raise ValueError(f"{what}: a shard list file cannot name another list file ({url})")
+        return [u for entry in _list_file(path, what) for u in _expand_part(entry, what, in_list=True)]
+    if glob.has_magic(path):
+        return sorted(glob.glob(path))
+    return [url]
+
+
+def _expand_part(spec: str, what: str, in_list: bool = False) -> list[str]:
+    # expand_urls: split on "::", brace ranges / sets (and WDS_ environment variables)
+    return [u for url in expand_urls(spec) for u in _expand_url(url, what, in_list)]
+
+
+def expand(spec: Union[str, Sequence[str]], what: str = "shards") -> list[str]:
+    """A shard spec (module docstring) -> the list of shard URLs, in order."""
     if spec is None:
         return []
     specs = [spec] if isinstance(spec, str) else [str(s) for s in spec]
-    urls: list[str] = []
-    for s in specs:
-        for url in expand_urls(s):
-            path = _local_path(url)
-            if path is not None and glob.has_magic(path):
-                urls.extend(sorted(glob.glob(path)))
-            else:
-                urls.append(url)
-    return urls
+    return [u for s in specs for u in _expand_part(s, what)]
+
+
+def summary(urls: Sequence[str]) -> dict:
+    """{count, first, last} of a resolved shard list: what a run logs and records."""
+    urls = list(urls)
+    return {"count": len(urls), "first": urls[0] if urls else None, "last": urls[-1] if urls else None}
 
 
 def _fsspec_fs(url: str):
@@ -59,13 +123,18 @@ def _fsspec_fs(url: str):
 
 
 def resolve(spec, check: bool = True, what: str = "shards") -> list[str]:
-    """Expand `spec`; fail now, with the offending paths, if it matches nothing or (check)
-    a local or fsspec shard does not exist or cannot be read. pipe: URLs are not checked."""
-    urls = expand(spec)
+    """Expand `spec`; fail now if it matches nothing or (check) a shard is missing or unreadable."""
+    urls = expand(spec, what)
     if not urls:
-        raise FileNotFoundError(f"{what}: {spec!r} matches no shard")
-    if not check:
-        return urls
+        raise FileNotFoundError(f"{what}: {_describe(spec)} matches no shard")
+    if check:
+        check_readable(urls, what, spec)
+    return urls
+
+
+def check_readable(urls: Sequence[str], what: str = "shards", spec=None) -> None:
+    """Fail, naming the offending shards (and the spec they came from), when a local or fsspec
+    shard does not exist or cannot be read. pipe: and http(s) URLs are not checked."""
     missing, unreadable = [], []
     for url in urls:
         path = _local_path(url)
@@ -84,8 +153,8 @@ def resolve(spec, check: bool = True, what: str = "shards") -> list[str]:
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unreadable:
             parts.append(f"{len(unreadable)} unreadable (e.g. {', '.join(unreadable[:3])})")
-        raise FileNotFoundError(f"{what}: of {len(urls)} shards from {spec!r}, " + "; ".join(parts))
-    return urls
+        source = _describe(urls if spec is None else spec)
+        raise FileNotFoundError(f"{what}: of {len(urls)} shards from {source}, " + "; ".join(parts))
 
 
 def subset(urls: list[str], num_shards, what: str = "num_shards") -> list[str]:

@@ -1,0 +1,90 @@
+"""Command-line checks run before Hydra parses anything (train.py, evaluate.py).
+
+Hydra keeps the last of several overrides of one key without a word. The usual way to get
+several is the shell: an unquoted brace range such as
+``data.train_shards=/datasets/sa1b/sa_{000000..000999}.tar`` is expanded by bash into 1000
+words, and the run would train on the last shard only. So a key given more than once is an
+error, named, before anything starts.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Sequence
+
+# the overrides Lightning appends when it re-launches the script for DDP ranks 1..n-1
+# (lightning_fabric/strategies/launchers/subprocess_script.py, _hydra_subprocess_cmd); they may
+# repeat keys the user set, and the user's part was already checked in rank 0
+_LIGHTNING_RELAUNCH = ("hydra.run.dir=", "hydra.job.name=train_ddp_process_", "hydra.output_subdir=null")
+
+
+def override_key(arg: str):
+    """The key an override sets (`key=v`, `+key=v`, `++key=v`, `~key`, `~key=v` all set `key`),
+    or None for what is not an override (`-m`, `--cfg`, the value of a flag such as `job`)."""
+    if arg.startswith("-"):
+        return None
+    if arg.startswith("~"):
+        return arg[1:].split("=", 1)[0] or None
+    if "=" not in arg:
+        return None
+    return re.sub(r"^\+\+?", "", arg.split("=", 1)[0]) or None
+
+
+def _is_lightning_relaunch(args: Sequence[str]) -> bool:
+    tail = list(args[-3:])
+    return len(tail) == 3 and all(a.startswith(p) for a, p in zip(tail, _LIGHTNING_RELAUNCH))
+
+
+def check_overrides(args: Sequence[str]) -> None:
+    """Fail (message on stderr, SystemExit with status 2) when a key is overridden more than
+    once in `args` (sys.argv[1:]). A multirun sweep `key=a,b` is one override."""
+    args = list(args)
+    if _is_lightning_relaunch(args):
+        args = args[:-3]
+    seen: dict[str, list[str]] = {}
+    for arg in args:
+        key = override_key(arg)
+        if key is not None:
+            seen.setdefault(key, []).append(arg)
+    repeated = {k: v for k, v in seen.items() if len(v) > 1}
+    if not repeated:
+        return
+    lines = []
+    for key, given in repeated.items():
+        shown = f"{given[0]!r} ... {given[-1]!r}" if len(given) > 2 else " and ".join(repr(g) for g in given)
+        lines.append(f"  {key} is given {len(given)} times ({shown}); Hydra would keep only the last")
+    key = next((k for k, g in repeated.items() if _looks_expanded(g)), None)
+    if key is not None:
+        given = repeated[key]
+        name, first = given[0].split("=", 1)
+        hint = (
+            "An unquoted {a..b} range expanded by the shell? Quote it, single quotes for bash and double "
+            f"quotes for Hydra:\n  '{name}=\"{_as_range(first, given[-1].split('=', 1)[1])}\"'\n"
+            "or give a directory of shards or a list file (one shard per line) instead."
+        )
+    else:
+        hint = "Give each key once."
+    sys.stderr.write(
+        "error: a key is set more than once on the command line:\n" + "\n".join(lines) + "\n" + hint + "\n"
+    )
+    raise SystemExit(2)
+
+
+def _looks_expanded(given: list) -> bool:
+    """Overrides that differ only in their numbers, spelled alike, three or more of them or
+    with more than a number as value: what bash makes of `key=x_{0..9}.tar`."""
+    masked = {re.sub(r"\d+", "#", g) for g in given}
+    value = given[0].split("=", 1)[-1]
+    return len(masked) == 1 and len(set(given)) > 1 and (len(given) > 2 or not value.isdigit())
+
+
+def _as_range(first: str, last: str) -> str:
+    """The brace range bash expanded into first ... last (e.g. sa_000000.tar ... sa_000003.tar ->
+    sa_{000000..000003}.tar); a generic example when they differ in more than one number."""
+    a, b = re.split(r"(\d+)", first), re.split(r"(\d+)", last)
+    diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    if len(a) != len(b) or len(diff) != 1:
+        return "/datasets/sa1b/sa_{000000..000999}.tar"
+    i = diff[0]
+    return "".join(a[:i]) + "{" + a[i] + ".." + b[i] + "}" + "".join(a[i + 1 :])
