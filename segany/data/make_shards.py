@@ -45,6 +45,7 @@ def write_shards(
 def coco_samples(images_dir: str, annotations: str, stats: dict) -> Iterator[tuple[str, str, bytes, dict]]:
     """SA-1B-format samples of a COCO / LVIS instance dataset, keyed by str(image id)."""
     from segany.data.formats.coco import image_path, load_coco, rle_counts
+    from segany.data.formats.sa1b import annotation, image_json
 
     coco = load_coco(annotations)
     for img_id in sorted(coco.imgs):
@@ -57,9 +58,9 @@ def coco_samples(images_dir: str, annotations: str, stats: dict) -> Iterator[tup
                 stats["bad_annotation"] = stats.get("bad_annotation", 0) + 1
                 print(f"skipped annotation {ann.get('id')} of image {img_id}: {exc}", file=sys.stderr)
                 continue
-            out = {k: ann[k] for k in ("id", "bbox", "area", "iscrowd", "category_id") if k in ann}
-            out["segmentation"] = {"size": [info["height"], info["width"]], "counts": counts}
-            anns.append(out)
+            coco_fields = {k: ann[k] for k in ("iscrowd", "category_id") if k in ann}
+            segmentation = {"size": [info["height"], info["width"]], "counts": counts}
+            anns.append(annotation(ann["id"], segmentation, ann.get("bbox"), ann.get("area"), **coco_fields))
         if not anns:
             stats["no_annotations"] = stats.get("no_annotations", 0) + 1
             continue
@@ -68,15 +69,7 @@ def coco_samples(images_dir: str, annotations: str, stats: dict) -> Iterator[tup
             data = f.read()
         ext = os.path.splitext(path)[1].lstrip(".").lower()
         ext = "jpg" if ext == "jpeg" else ext
-        meta = {
-            "image": {
-                "image_id": img_id,
-                "width": info["width"],
-                "height": info["height"],
-                "file_name": os.path.basename(path),
-            },
-            "annotations": anns,
-        }
+        meta = image_json(img_id, info["height"], info["width"], os.path.basename(path), anns)
         stats["images"] = stats.get("images", 0) + 1
         yield str(img_id), ext, data, meta
 

@@ -15,21 +15,10 @@ from typing import Callable
 from webdataset import TarWriter
 
 from segany.data.decode import decode_rgb
+from segany.data.formats.sa1b import image_json
 from segany.utils.io import TMP_MARK, atomic_write
 
 log = logging.getLogger("segany.engine")
-
-
-def image_json(item, h: int, w: int, anns: list) -> dict:
-    return {
-        "image": {
-            "image_id": int(item.image_id),
-            "width": int(w),
-            "height": int(h),
-            "file_name": f"{item.key}.{item.ext}",
-        },
-        "annotations": anns,
-    }
 
 
 def write_shard(job, annotate: Callable, path: str) -> dict:
@@ -44,7 +33,7 @@ def write_shard(job, annotate: Callable, path: str) -> dict:
             stats["images"] += 1
             if not anns:
                 continue
-            meta = image_json(item, image.shape[0], image.shape[1], anns)
+            meta = image_json(item.image_id, image.shape[0], image.shape[1], f"{item.key}.{item.ext}", anns)
             writer.write({"__key__": item.key, item.ext: item.data, "json": json.dumps(meta).encode()})
             stats["written"] += 1
             stats["masks"] += len(anns)
