@@ -1,11 +1,12 @@
 """Shard lists: expansion, checks at start, opening at a byte offset, splitting by rank
-and worker, and where rank / world size come from.
+and worker (rank / world size: `segany.utils.dist.topology`).
 
 Shard specs follow webdataset: a string with brace ranges (`sa_{000000..000999}.tar`),
 several joined by `::`, or a list of such strings. Local paths may also use glob
 wildcards. URLs: local paths, `file://`, `pipe:<command>` (webdataset's gopen), and any
 protocol fsspec knows (`s3://`, `gs://`, `memory://`, ...; its backend must be installed).
 """
+
 from __future__ import annotations
 
 import glob
@@ -22,7 +23,7 @@ _SKIP_CHUNK = 1 << 20
 
 def _scheme(url: str) -> str:
     s = urlparse(url).scheme
-    return "" if len(s) <= 1 else s   # "C:" is a drive letter, not a scheme
+    return "" if len(s) <= 1 else s  # "C:" is a drive letter, not a scheme
 
 
 def _local_path(url: str):
@@ -53,6 +54,7 @@ def expand(spec: Union[str, Sequence[str]]) -> list[str]:
 def _fsspec_fs(url: str):
     try:
         import fsspec
+
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError):  # no fsspec, or no backend for this protocol
         return None
@@ -141,17 +143,3 @@ def assign(n_shards: int, slot: int, n_slots: int, cover: bool = False) -> list[
     if not own and cover and n_shards:
         own = [slot % n_shards]
     return own
-
-
-def topology(trainer=None) -> tuple[int, int]:
-    """(global rank, world size): from the trainer when attached, else torch.distributed,
-    else the RANK / WORLD_SIZE environment, else (0, 1). Lightning's launcher does not
-    set RANK, so the trainer comes first."""
-    if trainer is not None:
-        return int(trainer.global_rank), int(trainer.world_size)
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
-    return 0, 1
