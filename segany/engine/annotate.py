@@ -12,8 +12,8 @@ human ones, count as confident) are kept, the point grid is restricted to the pi
 them covers, and new masks that lie mostly (> max_overlap of their area) on already
 annotated pixels are dropped; the rest are added.
 
-Annotations are SA-1B's: id, segmentation (COCO RLE, str counts), bbox (xywh), area,
-predicted_iou, stability_score, point_coords ([[x, y]]), crop_box (xywh).
+Annotations are SA-1B's (`segany.data.formats.sa1b.annotation`): id, segmentation (COCO RLE,
+str counts), bbox (xywh), area, predicted_iou, stability_score, crop_box (xywh), point_coords ([[x, y]]).
 """
 
 from __future__ import annotations
