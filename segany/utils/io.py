@@ -55,7 +55,13 @@ def atomic_write(path: PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO
     # not tempfile.mkstemp: that creates the file 0600; the target gets the usual 0666 & ~umask
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with open(fd, mode, **open_kwargs) as f:
+        f = open(fd, mode, **open_kwargs)
+    except BaseException:
+        os.close(fd)
+        os.remove(tmp)
+        raise
+    try:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
