@@ -27,7 +27,8 @@ from typing import Dict, Optional
 
 import torch
 
-from segany.modeling.checkpoint import CheckpointError, _mismatch_report, atomic_torch_save, from_official, to_official
+from segany.modeling.checkpoint import CheckpointError, _mismatch_report, from_official, to_official
+from segany.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

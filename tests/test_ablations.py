@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -22,12 +22,10 @@ import segany.data
 from segany.data.streams.shards import expand
 from segany.training.config import check_train_config
 from segany.training.prompting import MASK, POINT, initial_prompts, round_schedule
-from segany.utils.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 ABL_DIR = ROOT / "configs" / "experiment" / "ablations"
 ABLATIONS = sorted(p.stem for p in ABL_DIR.glob("*.yaml"))
-register_resolvers()
 
 # the paper's per-size recipe (appendix A; B/L milestones scaled from ViT-H's): the truth the
 # encoder-scale arms are checked against
@@ -39,11 +37,7 @@ PAPER = {
 VARIANT_OF_DEPTH = {v["depth"]: k for k, v in PAPER.items()}
 
 
-@lru_cache(maxsize=None)
-def _compose(*overrides):
-    """composed once per override list (0.3 s each here); callers only read the result"""
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+_compose = lru_cache(maxsize=None)(compose)  # once per override list (0.3 s each here); callers only read it
 
 
 def _select(cfg, key):
@@ -281,19 +275,14 @@ def test_data_engine_mixture_oversamples_manual_and_semi_10x():
 
 
 def test_launcher_configs_compose():
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        for name, target in (("slurm_local", "LocalLauncher"), ("slurm", "SlurmLauncher")):
-            cfg = compose(
-                "train",
-                overrides=["experiment=ablations/multimask", f"hydra/launcher={name}"],
-                return_hydra_config=True,
-            )
-            launcher = cfg.hydra.launcher
-            assert launcher._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
-            assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir + "/")
-        # SLURM: the allocation follows the trainer (one task per GPU, as Lightning expects)
-        assert (launcher.nodes, launcher.gpus_per_node) == (16, 8) == (cfg.trainer.num_nodes, cfg.trainer.devices)
-        assert launcher.tasks_per_node == cfg.trainer.devices
+    for name, target in (("slurm_local", "LocalLauncher"), ("slurm", "SlurmLauncher")):
+        cfg = compose("experiment=ablations/multimask", f"hydra/launcher={name}", return_hydra_config=True)
+        launcher = cfg.hydra.launcher
+        assert launcher._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
+        assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir + "/")
+    # SLURM: the allocation follows the trainer (one task per GPU, as Lightning expects)
+    assert (launcher.nodes, launcher.gpus_per_node) == (16, 8) == (cfg.trainer.num_nodes, cfg.trainer.devices)
+    assert launcher.tasks_per_node == cfg.trainer.devices
 
 
 TINY = """# @package _global_

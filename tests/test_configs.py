@@ -5,20 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from hydra.utils import instantiate
 
 from segany.training.config import check_train_config
-from segany.utils.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
-register_resolvers()
-
-
-def _compose(*overrides, name="train"):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
 
 
 def test_the_paper_recipes_are_there():
@@ -28,14 +21,14 @@ def test_the_paper_recipes_are_there():
 
 
 def test_no_arguments_is_the_demo():
-    cfg = _compose()
+    cfg = compose()
     assert cfg.name == "demo" and cfg.model.variant == "vit_tiny"
     assert cfg.data._target_.endswith("SyntheticDataModule") and cfg.trainer.accelerator == "cpu"
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_every_node_has_a_target(name):
-    cfg = _compose(f"experiment={name}")
+    cfg = compose(f"experiment={name}")
     check_train_config(cfg)
     assert cfg.name == name
     for node in ("model", "data", "trainer", "optim", "prompting", "loss", "module", "logger"):
@@ -53,7 +46,7 @@ PAPER = {  # lr, steps, milestones, drop path, layer decay, global batch, varian
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_numbers(name):
     lr, steps, milestones, dp, ld, batch, variant = PAPER[name]
-    cfg = _compose(f"experiment={name}")
+    cfg = compose(f"experiment={name}")
     assert cfg.model.variant == variant
     assert cfg.optim.lr == lr and cfg.trainer.max_steps == steps and list(cfg.optim.milestones) == milestones
     assert cfg.optim.gamma == 0.1 and cfg.optim.warmup_iters == 250 and cfg.optim.weight_decay == 0.1
@@ -70,7 +63,7 @@ def test_paper_numbers(name):
 
 @pytest.mark.parametrize("name", ["vit_h_sa1b", "vit_l_sa1b"])
 def test_big_models_instantiate_on_meta(name):
-    cfg = _compose(f"experiment={name}")
+    cfg = compose(f"experiment={name}")
     with torch.device("meta"):
         model = instantiate(cfg.model, encoder_init=None, checkpoint=None)
     n = sum(p.numel() for p in model.parameters())
@@ -87,34 +80,34 @@ def test_big_models_instantiate_on_meta(name):
 
 def test_slurm_job_id_names_the_run_dir(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    assert _compose("experiment=vit_b_sa1b").paths.run_dir.endswith("vit_b_sa1b_4242")
+    assert compose("experiment=vit_b_sa1b").paths.run_dir.endswith("vit_b_sa1b_4242")
     monkeypatch.delenv("SLURM_JOB_ID")
-    assert _compose("experiment=vit_b_sa1b").paths.run_dir.endswith("vit_b_sa1b")
+    assert compose("experiment=vit_b_sa1b").paths.run_dir.endswith("vit_b_sa1b")
 
 
 def test_config_errors_name_the_key():
     from omegaconf import open_dict
 
-    cfg = _compose()
+    cfg = compose()
     with open_dict(cfg):
         cfg.prompting.resolution = "half"
     with pytest.raises(ValueError, match="prompting.resolution"):
         check_train_config(cfg)
     with pytest.raises(ValueError, match="optim.fused"):  # the demo's fused AdamW under bf16-mixed + clipping
-        check_train_config(_compose("trainer.precision=bf16-mixed"))
+        check_train_config(compose("trainer.precision=bf16-mixed"))
     with pytest.raises(ValueError, match="optim.fused"):  # "bf16" is Lightning's alias of bf16-mixed
-        check_train_config(_compose("trainer.precision=bf16"))
-    check_train_config(_compose("trainer.precision=bf16-mixed", "optim.fused=false"))
+        check_train_config(compose("trainer.precision=bf16"))
+    check_train_config(compose("trainer.precision=bf16-mixed", "optim.fused=false"))
     from hydra.errors import InstantiationException
 
     with pytest.raises(InstantiationException, match="optim.layer_decay"):
-        instantiate(_compose("optim.layer_decay=1.5").optim)
+        instantiate(compose("optim.layer_decay=1.5").optim)
 
 
 def _fit(tmp_path, *overrides):
     import train
 
-    cfg = _compose(
+    cfg = compose(
         "logger=csv",
         f"paths.root_dir={tmp_path}",
         "trainer.max_steps=2",

@@ -166,15 +166,13 @@ def test_semi_prompts_only_the_unannotated_area(blob):
 def test_train_annotate_retrain_loop(tmp_path, monkeypatch):
     """Train a tiny SAM 1 step on synthetic scenes, annotate unlabelled images with it (auto
     stage, CLI), train again from its weights on the engine's shards alone."""
-    from hydra import compose, initialize_config_dir
+    from helpers import compose
 
     import segany
-    from segany.utils.config import register_resolvers
 
     sys.path.insert(0, str(ROOT))
     import train as train_script
 
-    register_resolvers()
     monkeypatch.setenv("WANDB_MODE", "offline")
     common = [
         f"paths.root_dir={tmp_path}",
@@ -186,12 +184,9 @@ def test_train_annotate_retrain_loop(tmp_path, monkeypatch):
         "trainer.limit_val_batches=0",
         "optim.warmup_iters=0",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg1 = compose(
-            "train",
-            overrides=common
-            + ["name=round0", f"data.root={tmp_path}/syn", "data.num_train=4", "data.num_val=2", "data.shard_size=2"],
-        )
+    cfg1 = compose(
+        *common, "name=round0", f"data.root={tmp_path}/syn", "data.num_train=4", "data.num_val=2", "data.shard_size=2"
+    )
     train_script.train(cfg1)
     ckpt = tmp_path / "round0" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
@@ -230,20 +225,16 @@ def test_train_annotate_retrain_loop(tmp_path, monkeypatch):
 
     model, _ = load_model(str(ckpt))
     segany.save_official(model, str(tmp_path / "round0.pth"))
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg2 = compose(
-            "train",
-            overrides=common
-            + [
-                "name=round1",
-                "seed=1",
-                "data=sa1b",
-                f"data.train_shards='{tmp_path}/engine/sa-{{000000..000001}}.tar'",
-                "data.img_size=${model.img_size}",
-                "data.epoch_length=1",
-                f"model.checkpoint={tmp_path}/round0.pth",
-            ],
-        )
+    cfg2 = compose(
+        *common,
+        "name=round1",
+        "seed=1",
+        "data=sa1b",
+        f"data.train_shards='{tmp_path}/engine/sa-{{000000..000001}}.tar'",
+        "data.img_size=${model.img_size}",
+        "data.epoch_length=1",
+        f"model.checkpoint={tmp_path}/round0.pth",
+    )
     train_script.train(cfg2)
     assert (tmp_path / "round1" / "checkpoints" / "last.ckpt").is_file()
     retrained, _ = load_model(str(tmp_path / "round1" / "checkpoints" / "last.ckpt"))

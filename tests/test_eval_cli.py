@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose
 
 import segany
-from segany.utils.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
-register_resolvers()
 
 
 def _cfg(tmp_path, *overrides):
@@ -28,8 +26,7 @@ def _cfg(tmp_path, *overrides):
         "data.max_side=128",
         f"paths.root_dir={tmp_path}",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("evaluate", overrides=data + list(overrides))
+    return compose(*data, *overrides, name="evaluate")
 
 
 def _evaluate(cfg):

@@ -68,7 +68,7 @@ def test_cli_bf16_weights_become_fp32(tmp_path, tiny):
     assert r.returncode == 0, r.stderr
     raw = torch.load(out, map_location="cpu", weights_only=True)
     assert all(v.dtype == torch.float32 for v in raw.values())
-    assert not list(out.parent.glob(".tmp-*"))  # atomic write left nothing behind
+    assert [p.name for p in out.parent.iterdir()] == ["sam.pth"]  # atomic write left nothing behind
 
 
 def test_bad_inputs_name_the_path(tmp_path, tiny):

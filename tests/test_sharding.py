@@ -195,18 +195,14 @@ def test_fsdp2_two_ranks_matches_fp32_and_exports(tmp_path):
 
 
 def test_strategy_configs_compose_and_instantiate(monkeypatch):
-    from hydra import compose, initialize_config_dir
+    from helpers import compose
     from hydra.utils import instantiate
     from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 
-    from segany.utils.config import register_resolvers
-
-    register_resolvers()
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "256")
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        fsdp = compose("train", overrides=["experiment=vit_h_sa1b"])  # the recipe includes strategy/fsdp
-        ddp = compose("train", overrides=["experiment=vit_b_sa1b", "+strategy=ddp"])
+    fsdp = compose("experiment=vit_h_sa1b")  # the recipe includes strategy/fsdp
+    ddp = compose("experiment=vit_b_sa1b", "+strategy=ddp")
     s = instantiate(fsdp.trainer.strategy)
     assert isinstance(s, ModelParallelStrategy)
     assert s._data_parallel_size == 256 and s._tensor_parallel_size == 1 and s._save_distributed_checkpoint

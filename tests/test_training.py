@@ -235,6 +235,20 @@ def test_wandb_is_offline_without_credentials(tmp_path, monkeypatch):
     assert wandb_credentials()
 
 
+def test_wandb_offline_unless_credentials_or_told(tmp_path, monkeypatch):
+    """The one rule the training logger and the evaluation report share."""
+    from segany.utils.wandb import wandb_offline
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+    assert wandb_offline() and not wandb_offline(False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert not wandb_offline() and wandb_offline(True)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_offline()
+
+
 def test_validation_images_draw_predictions_outlines_and_clicks():
     """draw_masks: predicted pixels blended with their colour, the GT outline white, the click dot."""
     import numpy as np

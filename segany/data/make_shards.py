@@ -8,9 +8,11 @@ turns every annotation (polygons, uncompressed or compressed RLE) into a compres
 string and keeps `iscrowd` and `category_id` next to SA-1B's fields; images without a
 usable annotation are left out and reported.
 """
+
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -18,32 +20,32 @@ from typing import Iterable, Iterator
 
 from webdataset import TarWriter
 
+from segany.utils.io import atomic_write
 
-def write_shards(samples: Iterable[tuple[str, str, bytes, dict]], out_dir: str, prefix: str = "sa",
-                 shard_size: int = 1000) -> list[str]:
+
+def write_shards(
+    samples: Iterable[tuple[str, str, bytes, dict]], out_dir: str, prefix: str = "sa", shard_size: int = 1000
+) -> list[str]:
     """samples: (key, image extension, image bytes, json dict). Returns the shard paths,
-    named <prefix>-000000.tar, <prefix>-000001.tar, ..."""
+    named <prefix>-000000.tar, <prefix>-000001.tar, ...; each is written atomically."""
     os.makedirs(out_dir, exist_ok=True)
     paths: list[str] = []
-    writer, count = None, 0
-    try:
-        for key, ext, image, meta in samples:
-            if writer is None or count == shard_size:
-                if writer is not None:
-                    writer.close()
-                paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):06d}.tar"))
-                writer, count = TarWriter(paths[-1], mtime=1.0), 0
-            writer.write({"__key__": key, ext: image, "json": json.dumps(meta).encode()})
-            count += 1
-    finally:
-        if writer is not None:
+    it = iter(samples)
+    for first in it:
+        path = os.path.join(out_dir, f"{prefix}-{len(paths):06d}.tar")
+        with atomic_write(path, "wb") as f:
+            writer = TarWriter(f, mtime=1.0)
+            for key, ext, image, meta in itertools.chain([first], itertools.islice(it, shard_size - 1)):
+                writer.write({"__key__": key, ext: image, "json": json.dumps(meta).encode()})
             writer.close()
+        paths.append(path)
     return paths
 
 
 def coco_samples(images_dir: str, annotations: str, stats: dict) -> Iterator[tuple[str, str, bytes, dict]]:
     """SA-1B-format samples of a COCO / LVIS instance dataset, keyed by str(image id)."""
     from segany.data.formats.coco import image_path, load_coco, rle_counts
+    from segany.data.formats.sa1b import annotation, image_json
 
     coco = load_coco(annotations)
     for img_id in sorted(coco.imgs):
@@ -56,9 +58,9 @@ def coco_samples(images_dir: str, annotations: str, stats: dict) -> Iterator[tup
                 stats["bad_annotation"] = stats.get("bad_annotation", 0) + 1
                 print(f"skipped annotation {ann.get('id')} of image {img_id}: {exc}", file=sys.stderr)
                 continue
-            out = {k: ann[k] for k in ("id", "bbox", "area", "iscrowd", "category_id") if k in ann}
-            out["segmentation"] = {"size": [info["height"], info["width"]], "counts": counts}
-            anns.append(out)
+            coco_fields = {k: ann[k] for k in ("iscrowd", "category_id") if k in ann}
+            segmentation = {"size": [info["height"], info["width"]], "counts": counts}
+            anns.append(annotation(ann["id"], segmentation, ann.get("bbox"), ann.get("area"), **coco_fields))
         if not anns:
             stats["no_annotations"] = stats.get("no_annotations", 0) + 1
             continue
@@ -67,15 +69,17 @@ def coco_samples(images_dir: str, annotations: str, stats: dict) -> Iterator[tup
             data = f.read()
         ext = os.path.splitext(path)[1].lstrip(".").lower()
         ext = "jpg" if ext == "jpeg" else ext
-        meta = {"image": {"image_id": img_id, "width": info["width"], "height": info["height"],
-                          "file_name": os.path.basename(path)}, "annotations": anns}
+        meta = image_json(img_id, info["height"], info["width"], os.path.basename(path), anns)
         stats["images"] = stats.get("images", 0) + 1
         yield str(img_id), ext, data, meta
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segany.data.make_shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m segany.data.make_shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     syn = sub.add_parser("synthetic", help="random scenes of shapes with exact masks")
     syn.add_argument("out_dir")
@@ -95,16 +99,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "synthetic":
         from segany.data.scenes import scene_samples
-        paths = write_shards(scene_samples(args.num, args.seed, args.first_id, args.min_side, args.max_side),
-                             args.out_dir, args.prefix, args.shard_size)
+
+        paths = write_shards(
+            scene_samples(args.num, args.seed, args.first_id, args.min_side, args.max_side),
+            args.out_dir,
+            args.prefix,
+            args.shard_size,
+        )
         print(f"wrote {args.num} scenes to {len(paths)} shards in {args.out_dir}")
     else:
         stats: dict = {}
-        paths = write_shards(coco_samples(args.images, args.annotations, stats), args.out_dir, args.prefix,
-                             args.shard_size)
-        print(f"wrote {stats.get('images', 0)} images to {len(paths)} shards in {args.out_dir}; left out: "
-              f"{stats.get('no_annotations', 0)} images without annotations, "
-              f"{stats.get('bad_annotation', 0)} unusable annotations")
+        paths = write_shards(
+            coco_samples(args.images, args.annotations, stats), args.out_dir, args.prefix, args.shard_size
+        )
+        print(
+            f"wrote {stats.get('images', 0)} images to {len(paths)} shards in {args.out_dir}; left out: "
+            f"{stats.get('no_annotations', 0)} images without annotations, "
+            f"{stats.get('bad_annotation', 0)} unusable annotations"
+        )
     return 0
 
 

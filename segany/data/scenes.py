@@ -7,6 +7,7 @@ earlier ones. The masks are the visible parts, exact to the pixel; scenes are dr
 (seed, image id) alone, so any subset regenerates identically. The datamodule
 (`segany.data.datamodules.synthetic`) writes them as shards when they are missing.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -14,12 +15,12 @@ from typing import Iterator
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
+from segany.data.formats.sa1b import annotation, image_json
 
 SHAPES = ("ellipse", "rectangle", "polygon")
 TEXTURES = ("flat", "stripes", "checker", "noise")
-MIN_VISIBLE = 24   # pixels: smaller visible parts get no annotation
+MIN_VISIBLE = 24  # pixels: smaller visible parts get no annotation
 
 
 def _smooth_noise(rng, h, w, cells) -> np.ndarray:
@@ -65,8 +66,9 @@ def _rgb(h, s, v) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h, s, v), np.float32) * 255
 
 
-def make_scene(rng: np.random.Generator, height: int, width: int, n_objects: int,
-               textures=TEXTURES, shapes=SHAPES) -> tuple[np.ndarray, list]:
+def make_scene(
+    rng: np.random.Generator, height: int, width: int, n_objects: int, textures=TEXTURES, shapes=SHAPES
+) -> tuple[np.ndarray, list]:
     """(height, width, 3) uint8 RGB image and the visible mask (bool) of each object, in
     painting order (objects hidden below MIN_VISIBLE pixels are dropped)."""
     h, w = height, width
@@ -82,7 +84,7 @@ def make_scene(rng: np.random.Generator, height: int, width: int, n_objects: int
         if len(ys) == 0:
             continue
         y0, x0 = ys.min(), xs.min()
-        box = (slice(y0, ys.max() + 1), slice(x0, xs.max() + 1))            # texture over the bbox only
+        box = (slice(y0, ys.max() + 1), slice(x0, xs.max() + 1))  # texture over the bbox only
         tex = _texture(rng, box[0].stop - y0, box[1].stop - x0, kind)
         region = image[box]
         region[m[box]] = colour * tex[m[box]][:, None]
@@ -101,21 +103,24 @@ def scene_annotations(rng, masks: list, image_id: int) -> list:
     h, w = masks[0].shape
     anns = []
     for j, m in enumerate(masks):
-        r = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
         ys, xs = np.nonzero(m)
         p = int(rng.integers(len(xs)))
-        anns.append({"id": image_id * 1000 + j,
-                     "segmentation": {"size": [h, w], "counts": r["counts"].decode("ascii")},
-                     "bbox": [float(v) for v in mask_utils.toBbox(r)], "area": int(mask_utils.area(r)),
-                     "predicted_iou": float(rng.uniform(0.8, 1.0)),
-                     "stability_score": float(rng.uniform(0.85, 1.0)),
-                     "crop_box": [0.0, 0.0, float(w), float(h)],
-                     "point_coords": [[float(xs[p]), float(ys[p])]]})
+        anns.append(
+            annotation(
+                image_id * 1000 + j,
+                m,
+                predicted_iou=rng.uniform(0.8, 1.0),
+                stability_score=rng.uniform(0.85, 1.0),
+                crop_box=[0, 0, w, h],
+                point_coords=[[xs[p], ys[p]]],
+            )
+        )
     return anns
 
 
-def scene_samples(num: int, seed: int = 0, first_id: int = 0, min_side: int = 192,
-                  max_side: int = 320) -> Iterator[tuple[str, str, bytes, dict]]:
+def scene_samples(
+    num: int, seed: int = 0, first_id: int = 0, min_side: int = 192, max_side: int = 320
+) -> Iterator[tuple[str, str, bytes, dict]]:
     """(key, 'jpg', JPEG bytes, SA-1B json) of scenes first_id .. first_id + num - 1."""
     for image_id in range(first_id, first_id + num):
         rng = np.random.default_rng([seed, image_id])
@@ -124,6 +129,5 @@ def scene_samples(num: int, seed: int = 0, first_id: int = 0, min_side: int = 19
         ok, jpg = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
         assert ok
         key = f"sa_{image_id}"
-        meta = {"image": {"image_id": image_id, "width": w, "height": h, "file_name": f"{key}.jpg"},
-                "annotations": scene_annotations(rng, masks, image_id)}
+        meta = image_json(image_id, h, w, f"{key}.jpg", scene_annotations(rng, masks, image_id))
         yield key, "jpg", jpg.tobytes(), meta

@@ -12,8 +12,8 @@ human ones, count as confident) are kept, the point grid is restricted to the pi
 them covers, and new masks that lie mostly (> max_overlap of their area) on already
 annotated pixels are dropped; the rest are added.
 
-Annotations are SA-1B's: id, segmentation (COCO RLE, str counts), bbox (xywh), area,
-predicted_iou, stability_score, point_coords ([[x, y]]), crop_box (xywh).
+Annotations are SA-1B's (`segany.data.formats.sa1b.annotation`): id, segmentation (COCO RLE,
+str counts), bbox (xywh), area, predicted_iou, stability_score, crop_box (xywh), point_coords ([[x, y]]).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from segany.data.formats.sa1b import annotation
 from segany.inference import SamAutomaticMaskGenerator
 from segany.inference.amg_utils import build_point_grid
 
@@ -43,22 +44,24 @@ MAX_AREA_FRAC = 0.95
 ID_STRIDE = 100_000  # annotation id = image_id * ID_STRIDE + index in the image
 
 
-def _record_to_ann(r: dict) -> dict:
-    return {
-        "segmentation": r["segmentation"],
-        "bbox": [float(v) for v in r["bbox"]],
-        "area": int(r["area"]),
-        "predicted_iou": float(r["predicted_iou"]),
-        "stability_score": float(r["stability_score"]),
-        "point_coords": [[float(v) for v in p] for p in r["point_coords"]],
-        "crop_box": [float(v) for v in r["crop_box"]],
-    }
-
-
-def _number_anns(anns: list, image_id: int, start: int = 0) -> list:
-    if start + len(anns) > ID_STRIDE:
+def _annotations(records: list, image_id: int, start: int = 0) -> list:
+    """SA-1B annotations of mask-generator records (output_mode="coco_rle"), with ids
+    image_id * ID_STRIDE + start + index."""
+    if start + len(records) > ID_STRIDE:
         raise ValueError(f"image {image_id}: more than {ID_STRIDE} masks; annotation ids would collide")
-    return [dict(a, id=int(image_id) * ID_STRIDE + start + j) for j, a in enumerate(anns)]
+    return [
+        annotation(
+            int(image_id) * ID_STRIDE + start + j,
+            r["segmentation"],
+            bbox=r["bbox"],
+            area=int(r["area"]),
+            predicted_iou=r["predicted_iou"],
+            stability_score=r["stability_score"],
+            crop_box=r["crop_box"],
+            point_coords=r["point_coords"],
+        )
+        for j, r in enumerate(records)
+    ]
 
 
 class AutoAnnotator:
@@ -74,7 +77,7 @@ class AutoAnnotator:
     def __call__(self, image: np.ndarray, image_id: int, meta: Optional[dict] = None) -> list:
         h, w = image.shape[:2]
         recs = [r for r in self.generator.generate(image) if 0 < r["area"] < self.max_area_frac * h * w]
-        return _number_anns([_record_to_ann(r) for r in recs], image_id)
+        return _annotations(recs, image_id)
 
 
 def _confident(ann: dict, min_iou: float, min_stability: float) -> bool:
@@ -133,7 +136,7 @@ class SemiAnnotator:
                     continue
                 if (m & covered).sum() > self.max_overlap * area:
                     continue
-                new.append(_record_to_ann(r))
+                new.append(r)
         given = (meta or {}).get("annotations", [])  # ids of dropped annotations are not reused either
         start = 1 + max((int(a["id"]) % ID_STRIDE for a in given if isinstance(a.get("id"), int)), default=-1)
-        return existing + _number_anns(new, image_id, start)
+        return existing + _annotations(new, image_id, start)

@@ -15,46 +15,29 @@ from typing import Callable
 from webdataset import TarWriter
 
 from segany.data.decode import decode_rgb
+from segany.data.formats.sa1b import image_json
+from segany.utils.io import TMP_MARK, atomic_write
 
 log = logging.getLogger("segany.engine")
-
-
-def image_json(item, h: int, w: int, anns: list) -> dict:
-    return {
-        "image": {
-            "image_id": int(item.image_id),
-            "width": int(w),
-            "height": int(h),
-            "file_name": f"{item.key}.{item.ext}",
-        },
-        "annotations": anns,
-    }
 
 
 def write_shard(job, annotate: Callable, path: str) -> dict:
     """Annotate every image of a job into the shard `path` (atomically). Images without any
     mask are left out (SA1BDataModule would skip them as faults)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
     stats = {"images": 0, "written": 0, "masks": 0}
-    writer = TarWriter(tmp, mtime=1.0)
-    try:
+    with atomic_write(path, "wb") as f:
+        writer = TarWriter(f, mtime=1.0)
         for item in job.items():
             image = decode_rgb(item.data, f"{job.name}:{item.key}")
             anns = annotate(image, item.image_id, item.meta)
             stats["images"] += 1
             if not anns:
                 continue
-            meta = image_json(item, image.shape[0], image.shape[1], anns)
+            meta = image_json(item.image_id, image.shape[0], image.shape[1], f"{item.key}.{item.ext}", anns)
             writer.write({"__key__": item.key, item.ext: item.data, "json": json.dumps(meta).encode()})
             stats["written"] += 1
             stats["masks"] += len(anns)
-    except BaseException:
         writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    writer.close()
-    os.replace(tmp, path)
     return stats
 
 
@@ -69,7 +52,7 @@ def run_stage(jobs: list, annotate: Callable, out_dir: str, slot: int = 0, n_slo
         if job.index % n_slots != slot:
             continue
         path = os.path.join(out_dir, job.name)
-        for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # left by a killed run of this slot
+        for stale in glob.glob(glob.escape(path + TMP_MARK) + "*"):  # left by a killed run of this slot
             os.remove(stale)
         if os.path.exists(path):
             totals["skipped"] += 1

@@ -11,6 +11,8 @@ import os
 import time
 from typing import Optional
 
+from segany.utils.io import atomic_write_json
+
 
 def part_path(out_dir: str, task: str, dataset: str, rank: int, world: int) -> str:
     return os.path.join(out_dir, "parts", f"{task}.{dataset}.rank{rank:04d}-of-{world:04d}.json")
@@ -19,13 +21,9 @@ def part_path(out_dir: str, task: str, dataset: str, rank: int, world: int) -> s
 def write_part(
     out_dir: str, task: str, dataset: str, rank: int, world: int, payload: dict, fingerprint: Optional[str] = None
 ) -> str:
-    """Write atomically (temp file + rename), so that a waiting rank never reads half a part."""
+    """Write atomically, so that a waiting rank never reads half a part."""
     path = part_path(out_dir, task, dataset, rank, world)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"fingerprint": fingerprint, "payload": payload}, f)
-    os.replace(tmp, path)
+    atomic_write_json(path, {"fingerprint": fingerprint, "payload": payload})
     return path
 
 

@@ -132,11 +132,9 @@ def log_wandb(wandb_cfg, out_dir: str, task: str, section: dict) -> None:
         return
     import wandb
 
-    from segany.utils.wandb import wandb_credentials
+    from segany.utils.wandb import wandb_offline
 
-    offline = wandb_cfg.get("offline")
-    if offline is None:
-        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled") or not wandb_credentials()
+    offline = wandb_offline(wandb_cfg.get("offline"))
     run = wandb.run or wandb.init(
         project=wandb_cfg.get("project", "segany"),
         name=wandb_cfg.get("name"),

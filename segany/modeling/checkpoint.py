@@ -5,13 +5,14 @@ The release names the image encoder's MLP `mlp.lin1/lin2`; timm (and segany) nam
 """
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from segany.utils.io import atomic_torch_save
 
 
 class CheckpointError(RuntimeError):
@@ -71,23 +72,6 @@ def load_official(model: nn.Module, path: str) -> None:
             f"(is it an official SAM checkpoint of this size?):\n" + "\n".join(problems)
         )
     model.load_state_dict(given, strict=True)
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_official(model: nn.Module, path: str) -> None:

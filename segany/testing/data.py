@@ -9,30 +9,22 @@ import tarfile
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from segany.data.formats.sa1b import annotation, image_json, rle
 
 
 def rle_string(mask: np.ndarray) -> str:
-    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+    return rle(mask)["counts"]
 
 
 def sa1b_json(image_id: int, masks: list, ids=None, **per_mask) -> dict:
     """SA-1B json of (h, w) bool masks; per_mask: field -> list of values (predicted_iou, ...)."""
     h, w = masks[0].shape
-    anns = []
-    for j, m in enumerate(masks):
-        ann = {
-            "id": int(ids[j]) if ids is not None else image_id * 1000 + j,
-            "segmentation": {"size": [h, w], "counts": rle_string(m)},
-            "bbox": [float(v) for v in mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m.astype(np.uint8))))],
-            "area": int(m.sum()),
-        }
-        ann.update({k: v[j] for k, v in per_mask.items()})
-        anns.append(ann)
-    return {
-        "image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"},
-        "annotations": anns,
-    }
+    anns = [
+        annotation(ids[j] if ids is not None else image_id * 1000 + j, m, **{k: v[j] for k, v in per_mask.items()})
+        for j, m in enumerate(masks)
+    ]
+    return image_json(image_id, h, w, f"sa_{image_id}.jpg", anns)
 
 
 def jpeg(image_rgb: np.ndarray, quality: int = 95) -> bytes:

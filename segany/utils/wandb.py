@@ -20,6 +20,15 @@ def wandb_credentials() -> bool:
         return False
 
 
+def wandb_offline(offline: Optional[bool] = None) -> bool:
+    """Whether a wandb run is offline: ``offline`` when it is given, else when WANDB_MODE asks for
+    offline / dryrun / disabled or no credentials are configured (so wandb never asks for a key).
+    Used by the training logger below and the evaluation report."""
+    if offline is None:
+        return os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled") or not wandb_credentials()
+    return bool(offline)
+
+
 def wandb_logger(
     project: str = "segany", name: Optional[str] = None, save_dir: str = ".", offline: Optional[bool] = None, **kwargs
 ):
@@ -27,8 +36,7 @@ def wandb_logger(
     no credentials are configured (then WANDB_MODE=offline, so wandb never asks for a key)."""
     from pytorch_lightning.loggers import WandbLogger
 
-    if offline is None:
-        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled") or not wandb_credentials()
+    offline = wandb_offline(offline)
     if offline:
         os.environ["WANDB_MODE"] = (
             os.environ.get("WANDB_MODE") if os.environ.get("WANDB_MODE") == "disabled" else "offline"

@@ -1,31 +1,47 @@
 """Synthetic SA-1B-format data module: `SA1BDataModule` over random scenes
 (`segany.data.scenes`) written as train and held-out val shards in prepare_data() when
 they are missing, so the demo needs no download."""
+
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Optional
 
 from segany.data.datamodules.sa1b import SA1BDataModule
 from segany.data.make_shards import write_shards
 from segany.data.scenes import scene_samples
+from segany.utils.io import atomic_write_json, remove
 
 
 class SyntheticDataModule(SA1BDataModule):
     """SA1BDataModule over synthetic shards generated under `root` when missing.
     Keys: see configs/data/synthetic.yaml."""
 
-    def __init__(self, root: str = "data/synthetic", num_train: int = 300, num_val: int = 50,
-                 shard_size: int = 100, min_side: int = 192, max_side: int = 320, data_seed: int = 0,
-                 img_size: int = 256, **kwargs):
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        num_train: int = 300,
+        num_val: int = 50,
+        shard_size: int = 100,
+        min_side: int = 192,
+        max_side: int = 320,
+        data_seed: int = 0,
+        img_size: int = 256,
+        **kwargs,
+    ):
         kwargs.setdefault("interleave", 2)
         super().__init__(img_size=img_size, **kwargs)
         self.root = str(root)
-        self.spec = {"version": 1, "num_train": int(num_train), "num_val": int(num_val),
-                     "shard_size": int(shard_size), "min_side": int(min_side), "max_side": int(max_side),
-                     "data_seed": int(data_seed)}
+        self.spec = {
+            "version": 1,
+            "num_train": int(num_train),
+            "num_val": int(num_val),
+            "shard_size": int(shard_size),
+            "min_side": int(min_side),
+            "max_side": int(max_side),
+            "data_seed": int(data_seed),
+        }
 
     def _manifest(self) -> Optional[dict]:
         path = os.path.join(self.root, "manifest.json")
@@ -44,28 +60,34 @@ class SyntheticDataModule(SA1BDataModule):
         if self._manifest() is not None:
             return
         s = self.spec
-        tmp = f"{self.root}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        train = write_shards(scene_samples(s["num_train"], s["data_seed"], 0, s["min_side"], s["max_side"]),
-                             tmp, "train", s["shard_size"])
-        val = write_shards(scene_samples(s["num_val"], s["data_seed"], s["num_train"], s["min_side"],
-                                         s["max_side"]), tmp, "val", s["shard_size"])
-        os.makedirs(self.root, exist_ok=True)
-        for p in train + val:
-            os.replace(p, os.path.join(self.root, os.path.basename(p)))
-        shutil.rmtree(tmp, ignore_errors=True)
-        manifest = {"spec": s, "train": [os.path.basename(p) for p in train],
-                    "val": [os.path.basename(p) for p in val]}
-        with open(os.path.join(self.root, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
+        manifest = os.path.join(self.root, "manifest.json")
+        remove(manifest)  # until the new one is written, the shards below belong to no spec
+        train = write_shards(
+            scene_samples(s["num_train"], s["data_seed"], 0, s["min_side"], s["max_side"]),
+            self.root,
+            "train",
+            s["shard_size"],
+        )
+        val = write_shards(
+            scene_samples(s["num_val"], s["data_seed"], s["num_train"], s["min_side"], s["max_side"]),
+            self.root,
+            "val",
+            s["shard_size"],
+        )
+        atomic_write_json(
+            manifest,
+            {"spec": s, "train": [os.path.basename(p) for p in train], "val": [os.path.basename(p) for p in val]},
+            indent=1,
+        )
 
     def _resolve_shards(self) -> None:
         """Point train_shards / val_shards at the shards of this config (generated if missing)."""
         found = self._manifest()
         if found is None:
             if self.trainer is not None:
-                raise FileNotFoundError(f"no synthetic shards matching this config under {self.root}: "
-                                        "prepare_data() has not run")
+                raise FileNotFoundError(
+                    f"no synthetic shards matching this config under {self.root}: prepare_data() has not run"
+                )
             self.prepare_data()
             found = self._manifest()
         self._use(found)

@@ -1,5 +1,5 @@
 """Shard lists: expansion, checks at start, opening at a byte offset, splitting by rank
-and worker, and where rank / world size come from.
+and worker (rank / world size: `segany.utils.dist.topology`).
 
 A shard spec is a string, several joined by `::`, or a list of such strings. Each part is
   - a directory: every `*.tar` directly in it, sorted by name
@@ -14,6 +14,7 @@ A shard spec is a string, several joined by `::`, or a list of such strings. Eac
     `pipe:<command>` (webdataset's gopen), or any URL fsspec knows (`s3://`, `gs://`,
     `memory://`, ...; its backend must be installed).
 """
+
 from __future__ import annotations
 
 import glob
@@ -30,7 +31,7 @@ _SKIP_CHUNK = 1 << 20
 
 def _scheme(url: str) -> str:
     s = urlparse(url).scheme
-    return "" if len(s) <= 1 else s   # "C:" is a drive letter, not a scheme
+    return "" if len(s) <= 1 else s  # "C:" is a drive letter, not a scheme
 
 
 def _local_path(url: str):
@@ -117,6 +118,7 @@ def summary(urls: Sequence[str]) -> dict:
 def _fsspec_fs(url: str):
     try:
         import fsspec
+
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError):  # no fsspec, or no backend for this protocol
         return None
@@ -210,17 +212,3 @@ def assign(n_shards: int, slot: int, n_slots: int, cover: bool = False) -> list[
     if not own and cover and n_shards:
         own = [slot % n_shards]
     return own
-
-
-def topology(trainer=None) -> tuple[int, int]:
-    """(global rank, world size): from the trainer when attached, else torch.distributed,
-    else the RANK / WORLD_SIZE environment, else (0, 1). Lightning's launcher does not
-    set RANK, so the trainer comes first."""
-    if trainer is not None:
-        return int(trainer.global_rank), int(trainer.world_size)
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
-    return 0, 1
