@@ -34,13 +34,9 @@ register_resolvers()
 def build(cfg: DictConfig):
     """config -> (module, datamodule, trainer); also used by the tests."""
     check_train_config(cfg)
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    model = instantiate(cfg.model)
-    # _partial_: objects passed as instantiate() kwargs would be turned back into configs
-    module = instantiate(cfg.module, _partial_=True, _convert_="all")(
-        model=model, prompting=instantiate(cfg.prompting), loss=instantiate(cfg.loss), optim=instantiate(cfg.optim)
-    )
-    module.run_config = run_config  # saved in every checkpoint (evaluate.py rebuilds the model from it)
+    module = instantiate(cfg.module, _convert_="all")  # SamModule with its model, prompting, loss, optim
+    # saved in every checkpoint; evaluate.py rebuilds the model from its top-level model node
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
     datamodule = instantiate(cfg.data)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]

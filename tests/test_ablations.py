@@ -156,7 +156,8 @@ def observed(b: Built, key: str):
         return _iou_loss_kind(b.loss)
     if key in ("loss.focal_weight", "loss.dice_weight"):
         return getattr(b.loss, parts[1])
-    if key == "optim.milestones":
+    if key == "optim.milestones":  # fractions of max_steps -> the built schedule's steps
+        b.optim.schedule.set_max_steps(b.trainer.max_steps)
         return b.optim.schedule.milestones
     if key == "trainer.max_steps":
         return b.trainer.max_steps
@@ -280,9 +281,8 @@ def test_launcher_configs_compose():
         launcher = cfg.hydra.launcher
         assert launcher._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
         assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir + "/")
-    # SLURM: the allocation follows the trainer (one task per GPU, as Lightning expects)
-    assert (launcher.nodes, launcher.gpus_per_node) == (16, 8) == (cfg.trainer.num_nodes, cfg.trainer.devices)
-    assert launcher.tasks_per_node == cfg.trainer.devices
+    # SLURM: one task per GPU, as Lightning expects (the trainer follows the allocation)
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (1, 8, 8)
 
 
 TINY = """# @package _global_

@@ -1,17 +1,21 @@
-"""Every experiment composes; the big models instantiate on the meta device; the small
-recipes fit 2 steps on CPU."""
+"""Every experiment composes (with every strategy); the big models instantiate on the meta
+device; the lr schedules are the paper's; the small recipes fit 2 steps on CPU."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import compose
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from segany.training.config import check_train_config
+from segany.training.sharding import ShardingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+ABLATIONS = sorted("ablations/" + p.stem for p in (ROOT / "configs" / "experiment" / "ablations").glob("*.yaml"))
 
 
 def test_the_paper_recipes_are_there():
@@ -33,10 +37,32 @@ def test_experiment_composes_and_every_node_has_a_target(name):
     assert cfg.name == name
     for node in ("model", "data", "trainer", "optim", "prompting", "loss", "module", "logger"):
         assert "_target_" in cfg[node], node
+    for part in ("model", "prompting", "loss", "optim"):  # the module nests the top-level parts
+        assert cfg.module[part] == cfg[part], part
     instantiate(cfg.prompting), instantiate(cfg.loss), instantiate(cfg.optim)
 
 
-PAPER = {  # lr, steps, milestones, drop path, layer decay, global batch, variant
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "default"])
+@pytest.mark.parametrize("name", EXPERIMENTS + ABLATIONS)
+def test_every_strategy_composes_with_every_recipe(name, strategy):
+    cfg = compose(f"experiment={name}", f"strategy={strategy}")
+    check_train_config(cfg)
+    target = OmegaConf.select(cfg, "trainer.strategy._target_", default=cfg.trainer.strategy)
+    assert (
+        target.rsplit(".", 1)[-1]
+        == {
+            "ddp": "DDPStrategy",
+            "fsdp": "AtomicModelParallelStrategy",
+            "default": "auto",
+        }[strategy]
+    )
+    if strategy == "fsdp":
+        assert isinstance(instantiate(cfg.module.sharding), ShardingConfig)
+    else:
+        assert cfg.module.sharding is None
+
+
+PAPER = {  # lr, steps, milestone steps, drop path, layer decay, global batch, variant
     "vit_h_sa1b": (8e-4, 90000, [60000, 86666], 0.4, 0.8, 256, "vit_h"),
     "vit_l_sa1b": (4e-4, 180000, [120000, 173333], 0.4, 0.8, 128, "vit_l"),
     "vit_b_sa1b": (8e-4, 180000, [120000, 173333], 0.6, 0.6, 128, "vit_b"),
@@ -48,14 +74,20 @@ def test_paper_numbers(name):
     lr, steps, milestones, dp, ld, batch, variant = PAPER[name]
     cfg = compose(f"experiment={name}")
     assert cfg.model.variant == variant
-    assert cfg.optim.lr == lr and cfg.trainer.max_steps == steps and list(cfg.optim.milestones) == milestones
+    optim = instantiate(cfg.optim)
+    optim.schedule.set_max_steps(cfg.trainer.max_steps)
+    assert cfg.optim.lr == lr and cfg.trainer.max_steps == steps and optim.schedule.milestones == milestones
     assert cfg.optim.gamma == 0.1 and cfg.optim.warmup_iters == 250 and cfg.optim.weight_decay == 0.1
     assert list(cfg.optim.betas) == [0.9, 0.999]
     assert cfg.model.drop_path_rate == dp and cfg.optim.layer_decay == ld and cfg.model.decoder_dropout == 0.1
     assert cfg.global_batch == batch
-    assert (
-        cfg.trainer.devices * cfg.trainer.num_nodes * cfg.data.batch_size == batch
-    )  # the paper's layout: no accumulation
+    import train
+
+    # the paper's layout (1 image on each of `batch` GPUs): no accumulation; 8 GPUs accumulate
+    for world, acc in ((batch, 1), (8, batch // 8)):
+        trainer = SimpleNamespace(world_size=world, accumulate_grad_batches=1)
+        train.apply_global_batch(cfg, trainer)
+        assert trainer.accumulate_grad_batches == acc
     assert cfg.data.max_masks == 64
     p = instantiate(cfg.prompting)
     assert p.num_rounds == 11 and p.p_box == 0.5
@@ -63,19 +95,63 @@ def test_paper_numbers(name):
 
 @pytest.mark.parametrize("name", ["vit_h_sa1b", "vit_l_sa1b"])
 def test_big_models_instantiate_on_meta(name):
-    cfg = compose(f"experiment={name}")
+    import pytorch_lightning as pl
+
+    cfg = compose(f"experiment={name}", "model.encoder_init=null", "model.checkpoint=null")
     with torch.device("meta"):
-        model = instantiate(cfg.model, encoder_init=None, checkpoint=None)
+        module = instantiate(cfg.module, _convert_="all")  # as train.py builds it
+    model = module.model
     n = sum(p.numel() for p in model.parameters())
     assert n == pytest.approx({"vit_h_sa1b": 641e6, "vit_l_sa1b": 312e6}[name], rel=0.01)
-    module = instantiate(cfg.module, _partial_=True)(
-        model=model, prompting=instantiate(cfg.prompting), loss=instantiate(cfg.loss), optim=instantiate(cfg.optim)
+    module.trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=cfg.trainer.max_steps, logger=False, enable_checkpointing=False
     )
     opt = module.configure_optimizers()["optimizer"]
     depth = len(model.image_encoder.blocks)
     lrs = sorted({g["initial_lr"] for g in opt.param_groups})
     assert lrs[0] == pytest.approx(cfg.optim.lr * cfg.optim.layer_decay ** (depth + 1))
     assert lrs[-1] == pytest.approx(cfg.optim.lr) and len(lrs) == depth + 2
+
+
+def _paper_lr(step, milestones, warmup=250):
+    """the paper's schedule at absolute steps (appendix A): linear warmup from 0, lr / 10 at each milestone"""
+    return min(1.0, step / warmup) * 0.1 ** sum(step >= m for m in milestones)
+
+
+@pytest.mark.parametrize(
+    "name,max_steps,milestones",
+    [
+        ("vit_h_sa1b", 90000, [60000, 86666]),
+        ("vit_l_sa1b", 180000, [120000, 173333]),
+        ("vit_b_sa1b", 180000, [120000, 173333]),
+        ("ablations/amg_model", 177656, [118437, 171076]),  # the file's own numbers before they became fractions
+    ],
+)
+def test_fractional_milestones_give_the_absolute_step_schedule(name, max_steps, milestones):
+    cfg = compose(f"experiment={name}")
+    assert cfg.trainer.max_steps == max_steps
+    s = instantiate(cfg.optim).schedule
+    s.set_max_steps(cfg.trainer.max_steps)
+    steps = [0, 1, 125, 249, 250, 251, 1000]
+    steps += [m + d for m in milestones for d in (-1, 0, 1)] + [max_steps - 1, max_steps]
+    assert [s(t) for t in steps] == pytest.approx([_paper_lr(t, milestones) for t in steps], rel=1e-12)
+
+
+def test_demo_schedule_is_the_planned_cooldown_at_any_length():
+    # before: warmup 20, no step, lr -> 0 linearly over steps 420..1400 of the 1400-step plan
+    cfg = compose()
+    s = instantiate(cfg.optim).schedule
+    s.set_max_steps(cfg.trainer.max_steps)
+
+    def old(t):
+        return min(1.0, t / 20) * (1 - min(1.0, max(0, t - 420) / 980))
+
+    steps = [0, 10, 20, 21, 419, 420, 421, 700, 910, 1399, 1400]
+    assert cfg.trainer.max_steps == 1400 and [s(t) for t in steps] == pytest.approx([old(t) for t in steps])
+    s.set_max_steps(1000)  # a time budget: the same shape over 1000 steps (ramp 300..1000)
+    assert s.cooldown == [300, 1000] and s(650) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="trainer.max_steps"):  # fractions need a run length
+        s.set_max_steps(-1)
 
 
 def test_slurm_job_id_names_the_run_dir(monkeypatch):

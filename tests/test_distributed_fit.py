@@ -53,7 +53,7 @@ def _train(root, *args):
 
 def test_ddp_two_processes_bf16(tmp_path):
     _train(
-        tmp_path, "+strategy=ddp", "trainer.precision=bf16-mixed", "trainer.max_steps=2", "optim.fused=false"
+        tmp_path, "strategy=ddp", "trainer.precision=bf16-mixed", "trainer.max_steps=2", "optim.fused=false"
     )  # Lightning clips no fused-optimiser gradients under mixed precision
     ckpt = torch.load(tmp_path / "demo" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
@@ -65,7 +65,7 @@ def test_ddp_two_processes_bf16(tmp_path):
 
 def test_fsdp_two_processes_bf16_checkpoint_resume_export(tmp_path):
     fsdp = [
-        "+strategy=fsdp",
+        "strategy=fsdp",
         "trainer.strategy.data_parallel_size=2",
         "trainer.precision=32-true",
         "module.sharding.param_dtype=bfloat16",

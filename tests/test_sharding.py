@@ -202,11 +202,12 @@ def test_strategy_configs_compose_and_instantiate(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "256")
     fsdp = compose("experiment=vit_h_sa1b")  # the recipe includes strategy/fsdp
-    ddp = compose("experiment=vit_b_sa1b", "+strategy=ddp")
+    ddp = compose("experiment=vit_b_sa1b", "strategy=ddp")
     s = instantiate(fsdp.trainer.strategy)
     assert isinstance(s, ModelParallelStrategy)
     assert s._data_parallel_size == 256 and s._tensor_parallel_size == 1 and s._save_distributed_checkpoint
-    cfg = ShardingConfig(**fsdp.module.sharding)
+    cfg = instantiate(fsdp.module.sharding)
+    assert isinstance(cfg, ShardingConfig)
     assert cfg.param_dtype == "bfloat16" and cfg.reduce_dtype == "float32" and cfg.activation_checkpointing
     assert fsdp.trainer.max_steps == 90000  # the experiment is untouched
     s = instantiate(ddp.trainer.strategy)

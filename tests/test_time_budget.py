@@ -1,6 +1,7 @@
-"""TimeBudget: a step-planned run shrunk to what fits in max_time, the lr milestone scaled
-with it. The wall clock is replaced by a simulated one (a fixed number of seconds per
-step), so every expected number is computed by hand."""
+"""TimeBudget: a step-planned run shrunk to what fits in max_time; the lr milestones and
+cooldown, fractions of max_steps, follow it (SamModule's lr_scheduler_step). The wall clock
+is replaced by a simulated one (a fixed number of seconds per step), so every expected
+number is computed by hand."""
 
 import pytest
 import pytorch_lightning as pl
@@ -8,7 +9,7 @@ import torch
 from pytorch_lightning.callbacks import Timer
 
 from segany.callbacks import TimeBudget
-from segany.training import WarmupStepDecay
+from segany.training import SamModule, WarmupStepDecay
 
 
 class StepClock(Timer):
@@ -27,7 +28,11 @@ class StepClock(Timer):
 
 
 class Tiny(pl.LightningModule):
-    def __init__(self, warmup=2, milestones=(80,), cooldown=()):
+    """milestones / cooldown: fractions of max_steps, as in the configs."""
+
+    lr_scheduler_step = SamModule.lr_scheduler_step  # the schedule follows trainer.max_steps, as in training
+
+    def __init__(self, warmup=2, milestones=(0.8,), cooldown=()):
         super().__init__()
         self.lin = torch.nn.Linear(2, 1)
         self.schedule = WarmupStepDecay(warmup, milestones, 0.1, cooldown=cooldown)
@@ -42,6 +47,7 @@ class Tiny(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        self.schedule.set_max_steps(self.trainer.max_steps)  # as SamOptim(model, max_steps)
         return {
             "optimizer": opt,
             "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self.schedule), "interval": "step"},
@@ -71,27 +77,28 @@ def test_a_slow_machine_runs_the_whole_schedule_shrunk_to_the_budget():
     assert module.schedule.milestones == [48]  # 80 x 60 / 100
     lrs = torch.tensor(module.lrs)  # lr used at steps 0..59
     assert torch.allclose(lrs[2:48], torch.ones(46)) and torch.allclose(lrs[48:], torch.full((12,), 0.1))
-    assert budget.state_dict() == {"planned": 100, "milestones": [80], "cooldown": [], "max_steps": 60}
+    assert budget.state_dict() == {"planned": 100, "max_steps": 60}
 
 
 def test_the_linear_cooldown_shrinks_with_the_plan():
     # plan: 100 steps, lr ramps 1 -> 0 over steps 50..100. 60 steps fit: ramp 30..60.
-    module = Tiny(milestones=(), cooldown=(50, 100))
+    module = Tiny(milestones=(), cooldown=(0.5, 1.0))
     budget = TimeBudget(calibrate_steps=10, every=10, reserve_s=1.0)
     trainer = fit(module, [StepClock(31.0, 0.5), budget])
     assert trainer.global_step == 60 and module.schedule.cooldown == [30, 60]
     lrs = torch.tensor(module.lrs)
     expected = torch.tensor([1 - (t - 30) / 30 for t in range(30, 60)])
     assert torch.allclose(lrs[2:31], torch.ones(29)) and torch.allclose(lrs[30:], expected)
-    assert budget.state_dict()["cooldown"] == [50, 100]  # the plan, kept for resumes
+    assert budget.state_dict()["planned"] == 100  # the plan, kept for resumes
 
 
-def test_a_cooldown_under_way_keeps_its_start():
-    # first estimate at step 30, inside the ramp 20..100: start stays, end -> 50 (the new max)
-    module = Tiny(milestones=(), cooldown=(20, 100))
+def test_a_shrink_inside_the_cooldown_takes_the_ramp_along():
+    # ramp 20..100 of the plan; first estimate at step 30 -> 50 steps: the ramp is 10..50 from then on
+    module = Tiny(milestones=(), cooldown=(0.2, 1.0))
     trainer = fit(module, [StepClock(26.0, 0.5), TimeBudget(calibrate_steps=30, every=5, reserve_s=1.0)])
-    assert trainer.global_step == 50 and module.schedule.cooldown == [20, 50]
-    assert module.lrs[-1] == pytest.approx(1 - (49 - 20) / 30)
+    assert trainer.global_step == 50 and module.schedule.cooldown == [10, 50]
+    assert module.lrs[29] == pytest.approx(1 - (29 - 20) / 80)  # before the estimate: the plan's ramp
+    assert module.lrs[31:] == pytest.approx([1 - (t - 10) / 40 for t in range(31, 50)])
 
 
 def test_a_fast_machine_keeps_the_plan():
@@ -103,9 +110,10 @@ def test_a_fast_machine_keeps_the_plan():
 
 def test_a_passed_milestone_stays_and_without_max_time_nothing_changes():
     # the first estimate comes after the milestone (step 30 > 20): only max_steps shrinks
-    module = Tiny(milestones=(20,))
+    module = Tiny(milestones=(0.2,))
     trainer = fit(module, [StepClock(26.0, 0.5), TimeBudget(calibrate_steps=30, every=5, reserve_s=1.0)])
-    assert trainer.global_step == 50 and module.schedule.milestones == [20]
+    assert trainer.global_step == 50 and module.schedule.milestones == [10]  # 0.2 x 50, still behind
+    assert module.lrs[2:20] == pytest.approx([1.0] * 18) and module.lrs[20:] == pytest.approx([0.1] * 30)
     module = Tiny()
     trainer = fit(module, [TimeBudget(calibrate_steps=5, every=5)])
     assert trainer.global_step == 100 and module.schedule.milestones == [80]

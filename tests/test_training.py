@@ -46,7 +46,7 @@ def test_layer_decay_groups_get_the_stated_lrs(tiny):
 
 
 def test_scheduler_scales_each_groups_own_lr(tiny):
-    opt, sched = SamOptim(lr=1.0, layer_decay=0.5, warmup_iters=4, milestones=[6, 8], gamma=0.1)(tiny)
+    opt, sched = SamOptim(lr=1.0, layer_decay=0.5, warmup_iters=4, milestones=[0.6, 0.8], gamma=0.1)(tiny, max_steps=10)
     initial = [g["initial_lr"] for g in opt.param_groups]
     assert initial == pytest.approx(sorted(initial, key=lambda _: 0)) and max(initial) == 1.0
     factors = []
@@ -60,25 +60,33 @@ def test_scheduler_scales_each_groups_own_lr(tiny):
 
 
 def test_schedule_per_milestone_factors_and_errors():
-    s = WarmupStepDecay(warmup_iters=0, milestones=[10, 20], gamma=[0.5, 0.2])
-    assert [s(0), s(10), s(25)] == pytest.approx([1, 0.5, 0.1])
+    s = WarmupStepDecay(warmup_iters=0, milestones=[0.1, 0.2], gamma=[0.5, 0.2], max_steps=100)
+    assert s.milestones == [10, 20] and [s(0), s(9), s(10), s(19), s(25)] == pytest.approx([1, 1, 0.5, 0.5, 0.1])
+    s.set_max_steps(50)  # fractions of the run: a shorter run moves them
+    assert s.milestones == [5, 10] and [s(4), s(5), s(10)] == pytest.approx([1, 0.5, 0.1])
     with pytest.raises(ValueError, match="optim.gamma"):
-        WarmupStepDecay(milestones=[1, 2], gamma=[0.1])
-    with pytest.raises(ValueError, match="optim.milestones"):
-        WarmupStepDecay(milestones=[5, 2])
+        WarmupStepDecay(milestones=[0.1, 0.2], gamma=[0.1])
+    for bad in ([0.5, 0.2], [0.5, 1.5], [0.0], [60000]):
+        with pytest.raises(ValueError, match="optim.milestones"):
+            WarmupStepDecay(milestones=bad)
+    with pytest.raises(ValueError, match="trainer.max_steps"):  # fractions of an unset run length
+        WarmupStepDecay(milestones=[0.5]).set_max_steps(-1)
+    assert WarmupStepDecay(warmup_iters=2)(1) == 0.5  # no fractions: no run length needed
 
 
 def test_schedule_linear_cooldown():
     # warmup 4, lr / 2 at 8, then a ramp 1 -> 0.1 over steps 10..20 on top of it
-    s = WarmupStepDecay(warmup_iters=4, milestones=[8], gamma=0.5, cooldown=[10, 20], cooldown_final=0.1)
+    s = WarmupStepDecay(
+        warmup_iters=4, milestones=[0.4], gamma=0.5, cooldown=[0.5, 1.0], cooldown_final=0.1, max_steps=20
+    )
     steps = [0, 2, 4, 8, 10, 15, 19, 20, 30]
     expected = [0, 0.5, 1, 0.5, 0.5, 0.5 * 0.55, 0.5 * 0.19, 0.05, 0.05]  # 1 - 0.9 x (step - 10) / 10
     assert [s(t) for t in steps] == pytest.approx(expected)
-    for bad in ([10], [20, 10], [5, 5]):
+    for bad in ([0.5], [1.0, 0.5], [0.5, 0.5], [0.5, 1.5]):
         with pytest.raises(ValueError, match="optim.cooldown"):
             WarmupStepDecay(cooldown=bad)
     with pytest.raises(ValueError, match="optim.cooldown_final"):
-        WarmupStepDecay(cooldown=[1, 2], cooldown_final=2.0)
+        WarmupStepDecay(cooldown=[0.1, 0.2], cooldown_final=2.0)
 
 
 def test_frozen_parts_are_left_out(tiny):

@@ -1,20 +1,20 @@
 """TimeBudget: fit a run planned in steps into ``trainer.max_time``.
 
-A run is planned in steps (``trainer.max_steps``, lr milestones at fixed steps). When it
-must also end within a wall-clock budget (the CPU demo promises 10 minutes), the Timer
-that ``max_time`` installs simply stops it wherever it is, which on a slow machine is
-before the lr drops: the end of the schedule, where most of the final accuracy comes
-from, never runs. This callback shrinks the plan instead: from the wall time per step so
-far (validation included), it estimates how many steps fit in the budget and sets
-``max_steps`` to that (never above the plan), scaling the lr milestones and the linear
-cooldown's start and end that are still ahead by the same factor, so that the schedule
-keeps its shape on any machine (a cooldown already under way keeps its start; its end
-moves with the plan).
+A run is planned in steps (``trainer.max_steps``; the lr milestones and cooldown are
+fractions of it, see segany/training/schedule.py). When it must also end within a
+wall-clock budget (the CPU demo promises 10 minutes), the Timer that ``max_time`` installs
+simply stops it wherever it is, which on a slow machine is before the lr drops: the end of
+the schedule, where most of the final accuracy comes from, never runs. This callback
+shrinks the plan instead: from the wall time per step so far (validation included), it
+estimates how many steps fit in the budget and sets ``max_steps`` to that (never above the
+plan). The schedule follows ``max_steps`` by itself (SamModule re-reads it before every
+scheduler step), so it keeps its shape on any machine; a milestone already passed stays
+passed (its fraction of a shorter run is earlier still).
 
-It re-estimates every ``every`` steps (machine speed drifts); milestones already passed
-stay where they were. Without ``max_time`` or ``max_steps`` it does nothing. The
-result depends on the machine's speed: a run under a time budget is not step-for-step
-reproducible elsewhere (large-scale recipes leave max_time unset).
+It re-estimates every ``every`` steps (machine speed drifts). Without ``max_time`` or
+``max_steps`` it does nothing. The result depends on the machine's speed: a run under a
+time budget is not step-for-step reproducible elsewhere (large-scale recipes leave
+max_time unset). The shrunk max_steps travels in checkpoints, so a resumed run keeps it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from typing import Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Timer
-
-from segany.training.schedule import WarmupStepDecay
 
 log = logging.getLogger(__name__)
 
@@ -39,32 +37,15 @@ class TimeBudget(pl.Callback):
             raise ValueError(f"TimeBudget: calibrate_steps={calibrate_steps} and every={every} must be >= 1")
         self.calibrate_steps, self.every, self.reserve_s = int(calibrate_steps), int(every), float(reserve_s)
         self.planned: Optional[int] = None  # max_steps of the plan
-        self.milestones: Optional[list] = None  # lr milestones of the plan
-        self.cooldown: Optional[list] = None  # linear cooldown [start, end] of the plan
         self.max_steps: Optional[int] = None  # the current (shrunk) plan, for resumes
 
-    # --------------------------------------------------------------- lookups
     @staticmethod
     def _timer(trainer) -> Optional[Timer]:
         return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
 
-    @staticmethod
-    def _schedules(trainer) -> list:
-        """The WarmupStepDecay objects driving the lr (one per distinct LambdaLR lambda)."""
-        found = []
-        for cfg in trainer.lr_scheduler_configs:
-            for fn in getattr(cfg.scheduler, "lr_lambdas", []):
-                if isinstance(fn, WarmupStepDecay) and all(fn is not f for f in found):
-                    found.append(fn)
-        return found
-
-    # --------------------------------------------------------------- hooks
     def on_train_start(self, trainer, pl_module):
-        if self.planned is None:  # fresh start (a resume restores them)
+        if self.planned is None:  # fresh start (a resume restores it)
             self.planned = trainer.max_steps
-            sched = self._schedules(trainer)
-            self.milestones = list(sched[0].milestones) if sched else []
-            self.cooldown = list(sched[0].cooldown) if sched else []
         elif self.max_steps and 0 < self.max_steps < trainer.max_steps:  # resumed: the shrunk plan
             trainer.fit_loop.epoch_loop.max_steps = self.max_steps
 
@@ -75,43 +56,22 @@ class TimeBudget(pl.Callback):
         timer = self._timer(trainer)
         if timer is None or timer.time_remaining() is None or not self.planned or self.planned < 0:
             return
-        sched = self._schedules(trainer)
         per_step = timer.time_elapsed() / step  # s/step, validation and resumes included
         fits = step + max(0.0, timer.time_remaining() - self.reserve_s) / per_step
         new_max = min(self.planned, max(step, int(fits)))  # step: stop now
         new_max = int(trainer.strategy.broadcast(new_max))  # every rank takes rank 0's plan
-        if new_max == trainer.max_steps:
-            return
-        scale = new_max / self.planned
-
-        def moved(now, planned):  # steps already passed stay where they were
-            return [m if m <= step else max(step + 1, round(m0 * scale)) for m, m0 in zip(now, planned)]
-
-        for s in sched:
-            s.milestones = moved(s.milestones, self.milestones)
-            if self.cooldown:
-                start, end = moved(s.cooldown, self.cooldown)
-                s.cooldown = [start, max(start + 1, end)]
-        log.info(
-            "TimeBudget: %.3f s/step, max_steps %d -> %d of %d planned, lr milestones %s, cooldown %s",
-            per_step,
-            trainer.max_steps,
-            new_max,
-            self.planned,
-            sched[0].milestones if sched else [],
-            sched[0].cooldown if sched else [],
-        )
-        trainer.fit_loop.epoch_loop.max_steps = self.max_steps = new_max
+        if new_max != trainer.max_steps:
+            log.info(
+                "TimeBudget: %.3f s/step, max_steps %d -> %d of %d planned",
+                per_step,
+                trainer.max_steps,
+                new_max,
+                self.planned,
+            )
+            trainer.fit_loop.epoch_loop.max_steps = self.max_steps = new_max
 
     def state_dict(self):
-        return {
-            "planned": self.planned,
-            "milestones": self.milestones,
-            "cooldown": self.cooldown,
-            "max_steps": self.max_steps,
-        }
+        return {"planned": self.planned, "max_steps": self.max_steps}
 
     def load_state_dict(self, state_dict):
-        self.planned, self.milestones = state_dict["planned"], state_dict["milestones"]
-        self.cooldown = state_dict.get("cooldown") or []
-        self.max_steps = state_dict.get("max_steps")
+        self.planned, self.max_steps = state_dict["planned"], state_dict.get("max_steps")

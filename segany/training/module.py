@@ -22,6 +22,7 @@ from segany.evaluation.protocol import ClickProtocol, interactive_eval
 from segany.training.losses import SamLoss
 from segany.training.optim import SamOptim
 from segany.training.prompting import PromptConfig
+from segany.training.schedule import WarmupStepDecay
 from segany.training.sharding import ShardingConfig, is_sharded
 from segany.training.simulation import simulate
 from segany.training.visualize import draw_masks
@@ -31,11 +32,16 @@ log = logging.getLogger(__name__)
 
 class SamModule(pl.LightningModule):
     """model: a ``segany.build_sam`` Sam (drop path / decoder dropout / init are its own keys).
-    prompting, loss, optim: the config nodes of the same names. freeze_*: exclude a part
+    prompting, loss, optim: the PromptConfig, SamLoss and SamOptim built from the config nodes
+    of the same names (configs/module/sam.yaml nests them, so ``instantiate(cfg.module)``
+    builds everything). optim's lr milestones are fractions of ``trainer.max_steps``, read
+    when the optimiser is built and again before every scheduler step (a run shortened
+    while it trains, e.g. by TimeBudget, takes its schedule along). freeze_*: exclude a part
     from the optimiser (a frozen image encoder also runs in eval mode under no_grad).
     val_clicks: click counts of the single-point protocol logged in validation.
     val_images: how many validation images to draw per validation run.
-    sharding: the FSDP2 settings (configs/strategy/fsdp.yaml), applied in configure_model.
+    sharding: a ShardingConfig, the FSDP2 settings (strategy=fsdp, configs/strategy/fsdp.yaml),
+    applied in configure_model; None without FSDP.
     seed: every training step reseeds torch's RNGs from (seed, global step, rank), so the
     prompts, dropout and drop path of step k are the same whether or not the run was
     interrupted and resumed before it (no RNG state needs to travel in checkpoints);
@@ -53,7 +59,7 @@ class SamModule(pl.LightningModule):
         val_clicks=(1, 3),
         val_images: int = 4,
         run_config: Optional[dict] = None,
-        sharding: Optional[dict] = None,
+        sharding: Optional[ShardingConfig] = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -74,7 +80,9 @@ class SamModule(pl.LightningModule):
         self.val_protocol = ClickProtocol(clicks=tuple(val_clicks))
         self.val_images = int(val_images)
         self.run_config = run_config  # the resolved Hydra config, stored in checkpoints
-        self.sharding = ShardingConfig(**sharding) if sharding else None
+        if sharding is not None and not isinstance(sharding, ShardingConfig):
+            raise TypeError(f"module.sharding: expected a ShardingConfig (its node's _target_), got {type(sharding)}")
+        self.sharding = sharding
         self.seed = int(seed)
         self._faults: dict = {}
         self._val_drawn = 0
@@ -88,7 +96,7 @@ class SamModule(pl.LightningModule):
             if self.trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
                 raise ValueError(
                     "trainer.strategy is ModelParallelStrategy but module.sharding is not set "
-                    "(use +strategy=fsdp, which sets both)"
+                    "(use strategy=fsdp, which sets both)"
                 )
             return
         self.sharding.apply(self.model, mesh=self.device_mesh["data_parallel"])
@@ -210,8 +218,16 @@ class SamModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- optimiser
     def configure_optimizers(self):
-        opt, sched = self.optim(self.model)
+        max_steps = self._trainer.max_steps if self._trainer is not None else None
+        opt, sched = self.optim(self.model, max_steps=max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def lr_scheduler_step(self, scheduler, metric=None) -> None:
+        """The schedule follows trainer.max_steps (shrunk by TimeBudget, or changed on resume)."""
+        for fn in getattr(scheduler, "lr_lambdas", ()):
+            if isinstance(fn, WarmupStepDecay):
+                fn.set_max_steps(self.trainer.max_steps)
+        scheduler.step()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:

@@ -13,7 +13,7 @@ group's own initial lr.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,7 +70,9 @@ def param_groups(
 
 
 class SamOptim:
-    """Config node ``optim``: builds the optimizer and its per-step scheduler for a Sam."""
+    """Config node ``optim``: builds the optimizer and its per-step scheduler for a Sam.
+    ``milestones`` and ``cooldown`` are fractions of the run's ``max_steps`` (see
+    schedule.py); ``warmup_iters`` is in steps. ``optim(model, max_steps)`` -> (AdamW, LambdaLR)."""
 
     def __init__(
         self,
@@ -82,9 +84,9 @@ class SamOptim:
         no_decay_keys: Iterable[str] = NO_DECAY_KEYS,
         warmup_iters: int = 250,
         warmup_start_factor: float = 0.0,
-        milestones: Sequence[int] = (),
+        milestones: Sequence[float] = (),
         gamma=0.1,
-        cooldown: Sequence[int] = (),
+        cooldown: Sequence[float] = (),
         cooldown_final: float = 0.0,
         fused: bool = False,
     ):
@@ -96,9 +98,12 @@ class SamOptim:
         self.weight_decay, self.layer_decay = float(weight_decay), float(layer_decay)
         self.no_decay_keys = tuple(no_decay_keys)
         self.fused = bool(fused)
+        # validated here (bad values fail at instantiation); the run length comes in __call__
         self.schedule = WarmupStepDecay(warmup_iters, milestones, gamma, warmup_start_factor, cooldown, cooldown_final)
 
-    def __call__(self, model: nn.Module):
+    def __call__(self, model: nn.Module, max_steps: Optional[int] = None):
+        """max_steps: the run length the schedule's fractions refer to (trainer.max_steps)."""
+        self.schedule.set_max_steps(max_steps)
         groups = param_groups(model, self.lr, self.weight_decay, self.layer_decay, self.no_decay_keys)
         if not groups:
             raise ValueError("optim: no trainable parameters (are all parts frozen?)")
