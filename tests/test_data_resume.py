@@ -10,6 +10,7 @@ import torch
 
 from segany.data import SA1BDataModule
 from segany.data.scenes import make_scene
+from segany.data.streams.loader import worker_states
 from segany.testing.data import jpeg, sa1b_json, write_tar
 
 
@@ -50,7 +51,6 @@ def consume(dm, n_batches):
     out = []
     while len(out) < n_batches:
         for batch in dm.train_dataloader():
-            batch = dm.on_before_batch_transfer(batch, 0)
             assert "_data_state" not in batch
             out.append([(k, tuple(b.flatten().tolist())) for k, b in zip(batch["image_id"], batch["boxes"])])
             if len(out) == n_batches:
@@ -78,7 +78,7 @@ def test_resume_is_exact_in_one_process(shards):
     done = consume(first, 4)  # one epoch and one batch of the next
     assert done == reference[:4]
     second = make_dm(shards)
-    second.load_state_dict(roundtrip(first.state_dict()))
+    second.train_dataloader().load_state_dict(roundtrip(first.train_dataloader().state_dict()))
     assert consume(second, 5) == reference[4:]  # augmentation included (boxes)
 
 
@@ -86,10 +86,10 @@ def test_resume_with_workers_neither_replays_nor_skips(shards):
     reference = consume(make_dm(shards, num_workers=2, epoch_length=4), 12)
     first = make_dm(shards, num_workers=2, epoch_length=4)
     done = consume(first, 6)
-    state = roundtrip(first.state_dict())
-    assert sorted(state["ranks"][0]["workers"]) == [0, 1]
+    state = roundtrip(first.train_dataloader().state_dict())
+    assert sorted(worker_states(state["ranks"][0]["loader"])) == [0, 1]
     second = make_dm(shards, num_workers=2, epoch_length=4)
-    second.load_state_dict(state)
+    second.train_dataloader().load_state_dict(state)
     rest = consume(second, 6)
     flat = lambda batches: Counter(s for b in batches for s in b)  # noqa: E731
     assert flat(done) + flat(rest) == flat(reference)
@@ -99,7 +99,7 @@ def test_mismatched_topology_reseeds(shards, caplog):
     first = make_dm(shards)
     consume(first, 2)
     second = make_dm(shards, num_workers=2)
-    second.load_state_dict(roundtrip(first.state_dict()))
+    second.train_dataloader().load_state_dict(roundtrip(first.train_dataloader().state_dict()))
     with caplog.at_level(logging.WARNING, "segany.data"):
         resumed = consume(second, 2)
     assert "does not fit this run" in caplog.text
@@ -118,9 +118,9 @@ def _rank_main(rank, shards, store_path, out):
     try:
         dm = make_dm(shards)  # rank and world size from torch.distributed
         first = consume(dm, 2)
-        state = dm.state_dict()  # gathers every rank's position
+        state = dm.train_dataloader().state_dict()  # gathers every rank's position
         resumed = make_dm(shards)
-        resumed.load_state_dict(roundtrip(state))
+        resumed.train_dataloader().load_state_dict(roundtrip(state))
         out.put((rank, first, [r["rank"] for r in state["ranks"]], consume(resumed, 2), consume(make_dm(shards), 4)))
     finally:
         torch.distributed.destroy_process_group()
