@@ -104,9 +104,9 @@ class StreamDataModule(pl.LightningDataModule):
             return
         n = self.train_dataset.epoch_length
         if (isinstance(limit, int) and limit < n) or (isinstance(limit, float) and limit < 1.0):
-            log.warning("trainer.limit_train_batches=%s cuts each training epoch of %d batches short: the batches "
-                        "the loader workers had prefetched are skipped at every epoch end; set data.epoch_length "
-                        "instead", limit, n)
+            log.warning("trainer.limit_train_batches=%s is shorter than the training streams' epoch of %d batches: "
+                        "each stream epoch is finished over the following Lightning epochs (no data skipped), so "
+                        "Lightning's epochs vary in length; set data.epoch_length instead", limit, n)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

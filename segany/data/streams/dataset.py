@@ -57,7 +57,8 @@ class StreamDataset(IterableDataset):
     # -- position (torchdata Stateful protocol; called in the worker process) -------------
     def state_dict(self) -> dict:
         """{"worker", "num_workers", "samples", "epoch_samples", "rng", "position"} of this
-        worker after its latest sample; {} before the first."""
+        worker after its latest sample; {} before the first (not None: a None dataset state
+        makes StatefulDataLoader fast-forward by re-reading the data)."""
         return copy.deepcopy(self._state) if self._state is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
