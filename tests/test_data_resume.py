@@ -10,6 +10,7 @@ import torch
 
 from segany.data import SA1BDataModule
 from segany.data.scenes import make_scene
+from segany.data.streams.loader import worker_states
 from segany.testing.data import jpeg, sa1b_json, write_tar
 
 
@@ -45,14 +46,19 @@ def make_dm(shards, **kw):
     return dm
 
 
+def fingerprint(batch):
+    """(key, boxes) per sample: the boxes carry the augmentation."""
+    assert "_data_state" not in batch
+    return [(k, tuple(b.flatten().tolist())) for k, b in zip(batch["image_id"], batch["boxes"])]
+
+
 def consume(dm, n_batches):
-    """Run epochs like the fit loop until n_batches were consumed; return a fingerprint per sample."""
+    """Run epochs like the fit loop until n_batches were consumed (like Lightning, never drawing
+    past an epoch's last batch); return a fingerprint per sample."""
     out = []
     while len(out) < n_batches:
         for batch in dm.train_dataloader():
-            batch = dm.on_before_batch_transfer(batch, 0)
-            assert "_data_state" not in batch
-            out.append([(k, tuple(b.flatten().tolist())) for k, b in zip(batch["image_id"], batch["boxes"])])
+            out.append(fingerprint(batch))
             if len(out) == n_batches:
                 break
     return out
@@ -78,7 +84,7 @@ def test_resume_is_exact_in_one_process(shards):
     done = consume(first, 4)  # one epoch and one batch of the next
     assert done == reference[:4]
     second = make_dm(shards)
-    second.load_state_dict(roundtrip(first.state_dict()))
+    second.train_dataloader().load_state_dict(roundtrip(first.train_dataloader().state_dict()))
     assert consume(second, 5) == reference[4:]  # augmentation included (boxes)
 
 
@@ -86,20 +92,44 @@ def test_resume_with_workers_neither_replays_nor_skips(shards):
     reference = consume(make_dm(shards, num_workers=2, epoch_length=4), 12)
     first = make_dm(shards, num_workers=2, epoch_length=4)
     done = consume(first, 6)
-    state = roundtrip(first.state_dict())
-    assert sorted(state["ranks"][0]["workers"]) == [0, 1]
+    state = roundtrip(first.train_dataloader().state_dict())
+    assert sorted(worker_states(state["ranks"][0]["loader"])) == [0, 1]
     second = make_dm(shards, num_workers=2, epoch_length=4)
-    second.load_state_dict(state)
+    second.train_dataloader().load_state_dict(state)
     rest = consume(second, 6)
     flat = lambda batches: Counter(s for b in batches for s in b)  # noqa: E731
     assert flat(done) + flat(rest) == flat(reference)
+    assert done + rest == reference  # in the same order, too
+
+
+def test_state_saved_at_an_epoch_end_resumes_into_a_full_epoch(shards):
+    # consume() stops at the epoch's last batch without drawing StopIteration, as Lightning
+    # does: the saved state must lead into the next epoch, not an empty rest of this one
+    reference = consume(make_dm(shards, num_workers=2, epoch_length=3), 6)
+    first = make_dm(shards, num_workers=2, epoch_length=3)
+    assert consume(first, 3) == reference[:3]
+    second = make_dm(shards, num_workers=2, epoch_length=3)
+    second.train_dataloader().load_state_dict(roundtrip(first.train_dataloader().state_dict()))
+    assert [fingerprint(b) for b in second.train_dataloader()] == reference[3:]
+
+
+def test_an_epoch_left_early_is_finished_not_skipped(shards):
+    # Lightning calls iter() again before the epoch is drawn (limit_train_batches): the
+    # batches the workers had prefetched come next, not a new epoch
+    reference = consume(make_dm(shards, num_workers=2, epoch_length=4), 8)
+    dm = make_dm(shards, num_workers=2, epoch_length=4)
+    seen = consume(dm, 1)
+    rest = [fingerprint(b) for b in dm.train_dataloader()]
+    assert len(rest) == 3
+    seen += rest + [fingerprint(b) for b in dm.train_dataloader()]
+    assert seen == reference
 
 
 def test_mismatched_topology_reseeds(shards, caplog):
     first = make_dm(shards)
     consume(first, 2)
     second = make_dm(shards, num_workers=2)
-    second.load_state_dict(roundtrip(first.state_dict()))
+    second.train_dataloader().load_state_dict(roundtrip(first.train_dataloader().state_dict()))
     with caplog.at_level(logging.WARNING, "segany.data"):
         resumed = consume(second, 2)
     assert "does not fit this run" in caplog.text
@@ -118,9 +148,9 @@ def _rank_main(rank, shards, store_path, out):
     try:
         dm = make_dm(shards)  # rank and world size from torch.distributed
         first = consume(dm, 2)
-        state = dm.state_dict()  # gathers every rank's position
+        state = dm.train_dataloader().state_dict()  # gathers every rank's position
         resumed = make_dm(shards)
-        resumed.load_state_dict(roundtrip(state))
+        resumed.train_dataloader().load_state_dict(roundtrip(state))
         out.put((rank, first, [r["rank"] for r in state["ranks"]], consume(resumed, 2), consume(make_dm(shards), 4)))
     finally:
         torch.distributed.destroy_process_group()

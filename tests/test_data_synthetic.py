@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from segany.data import CocoDataModule, SA1BDataModule, SyntheticDataModule
 from segany.data.make_shards import main as make_shards
 from segany.data.scenes import scene_samples
+from segany.data.streams.loader import worker_states
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "data")
 
@@ -123,7 +124,8 @@ def test_lightning_resume_continues_the_data(tmp_path):
     assert first.seen == reference[:4]
     trainer.save_checkpoint(str(tmp_path / "mid.ckpt"))
     ckpt = torch.load(str(tmp_path / "mid.ckpt"), weights_only=False)
-    assert ckpt["SyntheticDataModule"]["ranks"][0]["workers"][0]["samples"] == 8
+    (loader_state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # saved by Lightning
+    assert worker_states(loader_state["ranks"][0]["loader"])[0]["samples"] == 8
     _, resumed = fit(synthetic(tmp_path / "syn", **kw), 8, tmp_path, ckpt=str(tmp_path / "mid.ckpt"))
     assert resumed.seen == reference[4:8]  # neither replayed nor skipped
     assert all(f == {} for f in first.faults)  # faults reach the module, per batch

@@ -58,8 +58,8 @@ def test_ddp_two_processes_bf16(tmp_path):
     ckpt = torch.load(tmp_path / "demo" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     # both ranks' data positions travel in the checkpoint (each resumes its own stream)
-    data_state = next(v for k, v in ckpt.items() if k.endswith("DataModule"))
-    assert len(data_state["ranks"]) == 2, data_state.keys()
+    (data_state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert [r["rank"] for r in data_state["ranks"]] == [0, 1], data_state.keys()
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())  # fp32 master weights
 
 

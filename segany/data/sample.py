@@ -28,10 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from segany.data.formats import rle
 from segany.data.faults import SampleFault
-from segany.data.transforms import (decode_image, flip_boxes, lowres, normalize_pad, place_masks, plan,
-                         warp_image)
+from segany.data.formats import rle
+from segany.data.transforms import decode_image, flip_boxes, lowres, normalize_pad, place_masks, plan, warp_image
 
 
 @dataclass
@@ -173,6 +172,4 @@ def collate(samples: list) -> dict:
         for kind, count in s.get("faults", {}).items():
             faults[kind] = faults.get(kind, 0) + count
     batch["faults"] = faults
-    if "_data_state" in samples[-1]:
-        batch["_data_state"] = samples[-1]["_data_state"]   # position after this batch
     return batch

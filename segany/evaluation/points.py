@@ -22,7 +22,6 @@ def points_part(model, dm, protocol: ClickProtocol, device, rank: int = 0, world
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        batch = dm.on_before_batch_transfer(batch, 0)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         res = interactive_eval(model, batch, protocol)
         for key in per_mask:

@@ -1,14 +1,12 @@
-"""LightningDataModule base shared by SA-1B, COCO and synthetic data: loaders, rank
-binding, and the data position in the checkpoint.
+"""LightningDataModule base shared by SA-1B, COCO and synthetic data: loaders and rank
+binding.
 
-Position tracking: each training batch carries `_data_state` (see stream.py). The
-`on_before_batch_transfer` hook, which Lightning calls on the batch the training step is
-about to consume, removes it from the batch and records it per worker. `state_dict()`
-gathers these from every rank (one all_gather at checkpoint time) so that rank 0's
-checkpoint holds all of them; `load_state_dict()` keeps them until the next
-`train_dataloader()`, where each rank picks its own. A LightningModule that overrides
-`on_before_batch_transfer` is ignored by Lightning in favour of this one (it warns);
-outside Lightning, call `datamodule.on_before_batch_transfer(batch, 0)` on each batch.
+The data position lives in the training loader (streams/loader.py, a torchdata
+StatefulDataLoader): Lightning saves its `state_dict()` with the fit loop in the
+checkpoint and restores it on resume; outside Lightning, call
+`train_dataloader().state_dict()` / `.load_state_dict()`. `train_dataloader()` builds the
+loader once and returns the same one afterwards, so that the position carries on from
+epoch to epoch (its workers are persistent) and across `reload_dataloaders_every_n_epochs`.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from segany.data.sample import SampleConfig, collate
 from segany.data.streams.dataset import StreamDataset
+from segany.data.streams.loader import StreamLoader
 from segany.utils.dist import topology
 
 log = logging.getLogger("segany.data")
@@ -92,8 +91,7 @@ class StreamDataModule(pl.LightningDataModule):
         self.cfg = sample_config(**sample_kwargs)
         self.train_dataset: Optional[StreamDataset] = None
         self.val_dataset: Optional[StreamDataset] = None
-        self._positions: dict = {}  # worker -> latest consumed position (this rank)
-        self._loaded: Optional[dict] = None
+        self._train_loader: Optional[StreamLoader] = None
 
     # -- subclass interface ----------------------------------------------------------------
     train_key = "train_*"   # the config key(s) of the training split, for errors
@@ -126,31 +124,37 @@ class StreamDataModule(pl.LightningDataModule):
         if stage is None and self.train_dataset is None and self.val_dataset is None:
             raise ValueError(f"{name}: neither data.{self.train_key} nor data.{self.val_key} is set")
 
-    def _loader(self, ds: StreamDataset, batch_size: int) -> DataLoader:
+    def _loader(self, ds: StreamDataset, batch_size: int, cls=DataLoader) -> DataLoader:
         extra = {}
         if self.num_workers > 0:
-            extra = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init)
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-            **extra,
-        )
+            # training: persistent, the workers' datasets hold the stream positions from epoch to epoch
+            extra = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init,
+                         persistent_workers=cls is StreamLoader)
+        return cls(ds, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
+                   pin_memory=self.pin_memory, **extra)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StreamLoader:
         self.setup("fit")
         if self.train_dataset is None:
             raise ValueError(f"{type(self).__name__}: no training data configured")
         rank, world = topology(trainer=self.trainer)
         ds = self.train_dataset
-        ds.set_topology(rank, world)
-        ds.epoch_length = self.epoch_length or self._default_epoch_length(world)
-        self._apply_loaded(rank, world)
-        ds.resume = self._positions  # same dict: workers see the latest consumed positions
-        return self._loader(ds, self.batch_size)
+        if self._train_loader is None or (ds.rank, ds.world_size) != (rank, world):
+            ds.set_topology(rank, world)
+            ds.epoch_length = self.epoch_length or self._default_epoch_length(world)
+            self._train_loader = self._loader(ds, self.batch_size, StreamLoader)
+        self._warn_if_epochs_are_cut()
+        return self._train_loader
+
+    def _warn_if_epochs_are_cut(self) -> None:
+        limit = getattr(self.trainer, "limit_train_batches", None)
+        if limit is None or getattr(self.trainer, "fast_dev_run", False):
+            return
+        n = self.train_dataset.epoch_length
+        if (isinstance(limit, int) and limit < n) or (isinstance(limit, float) and limit < 1.0):
+            log.warning("trainer.limit_train_batches=%s is shorter than the training streams' epoch of %d batches: "
+                        "each stream epoch is finished over the following Lightning epochs (no data skipped), so "
+                        "Lightning's epochs vary in length; set data.epoch_length instead", limit, n)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
@@ -162,60 +166,8 @@ class StreamDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if isinstance(batch, dict):
-            state = batch.pop("_data_state", None)
-            if state is not None:
-                self._positions[state["worker"]] = state
-        return batch
-
     # -- checkpoint ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        rank, world = topology(trainer=self.trainer)
-        mine = {
-            "rank": rank,
-            "world_size": world,
-            "num_workers": self.num_workers,
-            "workers": {int(k): v for k, v in self._positions.items()},
-        }
-        everyone = [mine]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and world > 1:
-            everyone = [None] * world
-            torch.distributed.all_gather_object(everyone, mine)
-        return {"version": 1, "seed": self.seed, "ranks": everyone}
-
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("version") != 1:
-            raise ValueError(f"{type(self).__name__}: unknown data state version {state_dict.get('version')!r}")
-        self._loaded = state_dict
-
-    def _apply_loaded(self, rank: int, world: int) -> None:
-        if self._loaded is None:
-            return
-        saved, self._loaded = self._loaded, None
-        entry = next((r for r in saved["ranks"] if r["rank"] == rank), None)
-        fits = (
-            entry is not None
-            and entry["world_size"] == world
-            and entry["num_workers"] == self.num_workers
-            and saved.get("seed") == self.seed
-        )
-        if fits:
-            self._positions.clear()
-            self._positions.update({int(k): v for k, v in entry["workers"].items()})
-            return
-        done = sum(s["samples"] for r in saved["ranks"] for s in r["workers"].values())
-        log.warning(
-            "%s: the saved data position (world size %s, %s workers, seed %s) does not fit this run "
-            "(world size %s, %s workers, seed %s); streams restart from fresh positions seeded by the "
-            "%d samples already consumed, so data is neither replayed nor resumed exactly",
-            type(self).__name__,
-            saved["ranks"][0]["world_size"],
-            saved["ranks"][0]["num_workers"],
-            saved.get("seed"),
-            world,
-            self.num_workers,
-            self.seed,
-            done,
-        )
-        self.train_dataset.restart_salt = done
+        # checkpoints written before the position moved into the loader (data state version 1)
+        log.warning("%s: this checkpoint holds a data position in an old format (version %s), which is not "
+                    "restored: the training streams start afresh", type(self).__name__, state_dict.get("version"))

@@ -4,12 +4,16 @@ fault counts attached to the samples.
 Every DataLoader worker of every rank owns a slot (slot = rank * workers + worker) and
 runs an endless, deterministic stream of records drawn by its own RNG (seeded from
 seed, rank, worker). A training epoch is a quota cut from that stream: `epoch_length`
-batches per rank, shared out between the workers. After each sample the worker's
-position (its source position and RNG state, a few hundred bytes) rides along in the
-sample as `_data_state`; the datamodule keeps the latest one of each worker from the
-batches the training loop actually consumed, saves them in the checkpoint, and hands
-them back to the workers on the next epoch or after a resume: nothing replayed, nothing
-skipped. Validation streams are finite, in a fixed order, and carry no state.
+batches per rank, shared out between the workers. The worker's position (its source
+position, RNG state, samples done in this epoch and in all; a few hundred bytes) is the
+dataset's `state_dict()`, which torchdata's StatefulDataLoader (streams/loader.py) takes
+in the worker after each batch and hands back through `load_state_dict()` after a
+resume. Validation streams are finite, in a fixed order, and carry no state.
+
+Epochs: each `iter()` starts a new epoch quota from where the stream stands, except the
+first one after `load_state_dict()`, which finishes the epoch the saved state was in.
+The decision is taken when `iter()` is called (not when the first sample is drawn):
+StatefulDataLoader may build an iterator it never draws from.
 """
 from __future__ import annotations
 
@@ -46,8 +50,20 @@ class StreamDataset(IterableDataset):
         self.seed = int(seed)
         self.max_fault_warnings = max_fault_warnings
         self.rank, self.world_size = 0, 1
-        self.resume: dict = {}     # worker id -> position snapshot, shared with the datamodule
         self.restart_salt = 0      # != 0: saved positions did not fit this topology, reseed
+        self._state: Optional[dict] = None   # this worker's position; None: not started
+        self._finish_epoch = False           # the next iter() finishes the saved epoch
+
+    # -- position (torchdata Stateful protocol; called in the worker process) -------------
+    def state_dict(self) -> dict:
+        """{"worker", "num_workers", "samples", "epoch_samples", "rng", "position"} of this
+        worker after its latest sample; {} before the first (not None: a None dataset state
+        makes StatefulDataLoader fast-forward by re-reading the data)."""
+        return copy.deepcopy(self._state) if self._state is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = copy.deepcopy(state) if state else None
+        self._finish_epoch = self._state is not None
 
     def set_topology(self, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
@@ -65,9 +81,14 @@ class StreamDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slot, n_slots = self.rank * workers + worker, self.world_size * workers
         faults = FaultCounter(self.max_fault_warnings, where=f"rank {self.rank} worker {worker}")
-        if self.train:
-            return self._train_iter(worker, workers, slot, n_slots, faults)
-        return self._val_iter(slot, n_slots, faults)
+        if not self.train:
+            return self._val_iter(slot, n_slots, faults)
+        if self._state is not None and self._state["worker"] != worker:
+            raise ValueError(f"the saved position of worker {self._state['worker']} was handed to worker {worker}")
+        if not self._finish_epoch and self._state is not None:
+            self._state["epoch_samples"] = 0       # a new epoch quota from where the stream stands
+        self._finish_epoch = False
+        return self._train_iter(worker, workers, slot, n_slots, faults)
 
     def _sample(self, rec: Record, rng: np.random.Generator, faults: FaultCounter) -> Optional[dict]:
         try:
@@ -99,23 +120,21 @@ class StreamDataset(IterableDataset):
         batches = self.epoch_length // workers + (worker < self.epoch_length % workers)
         return batches * self.batch_size
 
-    def _start(self, worker, workers, slot, n_slots):
-        """(position, rng, samples done) of this worker: the saved ones if they fit, else fresh."""
-        saved = self.resume.get(worker)
-        fits = (saved is not None and saved["rank"] == self.rank and saved["world_size"] == self.world_size
-                and saved["num_workers"] == workers)
-        if fits:
+    def _start(self, worker, slot, n_slots):
+        """(position, rng, samples done, done in this epoch) of this worker: the current ones, else fresh."""
+        saved = self._state
+        if saved is not None:
             rng = np.random.Generator(np.random.PCG64(0))
             rng.bit_generator.state = saved["rng"]
-            return copy.deepcopy(saved["position"]), rng, saved["samples"]
+            return copy.deepcopy(saved["position"]), rng, saved["samples"], saved["epoch_samples"]
         rng = np.random.default_rng([self.seed, self.rank, worker, self.restart_salt])
-        return self._fresh_position(rng, slot, n_slots), rng, 0
+        return self._fresh_position(rng, slot, n_slots), rng, 0, 0
 
     def _train_iter(self, worker, workers, slot, n_slots, faults) -> Iterator[dict]:
         quota = self._quota(worker, workers)
-        position, rng, done = self._start(worker, workers, slot, n_slots)
+        position, rng, done, produced = self._start(worker, slot, n_slots)
         records = self._train_records(position, rng, faults, slot, n_slots)
-        produced, failed = 0, 0
+        failed = 0
         while produced < quota:
             rec = next(records)
             sample = self._sample(rec, np.random.default_rng(int(rng.integers(2**63))), faults)
@@ -129,10 +148,8 @@ class StreamDataset(IterableDataset):
             produced += 1
             done += 1
             sample["faults"] = faults.pop()
-            sample["_data_state"] = {
-                "rank": self.rank, "world_size": self.world_size, "worker": worker, "num_workers": workers,
-                "samples": done, "rng": rng.bit_generator.state, "position": copy.deepcopy(position),
-            }
+            self._state = {"worker": worker, "num_workers": workers, "samples": done, "epoch_samples": produced,
+                           "rng": rng.bit_generator.state, "position": copy.deepcopy(position)}
             yield sample
 
     # -- subclass interface --------------------------------------------------------------
