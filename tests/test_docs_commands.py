@@ -3,8 +3,8 @@ README.md, experiments/*.md, slurm/*.md, slurm/train.sbatch and configs/**/*.yam
 through bash as written and checked (segany/testing/doc_commands.py says how):
 
 - train.py / evaluate.py: the config composes as `python <script> <args> --cfg job` would compose it
-  (each job of a -m sweep), the job config resolves, and a {a..b} shard range reaches the config
-  unexpanded;
+  (each job of a -m sweep), the job config resolves, a {a..b} shard range reaches the config
+  unexpanded, and train.py's own first check (check_train_config) passes;
 - sbatch: slurm/train.sbatch runs with srun recorded; the train.py command it would start, as above;
 - python -m segany.*: argparse accepts the arguments.
 
@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from segany.testing import doc_commands as dc
+from segany.training.config import check_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SNIPPETS, COMMANDS = dc.find(ROOT)
@@ -57,6 +58,11 @@ def _check_hydra(script: str, args: list, doc_text: str, env=None) -> tuple[list
     errors = []
     for job, cfg, hydra_cfg in jobs:
         errors += [f"{script} {' '.join(job)}: {e}" for e in dc.check_ranges(doc_text, job, cfg)]
+        if script == "train.py":  # train.py's first step: fails before anything is built, naming the key
+            try:
+                check_train_config(cfg)
+            except ValueError as e:
+                errors.append(f"{script} {' '.join(job)}: {e}")
     skips = []
     launcher = str(jobs[0][2].launcher.get("_target_", ""))
     if "submitit" in launcher and not _has_submitit():
