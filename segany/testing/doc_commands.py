@@ -15,8 +15,8 @@ Checked, per recorded command:
   train.py / evaluate.py  composed in-process with Hydra's compose API from the argv bash produced,
                           as ``python <script> <args> --cfg job`` would compose it (a ``-m`` sweep
                           is split into its jobs with Hydra's BasicSweeper, each job composed);
-                          the job config is then resolved. A ``{a..b}`` range typed in the command
-                          must reach the config value unexpanded.
+                          train.py's config is then resolved (train.py resolves it all). A
+                          ``{a..b}`` range typed in the command must reach the config unexpanded.
   sbatch                  slurm/train.sbatch itself runs under bash with the SLURM variables of the
                           requested allocation and ``srun`` replaced by a recorder; the train.py
                           argv it would start is then checked as above.
@@ -37,6 +37,7 @@ import re
 import runpy
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -428,7 +429,8 @@ def check_argparse(module: str, args: list) -> Optional[str]:
     argparse.ArgumentParser.parse_args = parse_args
     sys.argv = [module, *args]
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before (by a test)
             runpy.run_module(module, run_name="__main__", alter_sys=True)
     except _Parsed:
         return None
