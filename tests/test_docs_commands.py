@@ -75,7 +75,7 @@ def _check_hydra(script: str, args: list, doc_text: str, env=None) -> tuple[list
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
 def test_doc_command(cmd, ran, tmp_path):
-    assert "..." not in cmd.text and not any(c in cmd.text for c in "<>"), (
+    assert "..." not in cmd.code and not any(c in cmd.code for c in "<>"), (
         f"{cmd.id}: not pasteable as written (write placeholders as UPPER_CASE words): {cmd.text}"
     )
     recs = _records(ran, cmd)

@@ -80,6 +80,7 @@ class DocCommand:
     line: int
     last_line: int
     text: str
+    code: str  # text without its bash comment
     kinds: Counter
     snippet: int  # index into the snippet list
 
@@ -224,7 +225,7 @@ def find(root: Path):
             code = re.sub(r"(^|\s)#.*$", "", line)  # bash comments hold no commands
             kinds = Counter(_kind(m) for m in COMMAND.finditer(code))
             if kinds:
-                commands.append(DocCommand(s.path, s.line + a, s.line + b, line.strip(), kinds, k))
+                commands.append(DocCommand(s.path, s.line + a, s.line + b, line.strip(), code.strip(), kinds, k))
     return snippets, commands
 
 
