@@ -92,8 +92,11 @@ def recipe(experiment: str, model: str | None, pr: int, mr: int, cpu: bool):
     register_resolvers()
     over = [f"experiment={experiment}", "model.encoder_init=null", f"prompting.point_rounds={pr}"]
     over += [f"prompting.mask_rounds={mr}"] + ([f"model={model}"] if model else [])
+    fsdp = experiment == "vit_h_sa1b"  # the recipe that selects strategy=fsdp
+    if fsdp:  # one rank, whatever the launcher's environment says
+        over += ["trainer.strategy.data_parallel_size=1"]
     if cpu:
-        over += ["trainer.precision=32-true"] + (["module.sharding.param_dtype=null"] if "vit_h" in experiment else [])
+        over += ["trainer.precision=32-true"] + (["module.sharding.param_dtype=null"] if fsdp else [])
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose("train", overrides=over)
 
@@ -181,7 +184,7 @@ def train_run(name: str, spec: tuple, steps: tuple, device: torch.device, peak: 
     trainer = instantiate(
         cfg.trainer,
         accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
+        devices=[device.index] if device.type == "cuda" else 1,
         num_nodes=1,
         strategy=strategy,
         max_steps=warmup + timed + 1,
@@ -292,6 +295,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # as train.py
     os.environ.setdefault("WANDB_MODE", "offline")

@@ -21,7 +21,7 @@ Checked, per recorded command:
                           requested allocation and ``srun`` replaced by a recorder; the train.py
                           argv it would start is then checked as above.
   python -m segany.X      the module runs as ``__main__`` with the argv until argparse has parsed
-                          it (its flags and types checked), then stops.
+                          it (its flags and types checked), then stops; no arguments: --help.
 
 Placeholders: UPPER_CASE words (SA1B_DIR, COCO_DIR, CKPT, ...) stand for the user's own paths and
 values; they are plain strings to bash and Hydra, and nothing here opens them.
@@ -301,7 +301,7 @@ def compose_jobs(root: Path, script: str, args: list, env: Optional[dict] = None
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     parsed = OverridesParser.create().parse_overrides(overrides)  # Hydra's own parse errors
     jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
-    config_dir, config_name = hydra_entry(root, script)
+    config_dir, config_name = hydra_entry(Path(root).resolve(), script)
     GlobalHydra.instance().clear()
     out = []
     with environ(env), initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name=script[:-3]):
@@ -420,7 +420,9 @@ class _Parsed(Exception):
 
 def check_argparse(module: str, args: list) -> Optional[str]:
     """Run `python -m module args` until argparse has parsed args; None when they parse, else
-    argparse's message. Fails when the module never calls parse_args."""
+    argparse's message. Fails when the module never calls parse_args. A bare mention (no
+    arguments, e.g. in prose) is checked as `--help`."""
+    args = list(args) or ["--help"]
     orig = argparse.ArgumentParser.parse_args
 
     def parse_args(self, a=None, namespace=None):
