@@ -33,6 +33,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from segany.modeling.checkpoint import (
@@ -140,17 +141,26 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
-def load_distributed(state: dict, path, trust: bool = False) -> None:
-    """dcp.load `state` in place from directory `path` (in a process group if one is set up)."""
+def _require_dcp(path) -> None:
     if not os.path.isfile(os.path.join(str(path), ".metadata")):
         raise CheckpointError(
             f"{str(path)!r} is a directory but not a torch.distributed.checkpoint "
             f"(no .metadata file); expected a sharded Lightning checkpoint or a .ckpt/.pth file"
         )
+
+
+def load_distributed(state: dict, path, trust: bool = False) -> None:
+    """dcp.load `state` in place from directory `path` (in a process group if one is set up)."""
+    _require_dcp(path)
     reader = FileSystemReader(path) if trust else SafeFileSystemReader(path)
     planner = DefaultLoadPlanner() if trust else SafeLoadPlanner(path)
     try:
         dcp.load(state, storage_reader=reader, planner=planner)
+    except CheckpointException as e:  # the ranks' exceptions, wrapped: surface ours as it is
+        ours = [f[0] for f in e.failures.values() if isinstance(f[0], CheckpointError)]
+        if ours:
+            raise ours[0] from None
+        raise CheckpointError(f"cannot read the distributed checkpoint {str(path)!r}: {e}") from e
     except CheckpointError:
         raise
     except Exception as e:
@@ -160,6 +170,7 @@ def load_distributed(state: dict, path, trust: bool = False) -> None:
 def read_distributed_weights(path, trust: bool = False) -> Dict[str, torch.Tensor]:
     """The full (unsharded) model tensors of a DCP directory: the entries under
     "state_dict." (Lightning's layout; all tensor entries when there is none), in one process."""
+    _require_dcp(path)
     md = SafeFileSystemReader(path).read_metadata() if not trust else FileSystemReader(path).read_metadata()
     tensors = {k: m for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     keys = [k for k in tensors if k.startswith("state_dict.")] or list(tensors)
