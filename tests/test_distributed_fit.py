@@ -132,7 +132,8 @@ def test_fsdp_two_processes_bf16_checkpoint_resume_export(tmp_path):
     # ... and evaluate.py evaluates it
     r = subprocess.run(
         [sys.executable, "evaluate.py", f"ckpt_path={last}", f"output_dir={tmp_path}/eval"]
-        + [f"paths.root_dir={tmp_path}", f"data.root={tmp_path}/evaldata", "data.num_val=2", "data.num_train=1", "data.shard_size=1", "clicks=[1]"],
+        + [f"paths.root_dir={tmp_path}", f"data.root={tmp_path}/evaldata", "data.num_val=2", "data.num_train=1"]
+        + ["data.shard_size=1", "clicks=[1]"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -149,13 +149,14 @@ def _require_dcp(path) -> None:
         )
 
 
-def load_distributed(state: dict, path, trust: bool = False) -> None:
-    """dcp.load `state` in place from directory `path` (in a process group if one is set up)."""
+def load_distributed(state: dict, path, trust: bool = False, no_dist: bool = False) -> None:
+    """dcp.load `state` in place from directory `path`: with the process group when one is set
+    up (every rank calls it: resume), or by this process alone (`no_dist`)."""
     _require_dcp(path)
     reader = FileSystemReader(path) if trust else SafeFileSystemReader(path)
     planner = DefaultLoadPlanner() if trust else SafeLoadPlanner(path)
     try:
-        dcp.load(state, storage_reader=reader, planner=planner)
+        dcp.load(state, storage_reader=reader, planner=planner, no_dist=no_dist)
     except CheckpointException as e:  # the ranks' exceptions, wrapped: surface ours as it is
         ours = [f[0] for f in e.failures.values() if isinstance(f[0], CheckpointError)]
         if ours:
@@ -177,7 +178,7 @@ def read_distributed_weights(path, trust: bool = False) -> Dict[str, torch.Tenso
     state = {k: torch.empty(tensors[k].size, dtype=tensors[k].properties.dtype) for k in keys}
     with warnings.catch_warnings():  # "no process group: assuming a single process" is what we want
         warnings.simplefilter("ignore", UserWarning)
-        load_distributed(state, path, trust)
+        load_distributed(state, path, trust, no_dist=True)
     return state
 
 
