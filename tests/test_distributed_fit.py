@@ -1,13 +1,17 @@
 """train.py with 2 CPU processes (gloo): DDP with bf16 autocast, and FSDP2 (ModelParallelStrategy)
 with a bf16 MixedPrecisionPolicy and activation checkpointing; the sharded checkpoint is
-written atomically as a directory, resumes, and exports to a .pth that the official
-`segment_anything` model loads and runs with the same outputs as segany's."""
+written atomically as a directory, resumes (through segany's safe DCP reader), and exports
+to a .pth that the official `segment_anything` model loads and runs with the same outputs as
+segany's; the directory itself is read by build_sam / SamPredictor and evaluated by
+evaluate.py with no model overrides."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import segany
@@ -55,7 +59,7 @@ def test_ddp_two_processes_bf16(tmp_path):
     _train(
         tmp_path, "strategy=ddp", "trainer.precision=bf16-mixed", "trainer.max_steps=2", "optim.fused=false"
     )  # Lightning clips no fused-optimiser gradients under mixed precision
-    ckpt = torch.load(tmp_path / "demo" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "demo" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     # both ranks' data positions travel in the checkpoint (each resumes its own stream)
     (data_state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
@@ -104,3 +108,37 @@ def test_fsdp_two_processes_bf16_checkpoint_resume_export(tmp_path):
         ]
     assert torch.allclose(a["low_res_logits"], b["low_res_logits"], atol=1e-4)
     assert torch.allclose(a["iou_predictions"], b["iou_predictions"], atol=1e-5)
+
+    # the directory itself, with no export and no model overrides: segany's reader gives
+    # torch's own consolidation of the model (dcp_to_torch_save) ...
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from segany.modeling.reader import read_checkpoint
+
+    dcp_to_torch_save(str(last), str(tmp_path / "full.pt"))  # our own file: the library's reader
+    full = torch.load(tmp_path / "full.pt", map_location="cpu", weights_only=False)["state_dict"]
+    ck = read_checkpoint(str(last))
+    assert ck.step == 4 and ck.state_dict.keys() == {k.removeprefix("model.") for k in full}
+    assert all(torch.equal(ck.state_dict[k.removeprefix("model.")], v) for k, v in full.items())
+    # ... SamPredictor on build_sam(checkpoint=<dir>) predicts as on the exported .pth ...
+    image = (torch.rand(200, 150, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    preds = []
+    for model in (segany.build_sam(checkpoint=str(last)), ours):
+        predictor = segany.SamPredictor(model.eval())
+        predictor.set_image(image)
+        preds.append(predictor.predict(point_coords=np.array([[70.0, 90.0]]), point_labels=np.array([1])))
+    for x, y in zip(*preds):
+        np.testing.assert_array_equal(x, y)
+    # ... and evaluate.py evaluates it
+    r = subprocess.run(
+        [sys.executable, "evaluate.py", f"ckpt_path={last}", f"output_dir={tmp_path}/eval"]
+        + [f"paths.root_dir={tmp_path}", f"data.root={tmp_path}/evaldata", "data.num_val=2", "data.num_train=1"]
+        + ["data.shard_size=1", "clicks=[1]"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["miou@1"] <= 1 and f"{last} (step 4)" in json.dumps(metrics)

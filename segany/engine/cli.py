@@ -31,8 +31,15 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--input", required=True, help="folder of images, or SA-1B-format shards (spec)")
         s.add_argument("--out", required=True, help="output folder of SA-1B-format shards")
-        s.add_argument("--ckpt", default=None, help="train.py .ckpt or official .pth (none: untrained)")
-        s.add_argument("--model", default="vit_tiny", help="size for an official .pth / no checkpoint")
+        s.add_argument(
+            "--ckpt", default=None, help="train.py .ckpt, FSDP checkpoint directory or SAM .pth (none: untrained)"
+        )
+        s.add_argument("--model", default="vit_tiny", help="size when the checkpoint stores none / no checkpoint")
+        s.add_argument(
+            "--trust-checkpoint",
+            action="store_true",
+            help="unpickle arbitrary Python objects in --ckpt (only for a file you trust)",
+        )
         s.add_argument("--device", default="auto")
         s.add_argument("--shard-size", type=int, default=1000, help="images per output shard (folder input)")
         s.add_argument("--rank", type=int, default=None)
@@ -100,7 +107,7 @@ def load(args):
     from segany.utils.dist import pick_device
 
     model_cfg = OmegaConf.create({"_target_": "segany.build_sam", "variant": args.model})
-    model, what = load_model(args.ckpt, model_cfg)
+    model, what = load_model(args.ckpt, model_cfg, trust_checkpoint=args.trust_checkpoint)
     return model.to(pick_device(args.device)).eval(), what
 
 
@@ -131,8 +138,14 @@ def main(argv=None) -> int:
     rank, world = topology(args.rank, args.world_size)
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
+    from segany.modeling.checkpoint import CheckpointError
+
     if args.workers == 1:
-        totals = work(args, rank, world)
+        try:
+            totals = work(args, rank, world)
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         import torch.multiprocessing as mp
 

@@ -1,15 +1,16 @@
 """`build_sam`: one code path for every size, from scratch, an official checkpoint or MAE weights."""
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional, Tuple
 
 import torch.nn as nn
 
-from segany.modeling.checkpoint import load_mae_encoder, load_official
+from segany.modeling.checkpoint import TRAINING_SWITCHES, CheckpointError, load_mae_encoder, load_weights
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
+from segany.modeling.reader import Checkpoint, read_checkpoint
 from segany.modeling.sam import Sam
 from segany.modeling.transformer import TwoWayTransformer
 
@@ -65,12 +66,73 @@ def sam_config(variant: str, **overrides) -> SamConfig:
     return SamConfig(**fields)
 
 
+def stored_config(ck: Checkpoint) -> SamConfig:
+    """The architecture a checkpoint stores (its build_sam node; training switches dropped)."""
+    args = {k: v for k, v in ck.model_config.items() if k not in ("checkpoint", "encoder_init", *TRAINING_SWITCHES)}
+    try:
+        return sam_config(args.pop("variant", None) or "vit_b", **args)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ck.path!r}: its stored model config does not build a SAM: {e}") from e
+
+
+_ENCODER_SIZE = ("embed_dim", "depth", "num_heads", "global_attn_indexes")
+
+
+def config_for(ck: Optional[Checkpoint], variant: Optional[str], overrides: dict) -> SamConfig:
+    """The checkpoint's stored architecture when it has one (the request may only repeat it,
+    and set the training switches), else `variant` + overrides."""
+    asked = sam_config(variant or "vit_b", **overrides)
+    if ck is None or ck.model_config is None:
+        return asked
+    stored = stored_config(ck)
+    conflicts = [
+        f"variant={variant} ({k}={getattr(asked, k)})"
+        for k in _ENCODER_SIZE
+        if variant is not None and getattr(asked, k) != getattr(stored, k)
+    ][:1]
+    conflicts += [
+        f"{k}={getattr(asked, k)}"
+        for k in overrides
+        if k not in TRAINING_SWITCHES and getattr(asked, k) != getattr(stored, k)
+    ]
+    if conflicts:
+        held = ", ".join(f"{k}={v}" for k, v in asdict(stored).items() if k not in TRAINING_SWITCHES)
+        raise CheckpointError(
+            f"{ck.path!r} stores its architecture ({held}); the model config contradicts it: "
+            f"{', '.join(conflicts)}. Leave those keys out: the architecture comes from the checkpoint"
+        )
+    return replace(stored, **{k: v for k, v in overrides.items() if k in TRAINING_SWITCHES})
+
+
 def build_sam(
-    variant: str = "vit_b", checkpoint: Optional[str] = None, encoder_init: Optional[str] = None, **overrides
+    variant: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    encoder_init: Optional[str] = None,
+    *,
+    trust_checkpoint: bool = False,
+    **overrides,
 ) -> Sam:
-    """Build SAM of size `variant`; `checkpoint` loads an official SAM .pth strictly,
-    `encoder_init` loads MAE/timm ViT weights into the image encoder (pos-embed resized)."""
-    cfg = sam_config(variant, **overrides)
+    """Build SAM of size `variant` (default vit_b). `checkpoint` (a train.py .ckpt, an FSDP
+    checkpoint directory, or a SAM .pth; see segany.modeling.reader) loads the whole model
+    strictly, with the architecture the checkpoint stores when it stores one (variant and
+    overrides may then only repeat it; the training switches stay the caller's).
+    `encoder_init` loads MAE/timm ViT weights into the image encoder (pos-embed resized).
+    `trust_checkpoint=True` lets this one checkpoint unpickle arbitrary objects."""
+    if checkpoint is not None and encoder_init is not None:
+        raise ValueError("pass either checkpoint= (whole SAM) or encoder_init= (MAE encoder), not both")
+    sam_config(variant or "vit_b", **overrides)  # bad names fail before a large file is read
+    ck = read_checkpoint(checkpoint, trust=trust_checkpoint) if checkpoint is not None else None
+    model = assemble(config_for(ck, variant, overrides))
+    if ck is not None:
+        load_weights(model, ck.state_dict, ck.path)
+    if encoder_init is not None:
+        model.encoder_init_report = load_mae_encoder(model.image_encoder, encoder_init)
+        log.info("MAE init from %s: %s", encoder_init, model.encoder_init_report)
+    return model
+
+
+def assemble(cfg: SamConfig) -> Sam:
+    """A freshly initialised `Sam` of architecture `cfg`."""
     grid = cfg.img_size // cfg.patch_size
     image_encoder = ImageEncoderViT(
         img_size=cfg.img_size,
@@ -106,13 +168,6 @@ def build_sam(
     )
     model = Sam(image_encoder, prompt_encoder, mask_decoder)
     model.config = cfg
-    if checkpoint is not None:
-        load_official(model, checkpoint)
-    if encoder_init is not None:
-        if checkpoint is not None:
-            raise ValueError("pass either checkpoint= (whole SAM) or encoder_init= (MAE encoder), not both")
-        model.encoder_init_report = load_mae_encoder(model.image_encoder, encoder_init)
-        log.info("MAE init from %s: %s", encoder_init, model.encoder_init_report)
     return model
 
 

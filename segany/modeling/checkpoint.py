@@ -1,32 +1,76 @@
-"""Foreign weights in and out: the release's SAM .pth, and MAE / timm ViT encoders.
+"""Foreign weights in and out: the release's SAM .pth, and MAE / timm ViT encoders; the
+safe file load every checkpoint reader goes through.
 
 The release names the image encoder's MLP `mlp.lin1/lin2`; timm (and segany) name it
 `mlp.fc1/fc2`. Everything else has the same key names.
+
+A checkpoint is data, never code: files are unpickled with `weights_only=True` (tensors and
+plain containers); one that needs more is refused, naming the file and the Python object it
+carried, unless the caller opts in for that one file (`trust=True`).
 """
 
 import os
-from dataclasses import dataclass
+import pickle
+import re
+from dataclasses import asdict, dataclass
 from typing import Dict, List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from segany.utils.io import atomic_torch_save
+from segany.utils.io import atomic_torch_save, atomic_write_json
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Load a .pth (plain tensors only) and unwrap a `model` / `state_dict` entry."""
+# build_sam keywords that are training switches, not architecture: never stored as the
+# architecture of a checkpoint, always the caller's own
+TRAINING_SWITCHES = ("drop_path_rate", "decoder_dropout", "grad_checkpointing")
+TRUST_HINT = (
+    "A checkpoint is data, not code. Only if you trust this file, opt in for it: "
+    "trust_checkpoint=True (build_sam / load_model), --trust-checkpoint (python -m segany.export / segany.engine)"
+)
+
+
+def unsafe_error(path, what: str) -> CheckpointError:
+    """The error for a file that carries `what` (a Python global) beyond tensors and plain containers."""
+    return CheckpointError(
+        f"refusing to unpickle checkpoint {str(path)!r}: it carries the Python object {what}. {TRUST_HINT}"
+    )
+
+
+def refused_global(e: Exception) -> str:
+    """The global named in torch's weights-only refusal ("Unsupported global: GLOBAL x.y ...")."""
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    return found.group(1) if found else str(e)
+
+
+def torch_load(path, trust: bool = False, map_location="cpu"):
+    """torch.load a checkpoint file as data (`weights_only`, mmap when the zip format allows)."""
+    path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, non-tensor objects
-        raise CheckpointError(f"cannot read checkpoint {path!r} (truncated or not a torch file?): {e}") from e
+    for mmap in (True, False):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=not trust, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            if "Unsupported global" in str(e):
+                raise unsafe_error(path, refused_global(e)) from e
+            raise CheckpointError(f"cannot read checkpoint {path!r} (truncated or not a torch file?): {e}") from e
+        except RuntimeError as e:
+            if mmap and "mmap" in str(e):  # mmap needs the zip format; retry plainly
+                continue
+            raise CheckpointError(f"cannot read checkpoint {path!r} (truncated or not a torch file?): {e}") from e
+        except Exception as e:  # truncated zip, pickle garbage
+            raise CheckpointError(f"cannot read checkpoint {path!r} (truncated or not a torch file?): {e}") from e
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Load a .pth (plain tensors only) and unwrap a `model` / `state_dict` entry."""
+    obj = torch_load(path)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -61,23 +105,48 @@ def _mismatch_report(expected: Dict[str, torch.Tensor], given: Dict[str, torch.T
     return lines
 
 
-def load_official(model: nn.Module, path: str) -> None:
-    """Load a release-format SAM .pth into a segany `Sam` strictly."""
-    given = from_official(read_state_dict(path))
-    expected = model.state_dict()
-    problems = _mismatch_report(expected, given)
+def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """Load segany-named weights into `model` strictly; a mismatch lists what does not fit."""
+    problems = _mismatch_report(model.state_dict(), state_dict)
     if problems:
         raise CheckpointError(
             f"checkpoint {path!r} does not match the model "
-            f"(is it an official SAM checkpoint of this size?):\n" + "\n".join(problems)
+            f"(is it a SAM checkpoint of this size?):\n" + "\n".join(problems)
         )
-    model.load_state_dict(given, strict=True)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_official(model: nn.Module, path: str) -> None:
+    """Load a release-format SAM .pth into a segany `Sam` strictly."""
+    load_weights(model, from_official(read_state_dict(path)), path)
+
+
+def sidecar_path(path: str) -> str:
+    """`sam_vit_h.pth` -> `sam_vit_h.json`: the architecture of an exported .pth. The release's
+    builder loads the .pth strictly (no room for extra keys), so it goes beside it."""
+    return os.path.splitext(path)[0] + ".json"
+
+
+def architecture(config) -> dict:
+    """A `SamConfig` -> the build_sam config node that rebuilds it (training switches left out)."""
+    arch = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items() if k not in TRAINING_SWITCHES}
+    return {"_target_": "segany.build_sam", **arch}
+
+
+def write_sidecar(path: str, config) -> str:
+    """Write `architecture(config)` as JSON beside the weights file `path`; returns its path."""
+    out = sidecar_path(path)
+    atomic_write_json(out, architecture(config), indent=1)
+    return out
 
 
 def save_official(model: nn.Module, path: str) -> None:
-    """Write `model` as a release-format SAM .pth (fp32, CPU), loadable by `segment_anything`."""
+    """Write `model` as a release-format SAM .pth (fp32, CPU), loadable by `segment_anything`,
+    and its architecture as `<name>.json` beside it (read back by `build_sam(checkpoint=...)`)."""
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     atomic_torch_save(to_official(sd), path)
+    if getattr(model, "config", None) is not None:
+        write_sidecar(path, model.config)
 
 
 @dataclass
