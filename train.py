@@ -1,7 +1,7 @@
 """Train SAM with the paper's recipe.
 
     python train.py                                 # experiment=demo: tiny model, synthetic data, CPU
-    python train.py experiment=vit_b_sa1b data.train_shards=...   # see experiments/*.md
+    python train.py experiment=vit_b_sa1b data.train_shards=SA1B_DIR   # see experiments/*.md
     python train.py experiment=demo trainer.max_steps=20 logger=csv
 
 The run directory is <paths.root_dir>/<name>[_<SLURM job id>]; it holds checkpoints/,

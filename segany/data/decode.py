@@ -1,5 +1,6 @@
 """Decoding stored samples for evaluation and the data engine: image bytes to RGB, COCO RLE
 to a boolean mask, sample keys to integer image ids."""
+
 from __future__ import annotations
 
 import re
@@ -29,5 +30,6 @@ def decode_rgb(data: bytes, where: str) -> np.ndarray:
 def decode_mask(seg: dict) -> np.ndarray:
     """COCO RLE (str or bytes counts) -> (H, W) bool."""
     counts = seg["counts"]
-    return mask_utils.decode({"size": list(seg["size"]),
-                              "counts": counts.encode() if isinstance(counts, str) else counts}).astype(bool)
+    return mask_utils.decode(
+        {"size": list(seg["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
+    ).astype(bool)

@@ -1,5 +1,6 @@
 """Fault accounting: every skipped sample is counted by kind, warned about once (with
 shard and key), and its count travels with the next batch (`batch["faults"]`)."""
+
 from __future__ import annotations
 
 import logging
@@ -8,16 +9,16 @@ from collections import Counter
 log = logging.getLogger("segany.data")
 
 FAULT_KINDS = (
-    "bad_image",           # image bytes do not decode, truncated JPEG, wrong size
-    "bad_json",            # json does not parse, missing/ill-typed fields, invalid RLE
-    "no_annotations",      # json has an empty annotation list
-    "orphan",              # an image without its json or a json without its image
-    "truncated_tar",       # the shard ends inside a member (or without end-of-archive)
-    "corrupt_tar",         # a damaged tar header; reading resumed at the next valid header
-    "shard_error",         # the shard could not be opened or read (I/O error, pipe failed)
-    "bad_annotation",      # COCO: an annotation whose segmentation cannot be used
+    "bad_image",  # image bytes do not decode, truncated JPEG, wrong size
+    "bad_json",  # json does not parse, missing/ill-typed fields, invalid RLE
+    "no_annotations",  # json has an empty annotation list
+    "orphan",  # an image without its json or a json without its image
+    "truncated_tar",  # the shard ends inside a member (or without end-of-archive)
+    "corrupt_tar",  # a damaged tar header; reading resumed at the next valid header
+    "shard_error",  # the shard could not be opened or read (I/O error, pipe failed)
+    "bad_annotation",  # COCO: an annotation whose segmentation cannot be used
     "empty_after_filter",  # no mask left after the area/score filters and resampling
-    "sample_error",        # any other error while decoding one sample (a bug or data nobody foresaw)
+    "sample_error",  # any other error while decoding one sample (a bug or data nobody foresaw)
 )
 
 
@@ -54,8 +55,9 @@ class FaultCounter:
             log.warning("%s: more %s faults are counted but no longer logged", self.where, kind)
             return
         self._warned.add(ident)
-        log.warning("skipped %s%s: shard %s key %s: %s", kind, f" ({self.where})" if self.where else "",
-                    shard, key, message)
+        log.warning(
+            "skipped %s%s: shard %s key %s: %s", kind, f" ({self.where})" if self.where else "", shard, key, message
+        )
 
     def pop(self) -> dict:
         """Counts since the previous pop (attached to the next sample that is yielded)."""

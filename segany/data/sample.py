@@ -18,6 +18,7 @@ are fixed by docs/contracts.md:
     image_id       list[str]              sample key
     faults         dict[str, int]         samples skipped since this worker's previous batch
 """
+
 from __future__ import annotations
 
 import math
@@ -35,17 +36,17 @@ from segany.data.transforms import decode_image, flip_boxes, lowres, normalize_p
 
 @dataclass
 class SampleConfig:
-    img_size: int = 1024              # S: longest side after resize, padded square size
-    max_masks: int = 64               # masks sampled per image (paper: 64)
-    lowres_targets: bool = False      # also return masks_lowres (S/4)
-    max_area_frac: float = 0.9        # paper: drop masks covering > 90% of the image
-    min_area: int = 0                 # drop masks smaller than this (pixels, original size)
-    min_predicted_iou: float = 0.0    # SA-1B predicted_iou threshold (0: off)
+    img_size: int = 1024  # S: longest side after resize, padded square size
+    max_masks: int = 64  # masks sampled per image (paper: 64)
+    lowres_targets: bool = False  # also return masks_lowres (S/4)
+    max_area_frac: float = 0.9  # paper: drop masks covering > 90% of the image
+    min_area: int = 0  # drop masks smaller than this (pixels, original size)
+    min_predicted_iou: float = 0.0  # SA-1B predicted_iou threshold (0: off)
     min_stability_score: float = 0.0  # SA-1B stability_score threshold (0: off)
-    include_crowd: bool = False       # keep iscrowd=1 regions (COCO) as masks
+    include_crowd: bool = False  # keep iscrowd=1 regions (COCO) as masks
     jitter: Optional[Sequence[float]] = None  # large-scale jitter scale range, e.g. (0.1, 2.0)
-    flip: float = 0.0                 # horizontal flip probability
-    fast_jpeg: bool = True            # decode JPEGs at 1/2..1/8 scale when that is still >= output
+    flip: float = 0.0  # horizontal flip probability
+    fast_jpeg: bool = True  # decode JPEGs at 1/2..1/8 scale when that is still >= output
 
     def __post_init__(self):
         if self.img_size % 16:
@@ -62,15 +63,15 @@ class SampleConfig:
 @dataclass
 class Record:
     key: str
-    source: str                                  # shard url or file, for messages
-    image: Union[bytes, Callable[[], bytes]]     # encoded image, or a loader of it
+    source: str  # shard url or file, for messages
+    image: Union[bytes, Callable[[], bytes]]  # encoded image, or a loader of it
     height: int
     width: int
-    counts: list                                 # (A,) compressed RLE strings
-    ids: np.ndarray                              # (A,) int64
-    predicted_iou: np.ndarray = None             # (A,) float, nan where absent
-    stability_score: np.ndarray = None           # (A,) float, nan where absent
-    iscrowd: np.ndarray = None                   # (A,) bool
+    counts: list  # (A,) compressed RLE strings
+    ids: np.ndarray  # (A,) int64
+    predicted_iou: np.ndarray = None  # (A,) float, nan where absent
+    stability_score: np.ndarray = None  # (A,) float, nan where absent
+    iscrowd: np.ndarray = None  # (A,) bool
 
     def __post_init__(self):
         a = len(self.counts)
@@ -86,12 +87,15 @@ def candidate_masks(rec: Record, cfg: SampleConfig) -> tuple[rle.ParsedRLE, np.n
     parsed = rle.parse(rec.counts, [rec.height] * len(rec.counts), [rec.width] * len(rec.counts))
     if not parsed.valid.all():
         bad = int(np.flatnonzero(~parsed.valid)[0])
-        raise SampleFault("bad_json", f"annotation {rec.ids[bad]} (#{bad}): invalid RLE (counts do not "
-                                      f"decode to {rec.height}x{rec.width} pixels)")
+        raise SampleFault(
+            "bad_json",
+            f"annotation {rec.ids[bad]} (#{bad}): invalid RLE (counts do not "
+            f"decode to {rec.height}x{rec.width} pixels)",
+        )
     keep = (parsed.area > 0) & (parsed.area <= cfg.max_area_frac * rec.height * rec.width)
     keep &= parsed.area >= cfg.min_area
     if cfg.min_predicted_iou > 0:
-        keep &= rec.predicted_iou >= cfg.min_predicted_iou   # nan (absent) fails
+        keep &= rec.predicted_iou >= cfg.min_predicted_iou  # nan (absent) fails
     if cfg.min_stability_score > 0:
         keep &= rec.stability_score >= cfg.min_stability_score
     if not cfg.include_crowd:
@@ -111,13 +115,13 @@ def make_sample(rec: Record, cfg: SampleConfig, rng: np.random.Generator) -> dic
     img = decode_image(data, rec.height, rec.width, (geom.nh, geom.nw) if cfg.fast_jpeg else None)
     rs = rle.resample(parsed, cand, rec.height, rec.width, geom.rows, geom.cols)
     kept = np.flatnonzero(rs.area > 0)
-    if len(kept) == 0 and cfg.jitter is not None:   # the crop lost every mask: use the whole image
+    if len(kept) == 0 and cfg.jitter is not None:  # the crop lost every mask: use the whole image
         geom = plan(rec.height, rec.width, cfg.img_size, rng, None, cfg.flip)
         rs = rle.resample(parsed, cand, rec.height, rec.width, geom.rows, geom.cols)
         kept = np.flatnonzero(rs.area > 0)
     if len(kept) == 0:
         raise SampleFault("empty_after_filter", f"all {len(cand)} sampled masks vanish at {geom.ch}x{geom.cw}")
-    masks = place_masks(rs.paint(kept), geom)                              # (n, S, S) bool
+    masks = place_masks(rs.paint(kept), geom)  # (n, S, S) bool
     sample = {
         "image": torch.from_numpy(normalize_pad(warp_image(img, geom), cfg.img_size)),
         "original_size": torch.tensor([rec.height, rec.width], dtype=torch.long),
@@ -145,8 +149,8 @@ def _stack_padded(parts: list, n: int, fill) -> torch.Tensor:
     """[(k_i, *rest)] -> (B, n, *rest), rows k_i.. filled with `fill`."""
     out = _empty((len(parts), n, *parts[0].shape[1:]), parts[0].dtype)
     for i, p in enumerate(parts):
-        out[i, :p.shape[0]] = p
-        out[i, p.shape[0]:] = fill
+        out[i, : p.shape[0]] = p
+        out[i, p.shape[0] :] = fill
     return out
 
 
@@ -155,8 +159,9 @@ def collate(samples: list) -> dict:
     n = max(s["masks"].shape[0] for s in samples)
     counts = torch.tensor([s["masks"].shape[0] for s in samples])
     batch = {
-        "image": torch.stack([s["image"] for s in samples], out=_empty((len(samples), *samples[0]["image"].shape),
-                                                                        torch.float32)),
+        "image": torch.stack(
+            [s["image"] for s in samples], out=_empty((len(samples), *samples[0]["image"].shape), torch.float32)
+        ),
         "original_size": torch.stack([s["original_size"] for s in samples]),
         "input_size": torch.stack([s["input_size"] for s in samples]),
         "masks": _stack_padded([s["masks"] for s in samples], n, False),

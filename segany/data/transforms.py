@@ -6,6 +6,7 @@ interpolation when shrinking by more than 2, bilinear otherwise), the masks by n
 the same pixel centres (see rle.sample_grid), so they stay aligned to within half a
 source pixel; boxes are computed from the transformed masks, so they are exact.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,23 +15,23 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from segany.modeling.constants import PIXEL_MEAN, PIXEL_STD
 from segany.data.faults import SampleFault
 from segany.data.formats.rle import sample_grid
+from segany.modeling.constants import PIXEL_MEAN, PIXEL_STD
 
 
 @dataclass
 class Geometry:
-    h: int          # original size
+    h: int  # original size
     w: int
-    nh: int         # size after scaling (before crop)
+    nh: int  # size after scaling (before crop)
     nw: int
-    y0: int         # crop origin in the scaled image
+    y0: int  # crop origin in the scaled image
     x0: int
-    ch: int         # content size in the output (= input_size), <= size
+    ch: int  # content size in the output (= input_size), <= size
     cw: int
     flip: bool
-    size: int       # S, the padded output is S x S
+    size: int  # S, the padded output is S x S
 
     @property
     def rows(self) -> np.ndarray:  # (ch,) source row sampled by each output row
@@ -66,8 +67,12 @@ def _jpeg_complete(data: bytes) -> bool:
     return data.rfind(b"\xff\xd9", max(2, len(data) - 4096)) != -1
 
 
-_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}
+_REDUCED = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
 
 
 def decode_image(data: bytes, h: int, w: int, need: tuple[int, int] | None = None) -> np.ndarray:
@@ -89,8 +94,9 @@ def decode_image(data: bytes, h: int, w: int, need: tuple[int, int] | None = Non
     if img is None:
         raise SampleFault("bad_image", "image does not decode")
     if img.shape[:2] != (math.ceil(h / f), math.ceil(w / f)):
-        raise SampleFault("bad_image", f"image is {img.shape[0] * f}x{img.shape[1] * f} (scale 1/{f}), "
-                                       f"annotations say {h}x{w}")
+        raise SampleFault(
+            "bad_image", f"image is {img.shape[0] * f}x{img.shape[1] * f} (scale 1/{f}), annotations say {h}x{w}"
+        )
     return img
 
 
@@ -101,11 +107,11 @@ def warp_image(img: np.ndarray, g: Geometry) -> np.ndarray:
         # JPEG decode the remaining factor is below 2), bilinear otherwise
         strong = img.shape[0] > 2 * g.nh or img.shape[1] > 2 * g.nw
         img = cv2.resize(img, (g.nw, g.nh), interpolation=cv2.INTER_AREA if strong else cv2.INTER_LINEAR)
-    img = img[g.y0:g.y0 + g.ch, g.x0:g.x0 + g.cw]
+    img = img[g.y0 : g.y0 + g.ch, g.x0 : g.x0 + g.cw]
     return cv2.flip(img, 1) if g.flip else img
 
 
-_SCALE = 1.0 / np.array(PIXEL_STD, np.float32)            # RGB
+_SCALE = 1.0 / np.array(PIXEL_STD, np.float32)  # RGB
 _SHIFT = -np.array(PIXEL_MEAN, np.float32) * _SCALE
 
 
@@ -113,7 +119,7 @@ def normalize_pad(content_bgr: np.ndarray, size: int) -> np.ndarray:
     """(ch, cw, 3) uint8 BGR -> (3, size, size) float32 RGB, normalised, zero-padded bottom/right."""
     ch, cw = content_bgr.shape[:2]
     out = np.zeros((3, size, size), np.float32)
-    for c in range(3):                                        # RGB plane c <- BGR channel 2 - c
+    for c in range(3):  # RGB plane c <- BGR channel 2 - c
         plane = out[c, :ch, :cw]
         np.multiply(content_bgr[:, :, 2 - c], _SCALE[c], out=plane, casting="unsafe")
         plane += _SHIFT[c]
@@ -127,9 +133,9 @@ def place_masks(cols_major: np.ndarray, g: Geometry) -> np.ndarray:
     view = out.view(np.uint8)
     for i in range(m):
         if g.flip:
-            cv2.flip(cv2.transpose(cols_major[i]), 1, dst=view[i, :g.ch, :g.cw])
+            cv2.flip(cv2.transpose(cols_major[i]), 1, dst=view[i, : g.ch, : g.cw])
         else:
-            cv2.transpose(cols_major[i], dst=view[i, :g.ch, :g.cw])
+            cv2.transpose(cols_major[i], dst=view[i, : g.ch, : g.cw])
     return out
 
 
@@ -147,10 +153,10 @@ def lowres(masks: np.ndarray, g: Geometry) -> np.ndarray:
     """(M, S, S) bool -> (M, S/4, S/4) bool: fraction of each 4x4 block inside the mask > 0.5."""
     m, s = masks.shape[0], g.size // 4
     out = np.zeros((m, s, s), bool)
-    bh, bw = -(-g.ch // 4), -(-g.cw // 4)       # blocks touching the content
+    bh, bw = -(-g.ch // 4), -(-g.cw // 4)  # blocks touching the content
     view, oview = masks.view(np.uint8), out.view(np.uint8)
     for i in range(m):
-        block = view[i, :4 * bh, :4 * bw] * np.uint8(16)   # area average of 0/16 = exact count
+        block = view[i, : 4 * bh, : 4 * bw] * np.uint8(16)  # area average of 0/16 = exact count
         counts = cv2.resize(block, (bw, bh), interpolation=cv2.INTER_AREA)
         oview[i, :bh, :bw] = counts > 8
     return out

@@ -47,7 +47,7 @@ def evaluate(cfg: DictConfig) -> dict:
     names = task_names(cfg)
     rank, world = topology(cfg.get("rank"), cfg.get("world_size"))
     device = pick_device(cfg.device)
-    model, what = load_model(cfg.ckpt_path, cfg.model, cfg.seed)
+    model, what = load_model(cfg.ckpt_path, cfg.model, cfg.seed, trust_checkpoint=bool(cfg.get("ckpt_trust", False)))
     model.to(device).eval()
     datasets = dataset_configs(cfg)
     out_dir = output_dir(cfg, datasets)

@@ -94,7 +94,7 @@ class StreamDataModule(pl.LightningDataModule):
         self._train_loader: Optional[StreamLoader] = None
 
     # -- subclass interface ----------------------------------------------------------------
-    train_key = "train_*"   # the config key(s) of the training split, for errors
+    train_key = "train_*"  # the config key(s) of the training split, for errors
     val_key = "val_*"
 
     def _build_train(self) -> Optional[StreamDataset]:
@@ -128,10 +128,19 @@ class StreamDataModule(pl.LightningDataModule):
         extra = {}
         if self.num_workers > 0:
             # training: persistent, the workers' datasets hold the stream positions from epoch to epoch
-            extra = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init,
-                         persistent_workers=cls is StreamLoader)
-        return cls(ds, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
-                   pin_memory=self.pin_memory, **extra)
+            extra = dict(
+                prefetch_factor=self.prefetch_factor,
+                worker_init_fn=_worker_init,
+                persistent_workers=cls is StreamLoader,
+            )
+        return cls(
+            ds,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            **extra,
+        )
 
     def train_dataloader(self) -> StreamLoader:
         self.setup("fit")
@@ -152,9 +161,13 @@ class StreamDataModule(pl.LightningDataModule):
             return
         n = self.train_dataset.epoch_length
         if (isinstance(limit, int) and limit < n) or (isinstance(limit, float) and limit < 1.0):
-            log.warning("trainer.limit_train_batches=%s is shorter than the training streams' epoch of %d batches: "
-                        "each stream epoch is finished over the following Lightning epochs (no data skipped), so "
-                        "Lightning's epochs vary in length; set data.epoch_length instead", limit, n)
+            log.warning(
+                "trainer.limit_train_batches=%s is shorter than the training streams' epoch of %d batches: "
+                "each stream epoch is finished over the following Lightning epochs (no data skipped), so "
+                "Lightning's epochs vary in length; set data.epoch_length instead",
+                limit,
+                n,
+            )
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
@@ -169,5 +182,9 @@ class StreamDataModule(pl.LightningDataModule):
     # -- checkpoint ------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
         # checkpoints written before the position moved into the loader (data state version 1)
-        log.warning("%s: this checkpoint holds a data position in an old format (version %s), which is not "
-                    "restored: the training streams start afresh", type(self).__name__, state_dict.get("version"))
+        log.warning(
+            "%s: this checkpoint holds a data position in an old format (version %s), which is not "
+            "restored: the training streams start afresh",
+            type(self).__name__,
+            state_dict.get("version"),
+        )

@@ -8,6 +8,7 @@ the file is found from `coco_url`. Images without annotations are left out at se
 Training streams walk a fresh permutation per pass (seeded by seed and pass), split by
 rank x worker, and resume from (pass, index) like the SA-1B streams.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,10 +18,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from segany.data.formats import rle
-from segany.data.formats.coco import image_path, load_coco, rle_counts
 from segany.data.datamodules.base import StreamDataModule
 from segany.data.faults import FaultCounter, SampleFault
+from segany.data.formats import rle
+from segany.data.formats.coco import image_path, load_coco, rle_counts
 from segany.data.sample import Record, SampleConfig
 from segany.data.streams.dataset import StreamDataset
 
@@ -46,8 +47,9 @@ class CocoStream(StreamDataset):
         self.image_ids = [i for i in sorted(self.coco.imgs) if any(usable(a) for a in self.coco.imgToAnns.get(i, []))]
         left = len(self.coco.imgs) - len(self.image_ids)
         if left:
-            log.info("%s: %d of %d images have no usable annotation and are left out", annotations, left,
-                     len(self.coco.imgs))
+            log.info(
+                "%s: %d of %d images have no usable annotation and are left out", annotations, left, len(self.coco.imgs)
+            )
         if not self.image_ids:
             raise ValueError(f"{annotations}: no image has a usable annotation")
 
@@ -70,9 +72,16 @@ class CocoStream(StreamDataset):
             anns = [a for a, v in zip(anns, ok) if v]
         if not counts:
             return None
-        return Record(str(img_id), path, functools.partial(_read_file, path), info["height"], info["width"],
-                      counts, np.array([a["id"] for a in anns], np.int64),
-                      iscrowd=np.array([bool(a.get("iscrowd", 0)) for a in anns]))
+        return Record(
+            str(img_id),
+            path,
+            functools.partial(_read_file, path),
+            info["height"],
+            info["width"],
+            counts,
+            np.array([a["id"] for a in anns], np.int64),
+            iscrowd=np.array([bool(a.get("iscrowd", 0)) for a in anns]),
+        )
 
     def _val_records(self, faults, slot, n_slots) -> Iterator[Record]:
         for idx in range(slot, len(self.image_ids), n_slots):
@@ -87,7 +96,7 @@ class CocoStream(StreamDataset):
         n = len(self.image_ids)
         while True:
             order = np.random.default_rng([self.seed, position["pass"]]).permutation(n)
-            mine = order[slot::n_slots] if slot < n else order[slot % n:slot % n + 1]
+            mine = order[slot::n_slots] if slot < n else order[slot % n : slot % n + 1]
             usable = position["index"] > 0
             while position["index"] < len(mine):
                 idx = int(mine[position["index"]])
@@ -97,8 +106,9 @@ class CocoStream(StreamDataset):
                     usable = True
                     yield rec
             if not usable:
-                raise RuntimeError(f"no image of this worker's share of {len(mine)} has a usable annotation; "
-                                   "see the warnings")
+                raise RuntimeError(
+                    f"no image of this worker's share of {len(mine)} has a usable annotation; see the warnings"
+                )
             position["pass"] += 1
             position["index"] = 0
 
@@ -106,8 +116,14 @@ class CocoStream(StreamDataset):
 class CocoDataModule(StreamDataModule):
     """COCO / LVIS fine-tuning and evaluation data. Keys: see configs/data/coco.yaml."""
 
-    def __init__(self, train_annotations: Optional[str] = None, train_images: Optional[str] = None,
-                 val_annotations: Optional[str] = None, val_images: Optional[str] = None, **kwargs):
+    def __init__(
+        self,
+        train_annotations: Optional[str] = None,
+        train_images: Optional[str] = None,
+        val_annotations: Optional[str] = None,
+        val_images: Optional[str] = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.train_annotations, self.train_images = train_annotations, train_images
         self.val_annotations, self.val_images = val_annotations, val_images
@@ -120,16 +136,24 @@ class CocoDataModule(StreamDataModule):
         if not annotations:
             return None
         if not images:
-            raise ValueError(f"{type(self).__name__}: data.{split}_images is not set ({annotations} needs its "
-                             "image folder)")
+            raise ValueError(
+                f"{type(self).__name__}: data.{split}_images is not set ({annotations} needs its image folder)"
+            )
         if not os.path.isfile(annotations):
             raise FileNotFoundError(f"data.{split}_annotations: annotation file {annotations} does not exist")
         if not os.path.isdir(images):
             raise FileNotFoundError(f"data.{split}_images: image folder {images} does not exist")
         train = split == "train"
-        return CocoStream(annotations, images, self.cfg, train=train,
-                          batch_size=self.batch_size if train else self.val_batch_size,
-                          epoch_length=self.epoch_length, seed=self.seed, max_fault_warnings=self.max_fault_warnings)
+        return CocoStream(
+            annotations,
+            images,
+            self.cfg,
+            train=train,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            epoch_length=self.epoch_length,
+            seed=self.seed,
+            max_fault_warnings=self.max_fault_warnings,
+        )
 
     def _build_train(self) -> Optional[CocoStream]:
         return self._stream("train")

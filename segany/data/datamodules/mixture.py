@@ -28,6 +28,7 @@ source's shards (round robin, as SA1BStream) and, for each sample, draws the sou
 configured probabilities from the slot's RNG. The position saved in checkpoints is every
 source's position plus the RNG state, so a resumed run continues exactly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,17 @@ from segany.data.streams.shards import check_readable, resolve, subset, summary
 
 log = logging.getLogger("segany.data")
 
-SAMPLE_KEYS = ("max_area_frac", "min_area", "min_predicted_iou", "min_stability_score", "include_crowd",
-               "max_masks", "jitter", "jitter_scale", "flip")
+SAMPLE_KEYS = (
+    "max_area_frac",
+    "min_area",
+    "min_predicted_iou",
+    "min_stability_score",
+    "include_crowd",
+    "max_masks",
+    "jitter",
+    "jitter_scale",
+    "flip",
+)
 SOURCE_KEYS = ("shards", "weight", "num_images", "num_shards", "image_fraction") + SAMPLE_KEYS
 WEIGHTINGS = ("proportion", "per_image")
 
@@ -67,7 +77,7 @@ class Source:
     num_images: Optional[int] = None
     num_shards: Optional[int] = None
     image_fraction: Optional[float] = None
-    sample: dict = field(default_factory=dict)      # per-source sample-key overrides
+    sample: dict = field(default_factory=dict)  # per-source sample-key overrides
 
     @classmethod
     def parse(cls, name: str, spec) -> "Source":
@@ -88,8 +98,11 @@ class Source:
             raise ValueError(f"{where}.num_images={n_img!r}: a positive integer or null")
         n_sh = spec.get("num_shards")
         if n_sh is not None:
-            subset([""] * n_sh if isinstance(n_sh, int) and not isinstance(n_sh, bool) and n_sh > 0 else [],
-                   n_sh, f"{where}.num_shards")
+            subset(
+                [""] * n_sh if isinstance(n_sh, int) and not isinstance(n_sh, bool) and n_sh > 0 else [],
+                n_sh,
+                f"{where}.num_shards",
+            )
         frac = spec.get("image_fraction")
         if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1):
             raise ValueError(f"{where}.image_fraction={frac!r}: a fraction in (0, 1] or null")
@@ -112,8 +125,15 @@ def mixture_probabilities(sources: list[Source], weighting: str) -> np.ndarray:
 class MixtureStream(StreamDataset):
     """Training stream drawing each sample from one of several SA1BStreams (the children)."""
 
-    def __init__(self, children: list[SA1BStream], probabilities, names: list[str],
-                 fractions: list[Optional[float]], cfg: SampleConfig, **kw):
+    def __init__(
+        self,
+        children: list[SA1BStream],
+        probabilities,
+        names: list[str],
+        fractions: list[Optional[float]],
+        cfg: SampleConfig,
+        **kw,
+    ):
         super().__init__(cfg, train=True, **kw)
         if not len(children) == len(probabilities) == len(names) == len(fractions):
             raise ValueError("one probability, name and fraction per child stream")
@@ -121,7 +141,7 @@ class MixtureStream(StreamDataset):
         self.probabilities = np.asarray(probabilities, dtype=np.float64)
         self.names = list(names)
         self.fractions = list(fractions)
-        self._active = 0      # source of the record being turned into a sample (per worker copy)
+        self._active = 0  # source of the record being turned into a sample (per worker copy)
 
     def set_topology(self, rank: int, world_size: int) -> None:
         super().set_topology(rank, world_size)
@@ -129,12 +149,15 @@ class MixtureStream(StreamDataset):
             c.set_topology(rank, world_size)
 
     def _fresh_position(self, rng, slot, n_slots) -> dict:
-        return {"sources": [c._fresh_position(rng, slot, n_slots) for c in self.children],
-                "drawn": [0] * len(self.children)}
+        return {
+            "sources": [c._fresh_position(rng, slot, n_slots) for c in self.children],
+            "drawn": [0] * len(self.children),
+        }
 
     def _train_records(self, position, rng, faults: FaultCounter, slot, n_slots) -> Iterator[Record]:
-        streams = [c._train_records(position["sources"][k], rng, faults, slot, n_slots)
-                   for k, c in enumerate(self.children)]
+        streams = [
+            c._train_records(position["sources"][k], rng, faults, slot, n_slots) for k, c in enumerate(self.children)
+        ]
         cum = np.cumsum(self.probabilities)
         while True:
             k = min(int(np.searchsorted(cum, rng.random(), side="right")), len(streams) - 1)
@@ -159,11 +182,21 @@ class SA1BMixtureDataModule(SA1BDataModule):
     ``val_shards`` as SA1BDataModule. Keys: see configs/data/sa1b_mixture.yaml and this module's
     docstring. Batches as docs/contracts.md."""
 
-    def __init__(self, sources=None, *, weighting: str = "proportion", use=None, train_shards=None,
-                 train_num_shards=None, **kwargs):
+    def __init__(
+        self,
+        sources=None,
+        *,
+        weighting: str = "proportion",
+        use=None,
+        train_shards=None,
+        train_num_shards=None,
+        **kwargs,
+    ):
         if train_shards or train_num_shards is not None:
-            raise ValueError("data.train_shards / data.train_num_shards: not used by SA1BMixtureDataModule; "
-                             "give each source's shards (and num_shards) under data.sources")
+            raise ValueError(
+                "data.train_shards / data.train_num_shards: not used by SA1BMixtureDataModule; "
+                "give each source's shards (and num_shards) under data.sources"
+            )
         super().__init__(train_shards=None, **kwargs)
         if sources is None or not isinstance(sources, Mapping) or not sources:
             raise ValueError("data.sources: a mapping name -> {shards, weight, ...} with at least one source")
@@ -180,18 +213,28 @@ class SA1BMixtureDataModule(SA1BDataModule):
         self.active = [self.sources[n] for n in self.use if self.sources[n].weight > 0]
         if not self.active:
             raise ValueError(f"data.use={self.use}: every selected source has weight 0")
-        self.probabilities = {s.name: float(p) for s, p in
-                              zip(self.active, mixture_probabilities(self.active, self.weighting))}
+        self.probabilities = {
+            s.name: float(p) for s, p in zip(self.active, mixture_probabilities(self.active, self.weighting))
+        }
 
     def _source_cfg(self, src: Source) -> SampleConfig:
         if not src.sample:
             return self.cfg
         c = self.cfg
-        kw = dict(img_size=c.img_size, max_masks=c.max_masks, lowres_targets=c.lowres_targets,
-                  max_area_frac=c.max_area_frac, min_area=c.min_area, min_predicted_iou=c.min_predicted_iou,
-                  min_stability_score=c.min_stability_score, include_crowd=c.include_crowd,
-                  jitter=c.jitter is not None, jitter_scale=c.jitter or (0.1, 2.0), flip=c.flip,
-                  fast_jpeg=c.fast_jpeg)
+        kw = dict(
+            img_size=c.img_size,
+            max_masks=c.max_masks,
+            lowres_targets=c.lowres_targets,
+            max_area_frac=c.max_area_frac,
+            min_area=c.min_area,
+            min_predicted_iou=c.min_predicted_iou,
+            min_stability_score=c.min_stability_score,
+            include_crowd=c.include_crowd,
+            jitter=c.jitter is not None,
+            jitter_scale=c.jitter or (0.1, 2.0),
+            flip=c.flip,
+            fast_jpeg=c.fast_jpeg,
+        )
         kw.update(src.sample)
         try:
             return sample_config(**kw)
@@ -219,15 +262,32 @@ class SA1BMixtureDataModule(SA1BDataModule):
             urls = self._source_urls(src)
             if self.check_shards:
                 check_readable(urls, what, src.shards)
-            children.append(SA1BStream(urls, self._source_cfg(src), interleave=self.interleave,
-                                       resampled=self.resampled, train=True, batch_size=self.batch_size,
-                                       epoch_length=self.epoch_length, seed=self.seed,
-                                       max_fault_warnings=self.max_fault_warnings))
+            children.append(
+                SA1BStream(
+                    urls,
+                    self._source_cfg(src),
+                    interleave=self.interleave,
+                    resampled=self.resampled,
+                    train=True,
+                    batch_size=self.batch_size,
+                    epoch_length=self.epoch_length,
+                    seed=self.seed,
+                    max_fault_warnings=self.max_fault_warnings,
+                )
+            )
             fractions.append(src.image_fraction)
         log.info("data mixture: %s", ", ".join(f"{n} {p:.4f}" for n, p in self.probabilities.items()))
-        return MixtureStream(children, list(self.probabilities.values()), list(self.probabilities),
-                             fractions, self.cfg, batch_size=self.batch_size, epoch_length=self.epoch_length,
-                             seed=self.seed, max_fault_warnings=self.max_fault_warnings)
+        return MixtureStream(
+            children,
+            list(self.probabilities.values()),
+            list(self.probabilities),
+            fractions,
+            self.cfg,
+            batch_size=self.batch_size,
+            epoch_length=self.epoch_length,
+            seed=self.seed,
+            max_fault_warnings=self.max_fault_warnings,
+        )
 
     train_key = "sources"
 

@@ -6,6 +6,7 @@ shard ends, the next is drawn from the slot's part with replacement (`resampled`
 from a shuffled pass over it. Validation: each slot reads its shards in order, once.
 The position saved per worker is (open shards, byte offset in each, RNG state).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,20 +58,34 @@ def sa1b_record(pair: ShardSample) -> Record:
         if not isinstance(seg, dict):
             raise SampleFault("bad_json", f"annotations[{i}]: missing field 'segmentation'")
         if not isinstance(seg.get("size"), list) or seg["size"] != [h, w]:
-            raise SampleFault("bad_json", f"annotations[{i}].segmentation.size is {seg.get('size')!r}, "
-                                          f"the image is {h}x{w}")
+            raise SampleFault(
+                "bad_json", f"annotations[{i}].segmentation.size is {seg.get('size')!r}, the image is {h}x{w}"
+            )
         if not isinstance(seg.get("counts"), str):
-            raise SampleFault("bad_json", f"annotations[{i}].segmentation.counts must be a compressed "
-                                          f"RLE string, got {type(seg.get('counts')).__name__}")
-        if isinstance(ann.get("id"), bool) or not isinstance(ann.get("id"), int) or not -2**63 <= ann["id"] < 2**63:
+            raise SampleFault(
+                "bad_json",
+                f"annotations[{i}].segmentation.counts must be a compressed "
+                f"RLE string, got {type(seg.get('counts')).__name__}",
+            )
+        if isinstance(ann.get("id"), bool) or not isinstance(ann.get("id"), int) or not -(2**63) <= ann["id"] < 2**63:
             raise SampleFault("bad_json", f"annotations[{i}]: missing integer field 'id'")
         counts.append(seg["counts"])
         ids.append(ann["id"])
         iou.append(_score(ann, "predicted_iou"))
         stab.append(_score(ann, "stability_score"))
         crowd.append(bool(ann.get("iscrowd", 0)))
-    return Record(pair.key, pair.url, pair.image, h, w, counts, np.array(ids, np.int64),
-                  np.array(iou), np.array(stab), np.array(crowd, bool))
+    return Record(
+        pair.key,
+        pair.url,
+        pair.image,
+        h,
+        w,
+        counts,
+        np.array(ids, np.int64),
+        np.array(iou),
+        np.array(stab),
+        np.array(crowd, bool),
+    )
 
 
 class SA1BStream(StreamDataset):
@@ -112,15 +127,14 @@ class SA1BStream(StreamDataset):
     def _fresh_position(self, rng, slot, n_slots) -> dict:
         part = self._part(slot, n_slots)
         position = {"slots": [], "queue": []}
-        position["slots"] = [[self._next_shard(position, rng, part), 0]
-                             for _ in range(min(self.interleave, len(part)))]
+        position["slots"] = [[self._next_shard(position, rng, part), 0] for _ in range(min(self.interleave, len(part)))]
         return position
 
     def _train_records(self, position, rng, faults, slot, n_slots) -> Iterator[Record]:
         part = self._part(slot, n_slots)
-        slots = position["slots"]                      # [[shard index, byte offset], ...]
+        slots = position["slots"]  # [[shard index, byte offset], ...]
         readers: list = [None] * len(slots)
-        empty = 0                                      # shards ended since the last good record
+        empty = 0  # shards ended since the last good record
         while True:
             j = int(rng.integers(len(slots)))
             if readers[j] is None:
@@ -131,8 +145,10 @@ class SA1BStream(StreamDataset):
                 slots[j] = [self._next_shard(position, rng, part), 0]
                 empty += 1
                 if empty > 2 * len(part) + 2 * len(slots):
-                    raise RuntimeError(f"no readable sample in {empty} consecutive shards of this worker's "
-                                       f"part ({[self.urls[i] for i in part[:3]]}...); see the warnings")
+                    raise RuntimeError(
+                        f"no readable sample in {empty} consecutive shards of this worker's "
+                        f"part ({[self.urls[i] for i in part[:3]]}...); see the warnings"
+                    )
                 continue
             empty = 0
             rec, slots[j][1] = item
@@ -142,18 +158,27 @@ class SA1BStream(StreamDataset):
 class SA1BDataModule(StreamDataModule):
     """SA-1B (or any SA-1B-format shards). Keys: see configs/data/sa1b.yaml."""
 
-    def __init__(self, train_shards=None, val_shards=None, *, train_num_shards: Optional[int] = None,
-                 interleave: int = 4, resampled: bool = True, check_shards: bool = True, **kwargs):
+    def __init__(
+        self,
+        train_shards=None,
+        val_shards=None,
+        *,
+        train_num_shards: Optional[int] = None,
+        interleave: int = 4,
+        resampled: bool = True,
+        check_shards: bool = True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.train_num_shards = train_num_shards
         if train_num_shards is not None:
-            subset([""] * train_num_shards, train_num_shards, "data.train_num_shards")   # type / range check now
+            subset([""] * train_num_shards, train_num_shards, "data.train_num_shards")  # type / range check now
         self.interleave = int(interleave)
         self.resampled = bool(resampled)
         self.check_shards = bool(check_shards)
-        self.resolved: dict = {}       # split -> {count, first, last}: resolve_shards() or setup()
+        self.resolved: dict = {}  # split -> {count, first, last}: resolve_shards() or setup()
 
     def _urls(self, spec, train: bool, what: str) -> list:
         urls = resolve(spec, check=False, what=what)
@@ -163,8 +188,11 @@ class SA1BDataModule(StreamDataModule):
         """split -> {count, first, last} of the shards this run will read (train: after
         train_num_shards), without opening them: train.py logs it and records it in the run's
         config as data_resolved. A spec that matches nothing fails here, naming it."""
-        self.resolved = {split: summary(self._urls(spec, split == "train", f"data.{split}_shards"))
-                         for split, spec in (("train", self.train_shards), ("val", self.val_shards)) if spec}
+        self.resolved = {
+            split: summary(self._urls(spec, split == "train", f"data.{split}_shards"))
+            for split, spec in (("train", self.train_shards), ("val", self.val_shards))
+            if spec
+        }
         return self.resolved
 
     def _stream(self, spec, train: bool, what: str) -> Optional[SA1BStream]:
@@ -172,12 +200,19 @@ class SA1BDataModule(StreamDataModule):
             return None
         urls = self._urls(spec, train, what)
         if self.check_shards:
-            check_readable(urls, what, spec)             # only the shards that will be read
+            check_readable(urls, what, spec)  # only the shards that will be read
         self.resolved["train" if train else "val"] = summary(urls)
-        return SA1BStream(urls, self.cfg, interleave=self.interleave, resampled=self.resampled, train=train,
-                          batch_size=self.batch_size if train else self.val_batch_size,
-                          epoch_length=self.epoch_length, seed=self.seed,
-                          max_fault_warnings=self.max_fault_warnings)
+        return SA1BStream(
+            urls,
+            self.cfg,
+            interleave=self.interleave,
+            resampled=self.resampled,
+            train=train,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            epoch_length=self.epoch_length,
+            seed=self.seed,
+            max_fault_warnings=self.max_fault_warnings,
+        )
 
     train_key, val_key = "train_shards", "val_shards"
 
@@ -188,5 +223,7 @@ class SA1BDataModule(StreamDataModule):
         return self._stream(self.val_shards, False, "data.val_shards")
 
     def _default_epoch_length(self, world_size: int) -> Optional[int]:
-        raise ValueError(f"{type(self).__name__}: set epoch_length (training batches per rank per epoch); "
-                         "resampled shards have no natural end")
+        raise ValueError(
+            f"{type(self).__name__}: set epoch_length (training batches per rank per epoch); "
+            "resampled shards have no natural end"
+        )

@@ -2,6 +2,7 @@
 paths (COCO `file_name` or LVIS `coco_url`), and any segmentation as a compressed RLE string
 (through pycocotools: polygons with fewer than 3 points dropped, the rest merged;
 uncompressed RLE of `iscrowd` regions; compressed RLE)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,9 @@ def load_coco(path: str) -> COCO:
         coco.createIndex()
     unknown = [a["id"] for a in data["annotations"] if a["image_id"] not in coco.imgs]
     if unknown:
-        raise ValueError(f"{path}: {len(unknown)} annotations refer to images that are not listed "
-                         f"(e.g. annotation {unknown[0]})")
+        raise ValueError(
+            f"{path}: {len(unknown)} annotations refer to images that are not listed (e.g. annotation {unknown[0]})"
+        )
     return coco
 
 

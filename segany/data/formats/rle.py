@@ -13,6 +13,7 @@ background/foreground run lengths starting with background. The compressed strin
 stores each count as 5-bit groups (char = group + 48, bit 0x20 = more groups follow,
 bit 0x10 of the last group = sign) and counts from index 3 on as deltas to count[i-2].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,13 +24,13 @@ import numpy as np
 
 @dataclass
 class ParsedRLE:
-    counts: np.ndarray   # (V,) int64, run lengths of all masks concatenated
+    counts: np.ndarray  # (V,) int64, run lengths of all masks concatenated
     offsets: np.ndarray  # (M+1,) int64, mask i owns counts[offsets[i]:offsets[i+1]]
-    valid: np.ndarray    # (M,) bool, parsable, non-negative runs, sum == h*w
-    area: np.ndarray     # (M,) int64, foreground pixels (0 where invalid)
+    valid: np.ndarray  # (M,) bool, parsable, non-negative runs, sum == h*w
+    area: np.ndarray  # (M,) int64, foreground pixels (0 where invalid)
 
     def runs(self, i: int) -> np.ndarray:
-        return self.counts[self.offsets[i]:self.offsets[i + 1]]
+        return self.counts[self.offsets[i] : self.offsets[i + 1]]
 
 
 def _segmented_cumsum(x: np.ndarray, seg: np.ndarray) -> np.ndarray:
@@ -48,33 +49,33 @@ def parse(counts_strings, heights, widths) -> ParsedRLE:
     bs = [s.encode("ascii", "replace") if isinstance(s, str) else bytes(s) for s in counts_strings]
     m = len(bs)
     lens = np.fromiter((len(b) for b in bs), np.int64, m)
-    c = np.frombuffer(b"".join(bs), np.uint8).astype(np.int64) - 48       # (L,)
+    c = np.frombuffer(b"".join(bs), np.uint8).astype(np.int64) - 48  # (L,)
     valid = lens > 0
-    sid = np.repeat(np.arange(m), lens)                                    # (L,) string of each char
+    sid = np.repeat(np.arange(m), lens)  # (L,) string of each char
     bad = (c < 0) | (c > 63)
     if bad.any():
         valid[np.unique(sid[bad])] = False
     c = c & 63
-    end = (c & 0x20) == 0                                                  # last char of a value
+    end = (c & 0x20) == 0  # last char of a value
     last = np.cumsum(lens)[lens > 0] - 1
-    valid[sid[last[~end[last]]]] = False      # string ends inside a value: corrupt
-    end[last] = True                          # never let a value run into the next string
-    gid = np.cumsum(end) - end                                             # (L,) value of each char
+    valid[sid[last[~end[last]]]] = False  # string ends inside a value: corrupt
+    end[last] = True  # never let a value run into the next string
+    gid = np.cumsum(end) - end  # (L,) value of each char
     gstart = np.flatnonzero(np.r_[True, end[:-1]]) if len(c) else np.zeros(0, np.int64)
-    k = np.arange(len(c)) - gstart[gid]                                    # char position in value
-    toolong = k > 11                          # > 60 bits: not a count of any real image
+    k = np.arange(len(c)) - gstart[gid]  # char position in value
+    toolong = k > 11  # > 60 bits: not a count of any real image
     if toolong.any():
         valid[np.unique(sid[toolong])] = False
     k = np.minimum(k, 11)
     x = np.bitwise_or.reduceat((c & 0x1F) << (5 * k), gstart) if len(c) else np.zeros(0, np.int64)
     eidx = np.flatnonzero(end)
     nchar = k[eidx] + 1
-    x = x - (((c[eidx] & 0x10) != 0).astype(np.int64) << (5 * nchar))      # sign extension
-    vsid = sid[eidx]                                                       # (V,) string of each value
+    x = x - (((c[eidx] & 0x10) != 0).astype(np.int64) << (5 * nchar))  # sign extension
+    vsid = sid[eidx]  # (V,) string of each value
     nv = np.bincount(vsid, minlength=m)
     offsets = np.zeros(m + 1, np.int64)
     offsets[1:] = np.cumsum(nv)
-    j = np.arange(len(x)) - offsets[vsid]                                  # index within string
+    j = np.arange(len(x)) - offsets[vsid]  # index within string
     # count[j] = x[j] + count[j-2] for j > 2: cumulative sums along chains (j=0), (1,3,5..), (2,4,6..)
     chain = np.where(j == 0, 0, np.where(j % 2 == 1, 1, 2))
     seg = vsid * 3 + chain
@@ -106,10 +107,11 @@ class Resampled:
     """Masks resampled on an output grid of ch x cw pixels. The grid's distinct source
     columns are run-length encoded column-major (`counts`); `col_index` maps the cw output
     columns to them when upscaling repeats columns (None otherwise)."""
-    counts: np.ndarray              # (V,) int64 run lengths, alternating background / foreground
-    offsets: np.ndarray             # (M+1,)
-    area: np.ndarray                # (M,) foreground samples over the distinct columns (0 = empty)
-    boxes: np.ndarray               # (M, 4) int64 x0, y0, x1, y1 inclusive, output grid; 0 if empty
+
+    counts: np.ndarray  # (V,) int64 run lengths, alternating background / foreground
+    offsets: np.ndarray  # (M+1,)
+    area: np.ndarray  # (M,) foreground samples over the distinct columns (0 = empty)
+    boxes: np.ndarray  # (M, 4) int64 x0, y0, x1, y1 inclusive, output grid; 0 if empty
     ch: int
     cw: int
     col_index: Optional[np.ndarray]  # (cw,) or None
@@ -127,8 +129,7 @@ class Resampled:
         return dense if self.col_index is None else dense[:, self.col_index]
 
 
-def resample(parsed: ParsedRLE, index, height: int, width: int,
-             rows: np.ndarray, cols: np.ndarray) -> Resampled:
+def resample(parsed: ParsedRLE, index, height: int, width: int, rows: np.ndarray, cols: np.ndarray) -> Resampled:
     """Nearest-neighbour resampling of masks `index` (source height x width) at source rows
     `rows` (ch,) and columns `cols` (cw,), both non-decreasing, without decoding them.
 
@@ -142,25 +143,25 @@ def resample(parsed: ParsedRLE, index, height: int, width: int,
     lo, hi = parsed.offsets[index], parsed.offsets[index + 1]
     n = hi - lo
     first = np.r_[0, np.cumsum(n)[:-1]]
-    mid = np.repeat(np.arange(len(index)), n)                              # (V,) mask of each run
+    mid = np.repeat(np.arange(len(index)), n)  # (V,) mask of each run
     take = np.repeat(lo - first, n) + np.arange(n.sum())
-    ends = _segmented_cumsum(parsed.counts[take], mid)                     # (V,) source run ends
-    col_first = np.searchsorted(ucols, np.arange(width + 1), "left")       # first grid col >= c
-    row_first = np.searchsorted(rows, np.arange(height + 1), "left")       # first grid row >= r
+    ends = _segmented_cumsum(parsed.counts[take], mid)  # (V,) source run ends
+    col_first = np.searchsorted(ucols, np.arange(width + 1), "left")  # first grid col >= c
+    row_first = np.searchsorted(rows, np.arange(height + 1), "left")  # first grid row >= r
     c, r = np.divmod(ends, height)
     jc = col_first[c]
     hit = np.zeros(len(c), bool)
     inside = jc < len(ucols)
     hit[inside] = ucols[jc[inside]] == c[inside]
-    pos = jc * ch + np.where(hit, row_first[r], 0)                         # (V,) grid run ends
+    pos = jc * ch + np.where(hit, row_first[r], 0)  # (V,) grid run ends
     counts = np.diff(pos, prepend=0)
     counts[first[n > 0]] = pos[first[n > 0]]
-    j = np.arange(len(pos)) - np.repeat(first, n)                          # run index in its mask
+    j = np.arange(len(pos)) - np.repeat(first, n)  # run index in its mask
     fg = (j % 2 == 1) & (counts > 0)
     area = np.bincount(mid[fg], weights=counts[fg], minlength=len(index)).astype(np.int64)
     boxes = np.zeros((len(index), 4), np.int64)
     if fg.any():
-        a, b, m = pos[fg] - counts[fg], pos[fg] - 1, mid[fg]                # span [a, b] on grid
+        a, b, m = pos[fg] - counts[fg], pos[fg] - 1, mid[fg]  # span [a, b] on grid
         ca, cb = a // ch, b // ch
         same = ca == cb
         seg = np.flatnonzero(np.r_[True, m[1:] != m[:-1]])

@@ -12,6 +12,7 @@ of the shard. Here:
 Formats: ustar (name prefix), GNU long names ('L'), pax extended headers ('x': path,
 size). Non-regular members (directories, links, global headers) are skipped.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class TarTruncated(Exception):
 class TarMember:
     name: str
     data: bytes
-    offset: int       # first header block of this member (its extended headers included)
+    offset: int  # first header block of this member (its extended headers included)
     next_offset: int  # just past its data padding: where the next member starts
 
 
@@ -80,18 +81,17 @@ def _pax_records(data: bytes) -> dict:
     while pos < len(data):
         sp = data.index(b" ", pos)
         length = int(data[pos:sp])
-        key, _, value = data[sp + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[sp + 1 : pos + length - 1].partition(b"=")
         out[key.decode()] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
 
 
-def iter_members(f, start: int = 0,
-                 on_corrupt: Optional[Callable[[int, int], None]] = None) -> Iterator[TarMember]:
+def iter_members(f, start: int = 0, on_corrupt: Optional[Callable[[int, int], None]] = None) -> Iterator[TarMember]:
     """Yield the regular members of the tar stream `f`, positioned at byte `start` (a member
     boundary). Raises TarTruncated when the stream ends before the end-of-archive block."""
     pos = start
-    member_start = None     # offset of the first (extended) header of the current member
+    member_start = None  # offset of the first (extended) header of the current member
     long_name = None
     pax: dict = {}
     while True:

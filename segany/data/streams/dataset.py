@@ -15,6 +15,7 @@ first one after `load_state_dict()`, which finishes the epoch the saved state wa
 The decision is taken when `iter()` is called (not when the first sample is drawn):
 StatefulDataLoader may build an iterator it never draws from.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +42,16 @@ class StreamDataset(IterableDataset):
     _val_records(faults, slot, n_slots)              finite records of this slot
     """
 
-    def __init__(self, cfg: SampleConfig, *, train: bool, batch_size: int = 1,
-                 epoch_length: Optional[int] = None, seed: int = 0, max_fault_warnings: int = 20):
+    def __init__(
+        self,
+        cfg: SampleConfig,
+        *,
+        train: bool,
+        batch_size: int = 1,
+        epoch_length: Optional[int] = None,
+        seed: int = 0,
+        max_fault_warnings: int = 20,
+    ):
         self.cfg = cfg
         self.train = train
         self.batch_size = int(batch_size)
@@ -50,9 +59,9 @@ class StreamDataset(IterableDataset):
         self.seed = int(seed)
         self.max_fault_warnings = max_fault_warnings
         self.rank, self.world_size = 0, 1
-        self.restart_salt = 0      # != 0: saved positions did not fit this topology, reseed
-        self._state: Optional[dict] = None   # this worker's position; None: not started
-        self._finish_epoch = False           # the next iter() finishes the saved epoch
+        self.restart_salt = 0  # != 0: saved positions did not fit this topology, reseed
+        self._state: Optional[dict] = None  # this worker's position; None: not started
+        self._finish_epoch = False  # the next iter() finishes the saved epoch
 
     # -- position (torchdata Stateful protocol; called in the worker process) -------------
     def state_dict(self) -> dict:
@@ -86,7 +95,7 @@ class StreamDataset(IterableDataset):
         if self._state is not None and self._state["worker"] != worker:
             raise ValueError(f"the saved position of worker {self._state['worker']} was handed to worker {worker}")
         if not self._finish_epoch and self._state is not None:
-            self._state["epoch_samples"] = 0       # a new epoch quota from where the stream stands
+            self._state["epoch_samples"] = 0  # a new epoch quota from where the stream stands
         self._finish_epoch = False
         return self._train_iter(worker, workers, slot, n_slots, faults)
 
@@ -101,7 +110,7 @@ class StreamDataset(IterableDataset):
         return None
 
     def _val_iter(self, slot, n_slots, faults) -> Iterator[dict]:
-        held = None   # yielded one sample late, so that faults after the last one still ride along
+        held = None  # yielded one sample late, so that faults after the last one still ride along
         for rec in self._val_records(faults, slot, n_slots):
             rng = np.random.default_rng([self.seed, zlib.crc32(rec.key.encode())])
             sample = self._sample(rec, rng, faults)
@@ -141,15 +150,23 @@ class StreamDataset(IterableDataset):
             if sample is None:
                 failed += 1
                 if failed >= MAX_CONSECUTIVE_FAULTS:
-                    raise RuntimeError(f"{failed} consecutive samples were skipped as faulty (rank {self.rank}, "
-                                       f"worker {worker}, last {rec.source} {rec.key}); see the warnings")
+                    raise RuntimeError(
+                        f"{failed} consecutive samples were skipped as faulty (rank {self.rank}, "
+                        f"worker {worker}, last {rec.source} {rec.key}); see the warnings"
+                    )
                 continue
             failed = 0
             produced += 1
             done += 1
             sample["faults"] = faults.pop()
-            self._state = {"worker": worker, "num_workers": workers, "samples": done, "epoch_samples": produced,
-                           "rng": rng.bit_generator.state, "position": copy.deepcopy(position)}
+            self._state = {
+                "worker": worker,
+                "num_workers": workers,
+                "samples": done,
+                "epoch_samples": produced,
+                "rng": rng.bit_generator.state,
+                "position": copy.deepcopy(position),
+            }
             yield sample
 
     # -- subclass interface --------------------------------------------------------------

@@ -7,6 +7,7 @@ carries `next_offset`, the byte offset where the next group starts, so that a re
 can resume exactly after it. A shard cut short, a damaged header or an I/O error is
 counted once and never ends the epoch: reading goes on with the next shard.
 """
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from segany.data.faults import FaultCounter
-from segany.data.streams.shards import close_quietly, open_shard
 from segany.data.formats.tar import TarTruncated, iter_members
+from segany.data.streams.shards import close_quietly, open_shard
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 _NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -91,7 +92,7 @@ def read_pairs(url: str, offset: int, faults: FaultCounter) -> Iterator[ShardSam
             yield pair
         elif key is not None and cut_key is not None and cut_key != key:
             _pair(key, group, url, last_end, faults)
-        try:   # a pipe that ends early usually failed: its exit status says why
+        try:  # a pipe that ends early usually failed: its exit status says why
             stream.close()
         except Exception as why:  # noqa: BLE001
             faults.add("shard_error", url, cut_key or key or "-", f"read failed: {why!r}")
