@@ -22,7 +22,7 @@ launch N ranks (torchrun / srun, or rank=i world_size=N), each evaluates its sha
     python evaluate.py ckpt_path=runs/demo/checkpoints/last.ckpt       # points on held-out synthetic scenes
     python evaluate.py ckpt_path=runs/demo/checkpoints/last.ckpt task=all
     python evaluate.py                                                  # untrained vit_tiny baseline
-    python evaluate.py ckpt_path=sam_vit_b_01ec64.pth model=vit_b data=coco data.val_annotations=COCO_DIR/val.json data.val_images=COCO_DIR/val2017
+    python evaluate.py ckpt_path=sam_vit_b_01ec64.pth model=vit_b data=coco data.val_annotations=COCO_DIR/val.json
     python evaluate.py sweep_dir=runs/lr_sweep                          # every run of a sweep -> results.md
 """
 
