@@ -102,12 +102,9 @@ def recipe(experiment: str, model: str | None, pr: int, mr: int, cpu: bool):
 
 
 def build_module(cfg, sharding=True):
-    """model, prompting, loss, optim -> SamModule, as train.py's build() instantiates them."""
-    model = instantiate(cfg.model)
+    """SamModule with its model, prompting, loss and optim, as train.py's build() instantiates it."""
     module_cfg = cfg.module if sharding else OmegaConf.merge(cfg.module, {"sharding": None})
-    return instantiate(module_cfg, _partial_=True, _convert_="all")(
-        model=model, prompting=instantiate(cfg.prompting), loss=instantiate(cfg.loss), optim=instantiate(cfg.optim)
-    )
+    return instantiate(module_cfg, _convert_="all")
 
 
 class Repeat(torch.utils.data.IterableDataset):
@@ -189,6 +186,7 @@ def train_run(name: str, spec: tuple, steps: tuple, device: torch.device, peak: 
         strategy=strategy,
         max_steps=warmup + timed + 1,
         max_time=None,
+        accumulate_grad_batches=1,
         logger=False,
         callbacks=[timer],
         enable_checkpointing=False,

@@ -68,7 +68,8 @@ def test_cli_bf16_weights_become_fp32(tmp_path, tiny):
     assert r.returncode == 0, r.stderr
     raw = torch.load(out, map_location="cpu", weights_only=True)
     assert all(v.dtype == torch.float32 for v in raw.values())
-    assert [p.name for p in out.parent.iterdir()] == ["sam.pth"]  # atomic write left nothing behind
+    # atomic writes left nothing behind: the weights and their architecture sidecar only
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sam.json", "sam.pth"]
 
 
 def test_bad_inputs_name_the_path(tmp_path, tiny):
