@@ -10,8 +10,6 @@ oracle detector for data without one (the synthetic demo).
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Iterable, Optional
 
 import numpy as np
@@ -22,18 +20,13 @@ from segany.evaluation.registry import ImageTask, register
 from segany.evaluation.sources import EvalImage
 from segany.inference import SamPredictor
 from segany.inference.amg_utils import coco_encode_rle, mask_to_rle_pytorch
+from segany.utils.io import read_json
 
 
 def load_detections(path: str, min_score: float = 0.0) -> dict:
     """COCO results json -> {image_id: [{bbox, score, category_id}, ...]}; errors name the file
     and the entry."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"detections={path}: no such file")
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    data = read_json(path, "instances.detections file")
     if not isinstance(data, list):
         raise ValueError(f"{path}: a COCO results file is a list of detections")
     out: dict = {}

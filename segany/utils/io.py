@@ -81,6 +81,17 @@ def atomic_write_json(path: PathLike, obj, **dump_kwargs) -> None:
         json.dump(obj, f, **dump_kwargs)
 
 
+def read_json(path: PathLike, what: str = "file"):
+    """json.load(path); a missing file or invalid JSON raises an error naming `what` and the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+
+
 def atomic_torch_save(obj, path: PathLike) -> None:
     """torch.save(obj) to `path` atomically."""
     import torch

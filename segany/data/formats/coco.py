@@ -7,22 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from segany.utils.io import read_json
+
 
 def load_coco(path: str) -> COCO:
     """Load and check an instance json; errors name the file and the field."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"annotation file {path} does not exist")
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    data = read_json(path, "annotation file")
     for field in ("images", "annotations"):
         if not isinstance(data.get(field) if isinstance(data, dict) else None, list):
             raise ValueError(f"{path}: missing list field '{field}' (not a COCO/LVIS instance file)")
