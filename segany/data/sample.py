@@ -20,13 +20,12 @@ are fixed by docs/contracts.md:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
+from torch.nn.utils.rnn import pad_sequence
 
 from segany.data.formats import rle
 from segany.data.faults import SampleFault
@@ -133,41 +132,22 @@ def make_sample(rec: Record, cfg: SampleConfig, rng: np.random.Generator) -> dic
     return sample
 
 
-def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """Uninitialised tensor; in a DataLoader worker, in shared memory from the start (as
-    default_collate does), so that sending the batch to the main process copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    proto = torch.empty(0, dtype=dtype)
-    return proto.new(proto._typed_storage()._new_shared(math.prod(shape))).view(shape)
-
-
-def _stack_padded(parts: list, n: int, fill) -> torch.Tensor:
-    """[(k_i, *rest)] -> (B, n, *rest), rows k_i.. filled with `fill`."""
-    out = _empty((len(parts), n, *parts[0].shape[1:]), parts[0].dtype)
-    for i, p in enumerate(parts):
-        out[i, :p.shape[0]] = p
-        out[i, p.shape[0]:] = fill
-    return out
-
-
 def collate(samples: list) -> dict:
     """Stack samples, padding the mask dimension to the largest count in the batch."""
     n = max(s["masks"].shape[0] for s in samples)
     counts = torch.tensor([s["masks"].shape[0] for s in samples])
     batch = {
-        "image": torch.stack([s["image"] for s in samples], out=_empty((len(samples), *samples[0]["image"].shape),
-                                                                        torch.float32)),
+        "image": torch.stack([s["image"] for s in samples]),
         "original_size": torch.stack([s["original_size"] for s in samples]),
         "input_size": torch.stack([s["input_size"] for s in samples]),
-        "masks": _stack_padded([s["masks"] for s in samples], n, False),
+        "masks": pad_sequence([s["masks"] for s in samples], batch_first=True, padding_value=False),
         "valid": torch.arange(n)[None, :] < counts[:, None],
-        "boxes": _stack_padded([s["boxes"] for s in samples], n, 0.0),
-        "mask_ids": _stack_padded([s["mask_ids"] for s in samples], n, -1),
+        "boxes": pad_sequence([s["boxes"] for s in samples], batch_first=True, padding_value=0.0),
+        "mask_ids": pad_sequence([s["mask_ids"] for s in samples], batch_first=True, padding_value=-1),
         "image_id": [s["image_id"] for s in samples],
     }
     if "masks_lowres" in samples[0]:
-        batch["masks_lowres"] = _stack_padded([s["masks_lowres"] for s in samples], n, False)
+        batch["masks_lowres"] = pad_sequence([s["masks_lowres"] for s in samples], batch_first=True, padding_value=False)
     faults: dict = {}
     for s in samples:
         for kind, count in s.get("faults", {}).items():
