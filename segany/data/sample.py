@@ -25,7 +25,6 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from segany.data.formats import rle
 from segany.data.faults import SampleFault
@@ -132,6 +131,20 @@ def make_sample(rec: Record, cfg: SampleConfig, rng: np.random.Generator) -> dic
     return sample
 
 
+def _stack_padded(parts: list, n: int, fill) -> torch.Tensor:
+    """[(k_i, *rest)] -> (B, n, *rest), rows k_i.. filled with `fill`.
+
+    Written out, not torch.nn.utils.rnn.pad_sequence: that fills the whole batch in one op,
+    which runs on OpenMP threads once large enough, and a process forked afterwards without
+    torch.set_num_threads(1) (the two-rank test in tests/test_data_resume.py) then hangs in
+    libgomp. Per-sample slice writes keep the batch building as it was."""
+    out = parts[0].new_empty((len(parts), n, *parts[0].shape[1:]))
+    for i, p in enumerate(parts):
+        out[i, : p.shape[0]] = p
+        out[i, p.shape[0] :] = fill
+    return out
+
+
 def collate(samples: list) -> dict:
     """Stack samples, padding the mask dimension to the largest count in the batch."""
     n = max(s["masks"].shape[0] for s in samples)
@@ -140,14 +153,14 @@ def collate(samples: list) -> dict:
         "image": torch.stack([s["image"] for s in samples]),
         "original_size": torch.stack([s["original_size"] for s in samples]),
         "input_size": torch.stack([s["input_size"] for s in samples]),
-        "masks": pad_sequence([s["masks"] for s in samples], batch_first=True, padding_value=False),
+        "masks": _stack_padded([s["masks"] for s in samples], n, False),
         "valid": torch.arange(n)[None, :] < counts[:, None],
-        "boxes": pad_sequence([s["boxes"] for s in samples], batch_first=True, padding_value=0.0),
-        "mask_ids": pad_sequence([s["mask_ids"] for s in samples], batch_first=True, padding_value=-1),
+        "boxes": _stack_padded([s["boxes"] for s in samples], n, 0.0),
+        "mask_ids": _stack_padded([s["mask_ids"] for s in samples], n, -1),
         "image_id": [s["image_id"] for s in samples],
     }
     if "masks_lowres" in samples[0]:
-        batch["masks_lowres"] = pad_sequence([s["masks_lowres"] for s in samples], batch_first=True, padding_value=False)
+        batch["masks_lowres"] = _stack_padded([s["masks_lowres"] for s in samples], n, False)
     faults: dict = {}
     for s in samples:
         for kind, count in s.get("faults", {}).items():
