@@ -84,8 +84,12 @@ def test_lowres_is_block_average():
     np.testing.assert_array_equal(s["masks_lowres"].numpy(), expect)
 
 
-def test_pixel_constants_are_the_releases():
-    """data normalises with the model's constants (one definition): the release's values."""
-    import segany.modeling.constants as c
+def test_constants_match_model_package():
+    # the data's normalisation equals the release's Sam defaults
+    import inspect
 
-    assert list(c.PIXEL_MEAN) == [123.675, 116.28, 103.53] and list(c.PIXEL_STD) == [58.395, 57.12, 57.375]
+    from segment_anything.modeling import Sam as OfficialSam
+
+    defaults = inspect.signature(OfficialSam.__init__).parameters
+    assert list(PIXEL_MEAN) == defaults["pixel_mean"].default
+    assert list(PIXEL_STD) == defaults["pixel_std"].default

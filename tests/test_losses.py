@@ -20,12 +20,15 @@ def test_focal_matches_hand_computation():
     assert torch.allclose(sigmoid_focal_loss(logits, t), torch.tensor([[sum(vals) / 4]]), atol=1e-6)
 
 
-def test_focal_matches_torchvision():
+def test_focal_is_a_per_mask_mean_over_pixels():
+    # alpha < 0 and gamma 0 reduce focal to plain BCE: the loss must be its mean over (H, W)
+    # of each mask, not a sum or a mean over the whole batch
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 2, 16, 16, generator=g) * 3
     t = (torch.rand(3, 2, 16, 16, generator=g) > 0.5).float()
-    ref = tv_focal(logits, t, alpha=0.25, gamma=2.0, reduction="none").mean((-2, -1))
-    assert torch.allclose(sigmoid_focal_loss(logits, t), ref, atol=1e-6)
+    p = logits.double().sigmoid()
+    bce = -(t * p.log() + (1 - t) * (1 - p).log())
+    assert torch.allclose(sigmoid_focal_loss(logits, t, alpha=-1, gamma=0).double(), bce.mean((-2, -1)), atol=1e-6)
 
 
 def test_dice_matches_hand_computation():

@@ -45,6 +45,29 @@ def test_layer_decay_groups_get_the_stated_lrs(tiny):
     assert len(ids) == len(set(ids)) == len(list(tiny.parameters()))
 
 
+def test_every_parameter_gets_its_hand_computed_layer_scale_and_decay(tiny):
+    # the rule, written out: embeddings 0, block i -> i + 1, the rest depth + 1; scale
+    # decay^(depth + 1 - id); no weight decay on 1-d tensors and names containing a key
+    base, decay, depth, keys = 1e-3, 0.7, 2, ("pos_embed", "rel_pos", "iou_token")
+    groups = param_groups(tiny, base, 0.05, decay, no_decay_keys=keys)
+    got = {n: (g["lr"], g["lr_scale"], g["weight_decay"]) for g in groups for n in g["names"]}
+    assert len(got) == len(list(tiny.parameters()))
+    for name, p in tiny.named_parameters():
+        if name.startswith(("image_encoder.patch_embed.", "image_encoder.pos_embed")):
+            lid = 0
+        elif name.startswith("image_encoder.blocks."):
+            lid = int(name.split(".")[2]) + 1
+        else:
+            lid = depth + 1
+        scale = decay ** (depth + 1 - lid)
+        wd = 0.0 if p.ndim <= 1 or any(k in name for k in keys) else 0.05
+        assert got[name] == (pytest.approx(base * scale), pytest.approx(scale), wd), name
+    for g in groups:  # one group per (layer, decay?), named after it
+        scales = {got[n][1] for n in g["names"]}
+        assert len(scales) == 1 and g["name"].endswith("_decay" if g["weight_decay"] else "_no_decay")
+    assert tiny.mask_decoder.iou_token.weight.ndim == 2 and got["mask_decoder.iou_token.weight"][2] == 0.0
+
+
 def test_scheduler_scales_each_groups_own_lr(tiny):
     opt, sched = SamOptim(lr=1.0, layer_decay=0.5, warmup_iters=4, milestones=[0.6, 0.8], gamma=0.1)(tiny, max_steps=10)
     initial = [g["initial_lr"] for g in opt.param_groups]

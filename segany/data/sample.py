@@ -21,13 +21,11 @@ are fixed by docs/contracts.md:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
 
 from segany.data.faults import SampleFault
 from segany.data.formats import rle
@@ -136,18 +134,14 @@ def make_sample(rec: Record, cfg: SampleConfig, rng: np.random.Generator) -> dic
     return sample
 
 
-def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """Uninitialised tensor; in a DataLoader worker, in shared memory from the start (as
-    default_collate does), so that sending the batch to the main process copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    proto = torch.empty(0, dtype=dtype)
-    return proto.new(proto._typed_storage()._new_shared(math.prod(shape))).view(shape)
-
-
 def _stack_padded(parts: list, n: int, fill) -> torch.Tensor:
-    """[(k_i, *rest)] -> (B, n, *rest), rows k_i.. filled with `fill`."""
-    out = _empty((len(parts), n, *parts[0].shape[1:]), parts[0].dtype)
+    """[(k_i, *rest)] -> (B, n, *rest), rows k_i.. filled with `fill`.
+
+    Written out, not torch.nn.utils.rnn.pad_sequence: that fills the whole batch in one op,
+    which runs on OpenMP threads once large enough, and a process forked afterwards without
+    torch.set_num_threads(1) (the two-rank test in tests/test_data_resume.py) then hangs in
+    libgomp. Per-sample slice writes keep the batch building as it was."""
+    out = parts[0].new_empty((len(parts), n, *parts[0].shape[1:]))
     for i, p in enumerate(parts):
         out[i, : p.shape[0]] = p
         out[i, p.shape[0] :] = fill
@@ -159,9 +153,7 @@ def collate(samples: list) -> dict:
     n = max(s["masks"].shape[0] for s in samples)
     counts = torch.tensor([s["masks"].shape[0] for s in samples])
     batch = {
-        "image": torch.stack(
-            [s["image"] for s in samples], out=_empty((len(samples), *samples[0]["image"].shape), torch.float32)
-        ),
+        "image": torch.stack([s["image"] for s in samples]),
         "original_size": torch.stack([s["original_size"] for s in samples]),
         "input_size": torch.stack([s["input_size"] for s in samples]),
         "masks": _stack_padded([s["masks"] for s in samples], n, False),

@@ -18,6 +18,7 @@ import numpy as np
 from segany.data.faults import SampleFault
 from segany.data.formats.rle import sample_grid
 from segany.modeling.constants import PIXEL_MEAN, PIXEL_STD
+from segany.modeling.transforms import get_preprocess_shape
 
 
 @dataclass
@@ -43,9 +44,11 @@ class Geometry:
 
 
 def resized_shape(h: int, w: int, target: float) -> tuple[int, int]:
-    """Longest side -> target, as segment_anything's ResizeLongestSide: int(side * s + 0.5)."""
-    s = target / max(h, w)
-    return max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))
+    """Longest side -> target (a float under jitter): the model's `get_preprocess_shape`
+    (int(side * s + 0.5), as the release), each side at least 1 px, which jitter needs: a
+    thin image scaled down can round a side to 0."""
+    nh, nw = get_preprocess_shape(h, w, target)
+    return max(1, nh), max(1, nw)
 
 
 def plan(h: int, w: int, size: int, rng: np.random.Generator, jitter=None, flip_prob: float = 0.0) -> Geometry:

@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
+from segany.modeling.constants import NEG, POS
+
 
 def distance_to_boundary(region: np.ndarray) -> np.ndarray:
     """(H, W) bool -> (H, W) float32 distance of each region pixel to the nearest pixel
@@ -41,7 +43,7 @@ def random_click(gt: np.ndarray, rng: np.random.Generator) -> Optional[Tuple[int
 
 
 def next_click(pred: np.ndarray, gt: np.ndarray) -> Optional[Tuple[int, int, int]]:
-    """(y, x, label) of the corrective click: label 1 in the false negatives, 0 in the
+    """(y, x, label) of the corrective click: label POS (1) in the false negatives, NEG (0) in the
     false positives, whichever error region has the larger inner distance; None when the
     prediction is already exact."""
     fn, fp = gt & ~pred, pred & ~gt
@@ -49,6 +51,6 @@ def next_click(pred: np.ndarray, gt: np.ndarray) -> Optional[Tuple[int, int, int
     m_fn, m_fp = float(d_fn.max(initial=0)), float(d_fp.max(initial=0))
     if m_fn == 0 and m_fp == 0:
         return None
-    d, label = (d_fn, 1) if m_fn >= m_fp else (d_fp, 0)
+    d, label = (d_fn, POS) if m_fn >= m_fp else (d_fp, NEG)
     y, x = np.unravel_index(int(d.argmax()), d.shape)
     return int(y), int(x), label

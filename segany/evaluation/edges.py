@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import convolve1d, map_coordinates
+from torchvision.ops import nms
 
 from segany.evaluation import report
 from segany.evaluation.registry import ImageTask, register
 from segany.evaluation.sources import EvalImage
 from segany.inference import SamPredictor
-from segany.inference.amg import _nms
 from segany.inference.amg_utils import batched_mask_to_box, build_point_grid
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
@@ -100,7 +100,8 @@ def edge_map(
     low, box, score = torch.cat(lows), torch.cat(boxes), torch.cat(scores)
     nonempty = (box[:, 2] > box[:, 0]) | (box[:, 3] > box[:, 1])
     idx = torch.nonzero(nonempty)[:, 0]
-    keep = idx[_nms(box[idx], score[idx], nms_thresh)] if len(idx) else idx
+    # class-agnostic NMS over the non-empty masks (E below is their max: kept order is irrelevant)
+    keep = idx[nms(box[idx].float(), score[idx], nms_thresh)] if len(idx) else idx
     E = torch.zeros(H, W, device=low.device)
     for s in range(0, len(keep), points_per_batch):  # pass 2: edges of kept masks
         logits = predictor.model.postprocess_masks(

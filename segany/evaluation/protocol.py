@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from segany.evaluation.clicks import center_click, next_click, random_click
-
-PAD = -1
+from segany.evaluation.metrics import mask_iou
+from segany.modeling.constants import PAD, POS
 
 
 @dataclass
@@ -91,7 +91,7 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
                 click = center_click(gt_np[r]) if protocol.first_click == "center" else random_click(gt_np[r], rngs[r])
             if click is not None:
                 c[r] = (click[1], click[0])
-                l[r] = 1 if k == 1 else click[2]
+                l[r] = POS if k == 1 else click[2]
         coords = torch.cat((coords, torch.from_numpy(c).to(dev)[:, None]), 1)
         labels = torch.cat((labels, torch.from_numpy(l).to(dev)[:, None]), 1)
 
@@ -124,13 +124,6 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
             res["iou"][k] = true_iou[rows, default][v].tolist()
             res["iou_oracle"][k] = oracle[v].tolist()
     return res
-
-
-def mask_iou(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """(R, K, H, W) logits, (R, K, H, W) bool -> (R, K) IoU of logits > 0; 1 if both empty."""
-    pred, t = (logits > 0).flatten(2), gt.flatten(2)
-    inter, union = (pred & t).sum(-1).float(), (pred | t).sum(-1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def _full(low: torch.Tensor, S: int) -> torch.Tensor:

@@ -87,12 +87,6 @@ class _Proposals:
         )
 
 
-def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Class-agnostic NMS; returns kept indices by decreasing score."""
-    boxes = boxes.float()
-    return batched_nms(boxes, scores.to(boxes.device), torch.zeros(len(boxes), device=boxes.device), iou_threshold)
-
-
 class SamAutomaticMaskGenerator:
     """Generate masks for a whole image by prompting SAM with a grid of points.
 
@@ -212,7 +206,10 @@ class SamAutomaticMaskGenerator:
         )
         if len(crop_boxes) > 1 and len(props):
             # duplicates across crops: prefer the mask from the smaller crop
-            keep = _nms(props.boxes, 1 / box_area(props.crop_boxes), self.crop_nms_thresh)
+            # class-agnostic NMS as the release: batched_nms with one category for all boxes
+            scores = (1 / box_area(props.crop_boxes)).to(props.boxes.device)
+            one_class = torch.zeros_like(props.boxes[:, 0])
+            keep = batched_nms(props.boxes.float(), scores, one_class, self.crop_nms_thresh)
             props = props.take(keep)
         return props
 
@@ -234,7 +231,8 @@ class SamAutomaticMaskGenerator:
 
         props = _Proposals.cat(parts) if parts else _Proposals.empty()
         if len(props):
-            props = props.take(_nms(props.boxes, props.iou_preds, self.box_nms_thresh))
+            one_class = torch.zeros_like(props.boxes[:, 0])
+            props = props.take(batched_nms(props.boxes.float(), props.iou_preds, one_class, self.box_nms_thresh))
         props.boxes = uncrop_boxes_xyxy(props.boxes, crop_box)
         props.points = uncrop_points(props.points, crop_box)
         props.crop_boxes = torch.tensor([crop_box], dtype=torch.long).expand(len(props), 4).clone()
@@ -301,7 +299,7 @@ class SamAutomaticMaskGenerator:
         masks = torch.from_numpy(np.stack(cleaned))  # (N, H, W) bool
         boxes = batched_mask_to_box(masks)  # (N, 4)
         scores = torch.tensor(unchanged, dtype=torch.float)
-        keep = _nms(boxes, scores, nms_thresh)
+        keep = batched_nms(boxes.float(), scores, torch.zeros_like(boxes[:, 0]), nms_thresh)
 
         rles = list(props.rles)
         new_boxes = props.boxes.clone()

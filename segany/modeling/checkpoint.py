@@ -9,6 +9,7 @@ plain containers); one that needs more is refused, naming the file and the Pytho
 carried, unless the caller opts in for that one file (`trust=True`).
 """
 
+import math
 import os
 import pickle
 import re
@@ -17,9 +18,12 @@ from typing import Dict, List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc
+from timm.models.vision_transformer_sam import checkpoint_filter_fn as sam_checkpoint_filter
 
 from segany.utils.io import atomic_torch_save, atomic_write_json
+
+ENCODER = "image_encoder."
 
 
 class CheckpointError(RuntimeError):
@@ -80,13 +84,18 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 
 def from_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Release key names -> segany key names."""
-    return {k.replace(".mlp.lin", ".mlp.fc") if k.startswith("image_encoder.") else k: v for k, v in state_dict.items()}
+    """Release key names -> segany key names: the image encoder's keys through timm's SAM
+    ``checkpoint_filter_fn`` (drops ``image_encoder.``, ``mlp.lin`` -> ``mlp.fc``), put back
+    under ``image_encoder.``; the other parts' keys as they are."""
+    enc = {k: v for k, v in state_dict.items() if k.startswith(ENCODER)}
+    rest = {k: v for k, v in state_dict.items() if not k.startswith(ENCODER)}
+    return {**{ENCODER + k: v for k, v in sam_checkpoint_filter(enc, None).items()}, **rest}
 
 
 def to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """segany key names -> release key names."""
-    return {k.replace(".mlp.fc", ".mlp.lin") if k.startswith("image_encoder.") else k: v for k, v in state_dict.items()}
+    """segany key names -> release key names. Hand-written: timm has only the release -> timm
+    direction (``checkpoint_filter_fn``), this is its inverse."""
+    return {k.replace(".mlp.fc", ".mlp.lin") if k.startswith(ENCODER) else k: v for k, v in state_dict.items()}
 
 
 def _mismatch_report(expected: Dict[str, torch.Tensor], given: Dict[str, torch.Tensor]) -> List[str]:
@@ -160,23 +169,18 @@ class InitReport:
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """(1, [1 +] g*g, C) or (1, g, g, C) -> (1, grid, grid, C), dropping a class token, bicubic."""
-    if pos_embed.dim() == 3:
-        n = pos_embed.shape[1]
-        side = int(round((n - 1) ** 0.5))
-        if side * side == n - 1:
-            pos_embed = pos_embed[:, 1:]
-        else:
-            side = int(round(n**0.5))
-            if side * side != n:
-                raise CheckpointError(f"pos_embed with {n} tokens is not a square grid")
-        pos_embed = pos_embed.reshape(1, side, side, -1)
-    if pos_embed.shape[1:3] == (grid, grid):
-        return pos_embed
-    resized = F.interpolate(
-        pos_embed.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bicubic", align_corners=False
-    )
-    return resized.permute(0, 2, 3, 1).to(pos_embed.dtype)
+    """(1, [1 +] g*g, C) or (1, g, g, C) -> (1, grid, grid, C), dropping a class token, bicubic
+    (timm's ``resample_abs_pos_embed[_nhwc]``, without antialiasing: plain bicubic upsampling).
+    Only the class-token detection is ours: timm needs the number of prefix tokens given."""
+    if pos_embed.dim() == 4:
+        return resample_abs_pos_embed_nhwc(pos_embed, [grid, grid], antialias=False)
+    n = pos_embed.shape[1]
+    if math.isqrt(n - 1) ** 2 == n - 1:  # MAE / timm ViT: a class token first
+        pos_embed = pos_embed[:, 1:]
+    elif math.isqrt(n) ** 2 != n:
+        raise CheckpointError(f"pos_embed with {n} tokens is not a square grid")
+    resized = resample_abs_pos_embed(pos_embed, [grid, grid], num_prefix_tokens=0, antialias=False)
+    return resized.reshape(1, grid, grid, -1)  # (1, grid*grid, C) -> (1, grid, grid, C)
 
 
 def load_mae_encoder(encoder: nn.Module, path: str) -> InitReport:

@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 
 from segany.modeling.common import LayerNorm2d
-
-PAD, NEG, POS, BOX_TL, BOX_BR = -1, 0, 1, 2, 3
+from segany.modeling.constants import BOX_BR, BOX_TL, PAD
 
 
 class PositionEmbeddingRandom(nn.Module):

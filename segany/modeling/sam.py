@@ -45,6 +45,16 @@ class Sam(nn.Module):
     def img_size(self) -> int:
         return self.image_encoder.img_size
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
+        """timm's layer grouping (used by ``timm.optim.param_groups_layer_decay``): patch and
+        position embedding first, then encoder block i, then everything after the blocks
+        (neck, prompt encoder, mask decoder: unmatched names go last)."""
+        return {
+            "stem": r"^image_encoder\.(?:patch_embed|pos_embed|cls_token)",
+            "blocks": r"^image_encoder\.blocks\.(\d+)\.",
+        }
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(..., 3, h, w) 0-255 RGB, already resized -> normalised, zero-padded to (S, S)."""
         x = (x - self.pixel_mean) / self.pixel_std

@@ -13,20 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+import torchvision
 from torch import Tensor
+
+from segany.evaluation.metrics import mask_iou
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """(R, K, H, W) logits, targets (same shape, float) -> (R, K) focal loss, mean over
-    pixels (= torchvision.ops.sigmoid_focal_loss(..., reduction="none").mean((-2, -1)))."""
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(dim=(-2, -1))
+    """(R, K, H, W) logits, targets (same shape, float) -> (R, K) focal loss, mean over pixels
+    (SAM normalises per mask; torchvision's reductions are over all elements, hence "none")."""
+    return torchvision.ops.sigmoid_focal_loss(logits, targets, alpha, gamma, reduction="none").mean(dim=(-2, -1))
 
 
 def dice_loss(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tensor:
@@ -34,17 +30,6 @@ def dice_loss(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tensor:
     p = logits.sigmoid().flatten(-2)
     t = targets.flatten(-2)
     return 1 - (2 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
-
-
-@torch.no_grad()
-def mask_iou(logits: Tensor, targets: Tensor, threshold: float = 0.0) -> Tensor:
-    """(R, K, H, W) logits, bool/float targets -> (R, K) IoU of (logits > threshold) with
-    the target; 1 when both are empty. No gradient (it is the IoU head's regression target)."""
-    pred = (logits > threshold).flatten(-2)
-    t = targets.flatten(-2) > 0.5
-    inter = (pred & t).sum(-1).float()
-    union = (pred | t).sum(-1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def iou_mse(iou_pred: Tensor, iou_true: Tensor) -> Tensor:

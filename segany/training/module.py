@@ -84,6 +84,8 @@ class SamModule(pl.LightningModule):
             raise TypeError(f"module.sharding: expected a ShardingConfig (its node's _target_), got {type(sharding)}")
         self.sharding = sharding
         self.seed = int(seed)
+        if self.seed < 0:
+            raise ValueError(f"seed={seed!r}: must be >= 0 (it seeds numpy's SeedSequence)")
         self._faults: dict = {}
         self._val_drawn = 0
 
@@ -149,15 +151,10 @@ class SamModule(pl.LightningModule):
         return loss
 
     def step_seed(self, step: int, stream: int = 0) -> int:
-        """A 63-bit seed from (seed, step, rank, stream): independent streams per rank and step."""
-        x = (
-            self.seed * 0x9E3779B97F4A7C15
-            + step * 0xBF58476D1CE4E5B9
-            + self.global_rank * 0x94D049BB133111EB
-            + stream * 0xD6E8FEB86659FD93
-        ) % (1 << 64)
-        x ^= x >> 31
-        return (x * 0x2545F4914F6CDD1D % (1 << 64)) >> 1
+        """A 63-bit seed from (seed, step, rank, stream), mixed by numpy's SeedSequence:
+        independent streams per rank and step."""
+        entropy = [self.seed, step, self.global_rank, stream]
+        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
 
     def on_train_batch_start(self, batch, batch_idx):
         acc = self.trainer.accumulate_grad_batches if self.trainer is not None else 1

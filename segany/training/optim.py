@@ -12,27 +12,16 @@ group's own initial lr.
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Optional, Sequence
 
 import torch
+from timm.models import group_parameters
+from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from segany.training.schedule import WarmupStepDecay
 
 NO_DECAY_KEYS = ("pos_embed", "rel_pos")
-
-
-def encoder_layer_id(name: str, depth: int) -> int:
-    """Parameter name (of the whole Sam) -> layer id for lr decay."""
-    if name.startswith("image_encoder."):
-        sub = name[len("image_encoder.") :]
-        if sub.startswith(("patch_embed", "pos_embed", "cls_token")):
-            return 0
-        m = re.match(r"blocks\.(\d+)\.", sub)
-        if m:
-            return int(m.group(1)) + 1
-    return depth + 1
 
 
 def param_groups(
@@ -42,31 +31,23 @@ def param_groups(
     layer_decay: float = 1.0,
     no_decay_keys: Sequence[str] = NO_DECAY_KEYS,
 ) -> list:
-    """Trainable parameters of ``model`` (a Sam) grouped by (lr scale, decay?). Each group:
-    {"params", "lr": lr * scale, "lr_scale", "weight_decay", "name"}."""
-    depth = len(model.image_encoder.blocks)
-    groups: dict = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lid = encoder_layer_id(name, depth)
-        scale = layer_decay ** (depth + 1 - lid)
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in no_decay_keys))
-        key = f"layer_{lid}_{'decay' if decay else 'no_decay'}"
-        g = groups.setdefault(
-            key,
-            {
-                "params": [],
-                "names": [],
-                "lr": lr * scale,
-                "lr_scale": scale,
-                "weight_decay": weight_decay if decay else 0.0,
-                "name": key,
-            },
-        )
-        g["params"].append(p)
-        g["names"].append(name)
-    return list(groups.values())
+    """Trainable parameters of ``model`` (a Sam) grouped by (lr scale, decay?) with timm's
+    ``param_groups_layer_decay`` over ``Sam.group_matcher``; no decay on 1-d parameters (norms,
+    biases) and names containing one of ``no_decay_keys``. Each group: {"params", "names",
+    "lr": lr * lr_scale, "lr_scale", "weight_decay", "name"}."""
+    groups = param_groups_layer_decay(
+        model,
+        weight_decay=weight_decay,
+        no_weight_decay_list=[f"*{k}*" for k in no_decay_keys],  # fnmatch: substring of the name
+        layer_decay=layer_decay,
+    )
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    layer_of = group_parameters(model, model.group_matcher(), reverse=True)  # the layer ids timm used
+    for g in groups:
+        g["names"] = [name_of[id(p)] for p in g["params"]]
+        g["lr"] = lr * g["lr_scale"]
+        g["name"] = f"layer_{layer_of[g['names'][0]]}_{'decay' if g['weight_decay'] else 'no_decay'}"
+    return groups
 
 
 class SamOptim:

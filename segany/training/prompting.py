@@ -29,7 +29,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-PAD, NEG, POS, BOX_TL, BOX_BR = -1, 0, 1, 2, 3
+from segany.modeling.constants import BOX_BR, BOX_TL, NEG, PAD, POS
 
 INIT, POINT, MASK = "init", "point", "mask"
 

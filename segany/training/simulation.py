@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from segany.training.losses import SamLoss, mask_iou
+from segany.evaluation.metrics import mask_iou
+from segany.training.losses import SamLoss
 from segany.training.prompting import POINT, PromptConfig, error_points, initial_prompts, round_schedule
 
 MULTI_TOKENS = (1, 2, 3)  # multimask outputs; token 0 is the single-mask output
