@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
@@ -16,3 +17,23 @@ def compose(*overrides: str, name: str = "train", return_hydra_config: bool = Fa
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return hydra_compose(name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def write_run_checkpoint(run_dir: Path, seed: int = 0) -> Path:
+    """run_dir/checkpoints/last.ckpt as train.py writes it (Lightning format with the model
+    config): a vit_tiny initialised from `seed`."""
+    import segany
+
+    torch.manual_seed(seed)
+    model = segany.build_sam("vit_tiny")
+    (Path(run_dir) / "checkpoints").mkdir(parents=True)
+    path = Path(run_dir) / "checkpoints" / "last.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "global_step": 1,
+            "segany_config": {"model": {"_target_": "segany.build_sam", "variant": "vit_tiny"}},
+        },
+        path,
+    )
+    return path

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from hydra import compose, initialize_config_dir
+from helpers import compose
 
 import segany
 from segany.modeling.checkpoint import CheckpointError
@@ -228,21 +228,18 @@ def test_distributed_checkpoint_directory_single_process(tmp_path, image):
     import evaluate as evaluate_script
 
     out = tmp_path / "eval"
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                f"ckpt_path={d}",
-                f"output_dir={out}",
-                f"data.root={tmp_path}/syn",
-                "data.num_train=1",
-                "data.num_val=2",
-                "data.shard_size=1",
-                "data.num_workers=0",
-                "clicks=[1,2]",
-                f"paths.root_dir={tmp_path}",
-            ],
-        )
+    cfg = compose(
+        f"ckpt_path={d}",
+        f"output_dir={out}",
+        f"data.root={tmp_path}/syn",
+        "data.num_train=1",
+        "data.num_val=2",
+        "data.shard_size=1",
+        "data.num_workers=0",
+        "clicks=[1,2]",
+        f"paths.root_dir={tmp_path}",
+        name="evaluate",
+    )
     metrics = evaluate_script.evaluate(cfg)
     assert 0 <= metrics["miou@1"] <= 1
     assert f"{d} (step 7)" in json.dumps(metrics)  # the model it names is the directory

@@ -7,10 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import compose
-
-import segany
+from helpers import compose, write_run_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,17 +94,7 @@ def test_sharded_points_merge_to_the_single_rank_result(tmp_path):
 def _fake_run(run_dir, seed, overrides, hydra_dir):
     """A run directory as train.py leaves it: checkpoints/last.ckpt (Lightning format with the
     resolved model config) and Hydra's overrides.yaml."""
-    torch.manual_seed(seed)
-    model = segany.build_sam("vit_tiny")
-    os.makedirs(run_dir / "checkpoints")
-    torch.save(
-        {
-            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "global_step": 1,
-            "segany_config": {"model": {"_target_": "segany.build_sam", "variant": "vit_tiny"}},
-        },
-        run_dir / "checkpoints" / "last.ckpt",
-    )
+    write_run_checkpoint(run_dir, seed)
     os.makedirs(run_dir / hydra_dir)
     (run_dir / hydra_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
 

@@ -11,22 +11,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose, write_run_checkpoint
 
-import segany
 from segany.data import CocoDataModule
 from segany.evaluation.runner import output_dir
 from segany.evaluation.sources import dataset_configs
-from segany.utils.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
-register_resolvers()
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("evaluate", overrides=list(overrides))
+    return compose(*overrides, name="evaluate")
 
 
 def _evaluate(cfg):
@@ -64,19 +59,7 @@ def _coco(root: Path, split: str):
 
 
 def _fake_run(run_dir: Path) -> Path:
-    """run_dir/checkpoints/last.ckpt as train.py writes it (Lightning format + model config)."""
-    torch.manual_seed(0)
-    model = segany.build_sam("vit_tiny")
-    os.makedirs(run_dir / "checkpoints")
-    torch.save(
-        {
-            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "global_step": 1,
-            "segany_config": {"model": {"_target_": "segany.build_sam", "variant": "vit_tiny"}},
-        },
-        run_dir / "checkpoints" / "last.ckpt",
-    )
-    return run_dir / "checkpoints" / "last.ckpt"
+    return write_run_checkpoint(run_dir)
 
 
 def test_one_checkpoint_on_two_datasets_keeps_both_results(tmp_path):
@@ -153,20 +136,16 @@ def test_train_py_on_a_missing_train_split_names_the_key(tmp_path):
     import train as train_script
 
     ann, images = _coco(tmp_path / "coco", "val2017")
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "data=coco",
-                f"data.train_annotations={tmp_path}/no/train.json",
-                f"data.train_images={tmp_path}/no",
-                f"data.val_annotations={ann}",
-                f"data.val_images={images}",
-                "data.num_workers=0",
-                f"paths.root_dir={tmp_path}/runs",
-                "trainer.max_steps=1",
-                "~logger",
-            ],
-        )
+    cfg = compose(
+        "data=coco",
+        f"data.train_annotations={tmp_path}/no/train.json",
+        f"data.train_images={tmp_path}/no",
+        f"data.val_annotations={ann}",
+        f"data.val_images={images}",
+        "data.num_workers=0",
+        f"paths.root_dir={tmp_path}/runs",
+        "trainer.max_steps=1",
+        "~logger",
+    )
     with pytest.raises(FileNotFoundError, match=r"data\.train_annotations"):
         train_script.train(cfg)

@@ -5,7 +5,7 @@ trainer.accumulate_grad_batches can be given."""
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose
 from hydra.utils import instantiate
 
 import train
@@ -54,8 +54,7 @@ def torchrun(mp, nodes, per_node):
 def trainer_node(*overrides):
     """configs/trainer/default.yaml as train.yaml composes it (experiment-free: the demo's
     trainer=cpu swapped for default)."""
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=["trainer=default", *overrides])
+    return compose("trainer=default", *overrides)
 
 
 def make_trainer(cfg, tmp_path):
@@ -74,8 +73,7 @@ def test_no_launcher_keeps_lightning_defaults(no_launcher):
     assert launcher_layout() is None
     cfg = trainer_node()
     assert cfg.trainer.devices == "auto" and cfg.trainer.num_nodes == 1
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        demo = compose("train")  # trainer=cpu
+    demo = compose()  # trainer=cpu
     assert demo.trainer.devices == 1 and demo.trainer.accelerator == "cpu"
     no_launcher.setenv("SLURM_NTASKS", "8")  # salloc + an interactive shell: Lightning ignores SLURM
     no_launcher.setenv("SLURM_NTASKS_PER_NODE", "8")
@@ -99,8 +97,7 @@ def test_slurm_ntasks_only_and_cpu_trainer(no_launcher, tmp_path):
     slurm(no_launcher, 1, 2, ntasks_per_node_var=False)  # sbatch --ntasks=2 on one node
     assert launcher_layout() == ("slurm", 2, 1)
     slurm(no_launcher, 2, 3)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        demo = compose("train")  # the CPU trainer follows srun too
+    demo = compose()  # the CPU trainer follows srun too
     assert (demo.trainer.devices, demo.trainer.num_nodes) == (3, 2)
     assert make_trainer(demo, tmp_path).world_size == 6
 

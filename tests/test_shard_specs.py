@@ -129,19 +129,13 @@ def test_resolved_counts_follow_train_num_shards_and_mixture_sources(shard_dir):
 def test_run_config_records_the_resolved_counts(tmp_path):
     """train.py: the config.yaml of a run shows the 1000 shards it resolved, not the spec only."""
     import pytorch_lightning as pl
-    from hydra import compose, initialize_config_dir
+    from helpers import compose
     from hydra.utils import instantiate
 
     import train
-    from segany.utils.config import register_resolvers
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        # what Hydra receives from bash for 'data.train_shards="/datasets/sa1b/sa_{000000..000999}.tar"'
-        cfg = compose(
-            "train",
-            overrides=["experiment=vit_b_sa1b", 'data.train_shards="/datasets/sa1b/sa_{000000..000999}.tar"'],
-        )
+    # what Hydra receives from bash for 'data.train_shards="/datasets/sa1b/sa_{000000..000999}.tar"'
+    cfg = compose("experiment=vit_b_sa1b", 'data.train_shards="/datasets/sa1b/sa_{000000..000999}.tar"')
     dm = instantiate(cfg.data)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     resolved = train.resolve_data(dm, trainer)
