@@ -106,8 +106,9 @@ def _box_fraction(p) -> float:
     masks = torch.zeros(4000, 32, 32, dtype=torch.bool)
     masks[:, 8:24, 8:24] = True
     boxes = torch.tensor([8.0, 8.0, 23.0, 23.0]).expand(4000, 4)
-    _, _, is_box = initial_prompts(masks, boxes, torch.ones(4000, dtype=torch.bool), p, g)
-    return float(is_box.float().mean())
+    size = torch.tensor([[32, 32]]).expand(4000, 2)
+    pr = initial_prompts(masks, boxes, torch.ones(4000, dtype=torch.bool), size, p, g)
+    return float(pr.is_box.float().mean())
 
 
 def _box_noise(p) -> float:
@@ -116,8 +117,9 @@ def _box_noise(p) -> float:
     g = torch.Generator().manual_seed(0)
     n, s = 400, 192
     boxes = torch.tensor([40.0, 40.0, 140.0, 140.0]).expand(n, 4)
-    coords, _, _ = initial_prompts(torch.ones(n, s, s, dtype=torch.bool), boxes, torch.ones(n, dtype=torch.bool), p, g)
-    return round(float((coords.reshape(n, 4) - boxes).std()) / 100.0, 2)
+    size = torch.tensor([[s, s]]).expand(n, 2)
+    pr = initial_prompts(torch.ones(n, s, s, dtype=torch.bool), boxes, torch.ones(n, dtype=torch.bool), size, p, g)
+    return round(float((pr.box - boxes).std()) / 100.0, 2)
 
 
 def _iou_loss_kind(loss) -> str:
@@ -128,6 +130,23 @@ def _iou_loss_kind(loss) -> str:
     out = loss(logits, torch.full((1, 1), 0.3), target, torch.ones(1, dtype=torch.bool))
     term = float(out["iou"][0])
     return {0.49: "mse", 0.7: "l1"}[round(term, 2)]
+
+
+def _target_side(p) -> str:
+    """the loss-target side the simulation uses for a 64 px batch: 64 (full) or 16 (low)"""
+    from segany.training.simulation import loss_targets
+
+    side = loss_targets({"masks": torch.zeros(1, 1, 64, 64, dtype=torch.bool)}, p.resolution).shape[-1]
+    return {64: "full", 16: "low"}[side]
+
+
+def _iou_supervised(loss) -> bool:
+    """True when all 3 multimask IoU predictions get a gradient, False when only the chosen one"""
+    iou_pred = torch.rand(1, 3, requires_grad=True)
+    target = torch.zeros(1, 8, 8, dtype=torch.bool)
+    target[:, 2:6, 2:6] = True
+    loss(torch.randn(1, 3, 8, 8), iou_pred, target, torch.ones(1, dtype=torch.bool))["loss"].sum().backward()
+    return {3: True, 1: False}[int((iou_pred.grad != 0).sum())]
 
 
 def _num_train_shards(b: Built) -> int:
@@ -152,6 +171,12 @@ def observed(b: Built, key: str):
         return _box_noise(b.prompting)
     if key == "prompting.multimask":
         return b.prompting.multimask
+    if key == "prompting.detach_feedback":
+        return b.prompting.detach_feedback
+    if key == "prompting.resolution":
+        return _target_side(b.prompting)
+    if key == "loss.supervise_all_iou":
+        return _iou_supervised(b.loss)
     if key == "loss.iou_loss":
         return _iou_loss_kind(b.loss)
     if key in ("loss.focal_weight", "loss.dice_weight"):

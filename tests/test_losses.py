@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
@@ -76,16 +77,52 @@ def test_multimask_backprops_only_the_lowest_loss_mask():
     has_grad = logits.grad.flatten(2).abs().sum(-1) > 0  # (4, 3)
     assert torch.equal(has_grad.sum(1), torch.ones(4, dtype=torch.long))
     assert has_grad[torch.arange(4), best].all()
-    assert (iou_pred.grad != 0).all()  # IoU head: all 3 supervised
+    # IoU head (SAM-1 default): only the backpropagated mask's prediction is supervised
+    assert torch.equal(iou_pred.grad != 0, has_grad)
 
 
-def test_supervise_only_chosen_iou():
+def test_supervise_all_iou():
     logits = torch.randn(2, 3, 8, 8)
     iou_pred = torch.rand(2, 3, requires_grad=True)
     target = torch.rand(2, 8, 8) > 0.5
-    out = SamLoss(supervise_all_iou=False)(logits, iou_pred, target, torch.ones(2, dtype=torch.bool))
+    out = SamLoss(supervise_all_iou=True)(logits, iou_pred, target, torch.ones(2, dtype=torch.bool))
     out["loss"].sum().backward()
-    assert ((iou_pred.grad != 0).sum(1) == 1).all()
+    assert (iou_pred.grad != 0).all()
+
+
+def test_iou_target_of_empty_prediction_and_empty_gt():
+    logits = -torch.ones(1, 1, 8, 8)  # empty prediction
+    target = torch.zeros(1, 8, 8, dtype=torch.bool)  # empty GT
+    iou_pred = torch.full((1, 1), 0.25)
+    ones = torch.ones(1, dtype=torch.bool)
+    assert SamLoss(iou_weight=1.0)(logits, iou_pred, target, ones)["iou"].item() == pytest.approx(0.25**2)  # target 0
+    old = SamLoss(iou_weight=1.0, empty_iou=1.0)(logits, iou_pred, target, ones)["iou"].item()
+    assert old == pytest.approx(0.75**2)
+
+
+def test_padding_region_counts_in_no_term():
+    g = torch.Generator().manual_seed(0)
+    R, K, H = 3, 3, 16
+    inside = torch.zeros(R, H, H, dtype=torch.bool)
+    inside[:, :10, :12] = True  # content 10 x 12; the rest is zero padding
+    target = torch.zeros(R, H, H, dtype=torch.bool)
+    target[:, 2:6, 3:9] = True
+    logits = torch.randn(R, K, H, H, generator=g)
+    iou_pred = torch.rand(R, K, generator=g)
+    valid = torch.ones(R, dtype=torch.bool)
+    loss = SamLoss(supervise_all_iou=True)
+    a = loss(logits, iou_pred, target, valid, inside)
+    # anything in the padding (here: confident foreground) changes nothing
+    b = loss(torch.where(inside[:, None], logits, 9.0), iou_pred, target, valid, inside)
+    for k in ("loss", "focal", "dice", "iou", "true_iou"):
+        assert torch.allclose(a[k], b[k]), k
+    # and equals the loss of the cropped image computed without a region (hand truth)
+    c = loss(logits[..., :10, :12], iou_pred, target[:, :10, :12], valid)
+    for k in ("loss", "focal", "dice", "iou", "true_iou"):
+        assert torch.allclose(a[k], c[k], atol=1e-6), k
+    x = logits.clone().requires_grad_(True)
+    loss(x, iou_pred, target, valid, inside)["loss"].sum().backward()
+    assert (x.grad[~inside[:, None].expand_as(x)] == 0).all()
 
 
 def test_invalid_rows_give_zero_loss_and_zero_gradient():

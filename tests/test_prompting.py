@@ -1,16 +1,13 @@
 """Prompt simulation: sampled points, labels, round schedule, box noise."""
 
+import pytest
 import torch
 
+from segany.modeling.constants import BOX_BR, BOX_TL, NEG, PAD, POS
 from segany.testing.toy import toy_batch
 from segany.training.prompting import (
-    BOX_BR,
-    BOX_TL,
     MASK,
-    NEG,
-    PAD,
     POINT,
-    POS,
     PromptConfig,
     error_points,
     initial_prompts,
@@ -49,16 +46,23 @@ def test_pixel_to_input_is_identity_at_full_res_and_centres_at_low_res():
     assert torch.allclose(pixel_to_input(yx, 4, 16), torch.tensor([[1.5, 1.5], [29.5, 13.5]]))
 
 
+def _round0(masks, boxes, valid, cfg, g=None, size=None):
+    R, S = masks.shape[0], masks.shape[-1]
+    size = torch.tensor([[S, S]]).expand(R, 2) if size is None else size
+    return initial_prompts(masks, boxes, valid, size, cfg, g)
+
+
 def test_round0_points_lie_in_the_mask_and_boxes_are_labelled():
     b = toy_batch(4, 16, 64, num_valid=12, generator=torch.Generator().manual_seed(1))
     R = 64
     masks, boxes, valid = b["masks"].view(R, 64, 64), b["boxes"].view(R, 4), b["valid"].view(R)
-    coords, labels, is_box = initial_prompts(masks, boxes, valid, PromptConfig(p_box=0.5))
+    pr = _round0(masks, boxes, valid, PromptConfig(p_box=0.5))
+    coords, labels = pr.tokens()
     assert coords.shape == (R, 2, 2) and labels.shape == (R, 2)
-    pt = valid & ~is_box
-    assert pt.any() and (valid & is_box).any()
-    assert (labels[pt] == torch.tensor([POS, PAD])).all()
-    assert (labels[valid & is_box] == torch.tensor([BOX_TL, BOX_BR])).all()
+    pt, bx = valid & ~pr.is_box, valid & pr.is_box
+    assert pt.any() and bx.any()
+    assert (labels[pt] == torch.tensor([POS, PAD])).all()  # the release: one point + one pad
+    assert (labels[bx] == torch.tensor([BOX_TL, BOX_BR])).all()  # the release: a box, no pad
     assert (labels[~valid] == PAD).all()
     assert _at(masks, coords[:, 0], 64, 64)[pt].all()
     assert (coords[pt, 0] == coords[pt, 0].round()).all()  # full-res pixel indices
@@ -67,26 +71,32 @@ def test_round0_points_lie_in_the_mask_and_boxes_are_labelled():
 def test_round0_box_probability():
     R = 4000
     masks = torch.ones(R, 8, 8, dtype=torch.bool)
-    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]]).expand(R, 4)
-    _, _, is_box = initial_prompts(masks, boxes, torch.ones(R, dtype=torch.bool), PromptConfig(p_box=0.5))
-    assert abs(is_box.float().mean().item() - 0.5) < 0.04
-    _, _, is_box = initial_prompts(masks, boxes, torch.ones(R, dtype=torch.bool), PromptConfig(p_box=0.0))
-    assert not is_box.any()
+    boxes = torch.tensor([[0.0, 0.0, 7.0, 7.0]]).expand(R, 4)
+    pr = _round0(masks, boxes, torch.ones(R, dtype=torch.bool), PromptConfig(p_box=0.5))
+    assert abs(pr.is_box.float().mean().item() - 0.5) < 0.04
+    pr = _round0(masks, boxes, torch.ones(R, dtype=torch.bool), PromptConfig(p_box=0.0))
+    assert not pr.is_box.any()
 
 
 def test_box_noise_statistics():
     n = 20000
-    # a small box (std = 10% of the side: 4 px in x, 2 px in y) and a large one (capped at 20 px)
+    frame = torch.tensor([[1024, 1024]]).expand(n, 2)
+    # a small box (scale = 10% of the side: 4 px in x, 2 px in y) and a large one (capped at 20 px)
     small = torch.tensor([[400.0, 400.0, 440.0, 420.0]]).expand(n, 4)
     large = torch.tensor([[100.0, 100.0, 700.0, 900.0]]).expand(n, 4)
-    d = noisy_boxes(small, 0.1, 20.0, 1024) - small
+    d = noisy_boxes(small, 0.1, 20.0, frame) - small
     assert torch.allclose(d.mean(0), torch.zeros(4), atol=0.15)
     assert torch.allclose(d.std(0), torch.tensor([4.0, 2.0, 4.0, 2.0]), rtol=0.05)
-    d = noisy_boxes(large, 0.1, 20.0, 1024) - large
+    d = noisy_boxes(large, 0.1, 20.0, frame) - large
     assert torch.allclose(d.std(0), torch.full((4,), 20.0), rtol=0.05)
-    # clamped to the frame and ordered
-    edge = noisy_boxes(torch.tensor([[0.0, 0.0, 2.0, 1023.0]]).expand(n, 4), 0.1, 20.0, 1024)
-    assert edge.min() >= 0 and edge.max() <= 1023
+    # SAM 2's law: uniform in [-scale, scale] (std scale / sqrt(3)), never beyond it
+    d = noisy_boxes(large, 0.1, 20.0, frame, "uniform") - large
+    assert d.abs().max() <= 20.0 and d.abs().max() > 19.9
+    assert torch.allclose(d.std(0), torch.full((4,), 20.0 / 3**0.5), rtol=0.05)
+    # clamped to the image content (h=500, w=300 of a 1024 frame), not to the padded frame; ordered
+    size = torch.tensor([[500, 300]]).expand(n, 2)
+    edge = noisy_boxes(torch.tensor([[0.0, 0.0, 299.0, 499.0]]).expand(n, 4), 0.1, 20.0, size)
+    assert edge.min() >= 0 and edge[:, 2].max() == 299 and edge[:, 3].max() == 499
     assert (edge[:, 2] >= edge[:, 0]).all() and (edge[:, 3] >= edge[:, 1]).all()
 
 
@@ -95,21 +105,35 @@ def test_error_points_lie_in_the_error_region_with_the_right_label():
     R, H = 500, 32
     gt = torch.rand(R, H, H, generator=g) < 0.3
     pred = torch.rand(R, H, H, generator=g) < 0.3
-    pred[0] = gt[0]  # no error: pad
+    pred[0] = gt[0]  # no error: a negative click in the background (SAM 2), not a pad
+    pred[2], gt[2] = True, True  # no error, no background: a positive click in the mask
     valid = torch.ones(R, dtype=torch.bool)
     valid[1] = False  # invalid: pad
     for img in (H, 4 * H):  # full-res and low-res loss grids
-        coords, labels = error_points(pred, gt, valid, img, g)
+        coords, labels = error_points(pred, gt, valid, img, generator=g)
         assert coords.shape == (R, 1, 2) and labels.shape == (R, 1)
         labels = labels[:, 0]
-        assert labels[0] == PAD and labels[1] == PAD
+        assert labels[1] == PAD and labels[0] == NEG and labels[2] == POS
+        assert not _at(gt, coords[:, 0], H, img)[0]
         ok = labels != PAD
-        assert ok[2:].all()
+        assert ok.sum() == R - 1
         fn = _at(gt & ~pred, coords[:, 0], H, img)
         fp = _at(pred & ~gt, coords[:, 0], H, img)
-        assert (fn | fp)[ok].all()
+        assert (fn | fp)[3:].all()
         assert (labels[ok & fn] == POS).all() and (labels[ok & fp] == NEG).all()
-        assert (labels == POS).any() and (labels == NEG).any()
+        # the label is the GT at the clicked pixel, for every row
+        assert torch.equal(labels[ok] == POS, _at(gt, coords[:, 0], H, img)[ok])
+
+
+def test_error_points_stay_inside_the_image_region():
+    R, H = 300, 16
+    gt = torch.zeros(R, H, H, dtype=torch.bool)
+    gt[:, 2:6, 2:6] = True
+    pred = torch.ones(R, H, H, dtype=torch.bool)  # FP everywhere, also in the padding
+    region = torch.zeros(R, H, H, dtype=torch.bool)
+    region[:, :10, :12] = True  # content 10 x 12, the rest is padding
+    coords, labels = error_points(pred, gt, torch.ones(R, dtype=torch.bool), H, region)
+    assert _at(region, coords[:, 0], H, H).all() and (labels == NEG).all()
 
 
 def test_error_points_choose_fn_and_fp_in_proportion():
@@ -152,3 +176,37 @@ def test_bad_config_names_the_key():
         PromptConfig(p_box=1.5)
     with pytest.raises(ValueError, match="prompting.resolution"):
         PromptConfig(resolution="half")
+
+
+def test_training_tokens_equal_the_release_predictors():
+    """The sparse embeddings of a training round equal segment_anything's PromptEncoder given the
+    same point / box / points the way SamPredictor passes them (points + a box, or points and
+    its appended padding point)."""
+    sa = pytest.importorskip("segment_anything")
+    from segany.modeling.prompt_encoder import PromptEncoder
+
+    torch.manual_seed(0)
+    official = sa.modeling.PromptEncoder(
+        embed_dim=32, image_embedding_size=(16, 16), input_image_size=(64, 64), mask_in_chans=16
+    )
+    ours = PromptEncoder(embed_dim=32, image_embedding_size=(16, 16), input_image_size=(64, 64), mask_in_chans=16)
+    ours.load_state_dict(official.state_dict())
+    g = torch.Generator().manual_seed(2)
+    b = toy_batch(2, 6, 64, num_valid=6, generator=g)
+    R = 12
+    masks, boxes, valid = b["masks"].view(R, 64, 64), b["boxes"].view(R, 4), b["valid"].view(R)
+    pr = _round0(masks, boxes, valid, PromptConfig(p_box=0.5), g)
+    assert pr.is_box.any() and (~pr.is_box).any()
+    for k in range(4):  # round 0, then 3 corrective clicks
+        if k:
+            pred = torch.rand(R, 64, 64, generator=g) < 0.5
+            pr.add(*error_points(pred, masks, valid, 64, generator=g))
+        sparse, _ = ours(None, None, None, tokens=pr.tokens())
+        for r in range(R):
+            pts = (pr.clicks[r : r + 1], pr.click_labels[r : r + 1])
+            if pr.is_box[r]:  # SamPredictor.predict(point_coords=clicks or None, box=box)
+                ref, _ = official(pts if k else None, pr.box[r : r + 1], None)
+            else:  # SamPredictor.predict(point_coords=[first point, clicks...]) -> + a padding point
+                first = (torch.cat((pr.point[r : r + 1], pts[0]), 1), torch.cat((pr.point_label[r : r + 1], pts[1]), 1))
+                ref, _ = official(first, None, None)
+            assert torch.allclose(sparse[r : r + 1], ref, atol=1e-6), (k, r)

@@ -69,7 +69,9 @@ def test_every_parameter_gets_its_hand_computed_layer_scale_and_decay(tiny):
 
 
 def test_scheduler_scales_each_groups_own_lr(tiny):
-    opt, sched = SamOptim(lr=1.0, layer_decay=0.5, warmup_iters=4, milestones=[0.6, 0.8], gamma=0.1)(tiny, max_steps=10)
+    opt, sched = SamOptim(
+        lr=1.0, layer_decay=0.5, warmup_iters=4, warmup_start_factor=0.0, milestones=[0.6, 0.8], gamma=0.1
+    )(tiny, max_steps=10)
     initial = [g["initial_lr"] for g in opt.param_groups]
     assert initial == pytest.approx(sorted(initial, key=lambda _: 0)) and max(initial) == 1.0
     factors = []
@@ -94,13 +96,28 @@ def test_schedule_per_milestone_factors_and_errors():
             WarmupStepDecay(milestones=bad)
     with pytest.raises(ValueError, match="trainer.max_steps"):  # fractions of an unset run length
         WarmupStepDecay(milestones=[0.5]).set_max_steps(-1)
-    assert WarmupStepDecay(warmup_iters=2)(1) == 0.5  # no fractions: no run length needed
+    assert WarmupStepDecay(warmup_iters=2, start_factor=0.0)(1) == 0.5  # no fractions: no run length needed
+
+
+def test_warmup_starts_above_zero_by_default():
+    """The first update is not wasted: factor(0) = 1 / warmup_iters, linear to 1 at warmup_iters."""
+    s = WarmupStepDecay(warmup_iters=250)
+    assert s(0) == pytest.approx(1 / 250) and s(125) == pytest.approx(1 / 250 + (1 - 1 / 250) / 2) and s(250) == 1
+    assert SamOptim().schedule(0) > 0  # the config default (optim.warmup_start_factor: null)
+    with pytest.raises(ValueError, match="optim.warmup_start_factor"):
+        WarmupStepDecay(start_factor=1.5)
 
 
 def test_schedule_linear_cooldown():
     # warmup 4, lr / 2 at 8, then a ramp 1 -> 0.1 over steps 10..20 on top of it
     s = WarmupStepDecay(
-        warmup_iters=4, milestones=[0.4], gamma=0.5, cooldown=[0.5, 1.0], cooldown_final=0.1, max_steps=20
+        warmup_iters=4,
+        start_factor=0.0,
+        milestones=[0.4],
+        gamma=0.5,
+        cooldown=[0.5, 1.0],
+        cooldown_final=0.1,
+        max_steps=20,
     )
     steps = [0, 2, 4, 8, 10, 15, 19, 20, 30]
     expected = [0, 0.5, 1, 0.5, 0.5, 0.5 * 0.55, 0.5 * 0.19, 0.05, 0.05]  # 1 - 0.9 x (step - 10) / 10
@@ -139,9 +156,9 @@ def test_eleven_predictions_with_the_two_mask_rounds(tiny, monkeypatch):
     calls = []
     orig_pe = tiny.prompt_encoder.forward
 
-    def spy(points, boxes, masks):
-        calls.append((points[1].clone(), masks is None))
-        return orig_pe(points, boxes, masks)
+    def spy(points, boxes, masks, tokens=None):
+        calls.append((tokens[1].clone(), masks is None))
+        return orig_pe(points, boxes, masks, tokens=tokens)
 
     monkeypatch.setattr(tiny.prompt_encoder, "forward", spy)
     cfg = PromptConfig(p_box=0.0)
@@ -154,6 +171,9 @@ def test_eleven_predictions_with_the_two_mask_rounds(tiny, monkeypatch):
         n += kind == "point"
         expected.append(n)
     assert n_points == expected  # mask rounds add no point
+    # the release's layout in every round: the points, then exactly one PAD (no extra pads)
+    for lab, _ in calls:
+        assert (lab[:, :-1] >= 0).all() and (lab[:, -1] == -1).all()
     assert calls[0][1] and not any(m for _, m in calls[1:])  # mask prompt from round 1 on
     assert n_points[-1] == 9 and sched[-1] == "mask"
     assert out["round_loss"].shape == (11,) and (out["round_loss"] > 0).all()
@@ -184,7 +204,7 @@ def test_multimask_backprops_exactly_one_mask_per_target(tiny, monkeypatch):
 
     def spy(*a, **k):
         out = orig_init(*a, **k)
-        seen["is_box"] = out[2]
+        seen["is_box"] = out.is_box
         return out
 
     monkeypatch.setattr("segany.training.simulation.initial_prompts", spy)
@@ -344,3 +364,65 @@ def test_a_batch_without_valid_masks_gives_zero_loss_and_gradient(tiny):
     assert out["n_valid"] == 0 and out["loss"].item() == 0.0
     dec = [p.grad for p in tiny.mask_decoder.parameters()]
     assert all(g is not None and (g == 0).all() for g in dec)
+
+
+# ---------------------------------------------------------------- full-resolution targets (issue 15)
+def test_a_2px_line_at_1024_has_a_target_and_the_right_iou_target():
+    """At 1024 px a 2 px wide line vanishes from the S/4 target (the old default taught "predict
+    nothing" for a prompt on it); at full resolution the target is the line itself, and the IoU
+    target is the actual IoU: 1 for the exact line, 1/2 for the line grown to 4 px."""
+    from segany.training.simulation import loss_targets
+
+    S = 1024
+    masks = torch.zeros(1, 1, S, S, dtype=torch.bool)
+    masks[0, 0, 301:303, 100:900] = True  # 2 px wide, 800 px long
+    batch = {"masks": masks}
+    assert not loss_targets(batch, "low").any()  # the S/4 target is empty
+    full = loss_targets(batch, "full")[:, 0]  # (1, S, S)
+    assert torch.equal(full, masks[:, 0])
+    exact = torch.where(full, 10.0, -10.0)[:, None]  # (1, 1, S, S) logits
+    grown = torch.zeros(1, 1, S, S)
+    grown[..., 300:304, 100:900] = 10.0
+    grown[grown == 0] = -10.0
+    loss = SamLoss(iou_weight=1.0)
+    ones = torch.ones(1, dtype=torch.bool)
+    assert loss(exact, torch.ones(1, 1), full, ones)["true_iou"].item() == 1.0
+    assert loss(grown, torch.ones(1, 1), full, ones)["true_iou"].item() == 0.5
+
+
+def test_every_training_click_agrees_with_the_full_resolution_gt(tiny, monkeypatch):
+    """resolution=full: each corrective click's label is the GT at the clicked pixel of the
+    full-resolution mask (thin lines and small discs included), and every click lies in the image
+    content (input_size), not in the padding."""
+    from segany.training import prompting, simulation
+
+    g = torch.Generator().manual_seed(0)
+    batch = toy_batch(2, 4, 256, generator=g)
+    masks = batch["masks"]
+    masks[:, 0] = False
+    masks[:, 0, 60:62, 20:200] = True  # 2 px lines
+    masks[:, 1] = False
+    masks[:, 1, 100:105, 100:105] = True  # 5 px squares
+    batch["input_size"] = torch.tensor([[256, 256], [200, 230]])
+    masks[1, :, 200:] = False
+    masks[1, :, :, 230:] = False
+    seen = []
+    orig = prompting.error_points
+
+    def spy(*a, **k):
+        coords, labels = orig(*a, **k)
+        seen.append((coords.clone(), labels.clone()))
+        return coords, labels
+
+    monkeypatch.setattr(simulation, "error_points", spy)
+    _run(tiny, batch, PromptConfig(point_rounds=4, mask_rounds=1), grad=False)
+    assert len(seen) == 4
+    rows = batch["valid"].view(-1).nonzero().squeeze(1)
+    gt = masks.view(-1, 256, 256)[rows]
+    hw = batch["input_size"][rows // 4]
+    for coords, labels in seen:
+        x, y = coords[:, 0, 0].long(), coords[:, 0, 1].long()
+        assert torch.equal(coords[:, 0], coords[:, 0].round())  # full-resolution pixels
+        assert ((y < hw[:, 0]) & (x < hw[:, 1])).all()
+        assert torch.equal(labels[:, 0] == 1, gt[torch.arange(len(rows)), y, x])
+        assert (labels >= 0).all()

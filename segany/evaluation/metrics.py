@@ -8,11 +8,11 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def mask_iou(logits: Tensor, targets: Tensor, threshold: float = 0.0) -> Tensor:
+def mask_iou(logits: Tensor, targets: Tensor, threshold: float = 0.0, empty: float = 1.0) -> Tensor:
     """(R, K, H, W) logits, bool or 0/1 float targets -> (R, K) IoU of (logits > threshold)
-    with the target; 1 when both are empty. No gradient (a count ratio)."""
+    with the target; ``empty`` when both are empty. No gradient (a count ratio)."""
     pred = (logits > threshold).flatten(-2)
     t = targets.flatten(-2) > 0.5
     inter = (pred & t).sum(-1).float()
     union = (pred | t).sum(-1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(union, empty))

@@ -6,10 +6,12 @@ learned embedding for its label. Labels, one table row each:
     -1 padding ("not a point", positional encoding dropped)   0 negative point
      1 positive point    2 box top-left corner    3 box bottom-right corner
 
-so a box is two points labelled 2 and 3, and a batch may mix boxes, points and padding
-in one (N, P) tensor (what the training loop needs). The release's call
-`forward(points=(coords, labels), boxes=..., masks=...)` works unchanged, including its
-padding point appended when points come without a box.
+so a box is two points labelled 2 and 3. The token layout is the release's, built by one
+function, `prompt_tokens`, for the predictor, the evaluation and the training simulation
+alike: the points in order, then the box's two corners, or one padding token when there is
+no box (segment_anything's `_embed_points(pad=boxes is None)`). The release's call
+`forward(points=(coords, labels), boxes=..., masks=...)` works unchanged; training passes
+`tokens=` already laid out, since its rows mix point and box prompts in one (N, T) tensor.
 """
 
 from typing import Optional, Tuple, Type
@@ -95,17 +97,6 @@ class PromptEncoder(nn.Module):
         is_point = (labels != PAD).unsqueeze(-1)
         return torch.where(is_point, pe, torch.zeros_like(pe)) + self.label_table()[labels.long() + 1]
 
-    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        if pad:  # the release appends one padding point when there is no box
-            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
-            labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), PAD)], dim=1)
-        return self.embed_tokens(points, labels)
-
-    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        corners = boxes.reshape(-1, 2, 2)  # (N, 2, 2)
-        labels = corners.new_tensor([BOX_TL, BOX_BR], dtype=torch.long).expand(corners.shape[0], 2)
-        return self.embed_tokens(corners, labels)
-
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
         return self.mask_downscaling(masks)  # (N, 1, 4h, 4w) -> (N, C, h, w)
 
@@ -126,19 +117,48 @@ class PromptEncoder(nn.Module):
         points: Optional[Tuple[torch.Tensor, torch.Tensor]],
         boxes: Optional[torch.Tensor],
         masks: Optional[torch.Tensor],
+        tokens: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """-> sparse (N, T, C), dense (N, C, h, w)."""
-        n = self._get_batch_size(points, boxes, masks)
+        """-> sparse (N, T, C), dense (N, C, h, w). ``tokens``: (coords (N, T, 2), labels (N, T))
+        already laid out by `prompt_tokens` (then points and boxes must be None)."""
+        if tokens is not None and (points is not None or boxes is not None):
+            raise ValueError("PromptEncoder: pass tokens= or points/boxes, not both")
+        tokens = tokens if tokens is not None else prompt_tokens(points, boxes)
+        n = self._get_batch_size(tokens, None, masks)
         weight = self.no_mask_embed.weight
-        tokens = [weight.new_zeros(n, 0, self.embed_dim)]
-        if points is not None:
-            tokens.append(self._embed_points(points[0], points[1], pad=boxes is None))
-        if boxes is not None:
-            tokens.append(self._embed_boxes(boxes))
-        sparse = torch.cat(tokens, dim=1)
+        if tokens is None:
+            sparse = weight.new_zeros(n, 0, self.embed_dim)
+        else:
+            sparse = self.embed_tokens(*tokens)
         if masks is not None:
             dense = self._embed_masks(masks)
         else:
             h, w = self.image_embedding_size
             dense = weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
         return sparse, dense
+
+
+def prompt_tokens(
+    points: Optional[Tuple[torch.Tensor, torch.Tensor]], boxes: Optional[torch.Tensor]
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The release's sparse-prompt layout (SamPredictor -> PromptEncoder), the one used everywhere.
+
+    points (coords (N, P, 2) xy px, labels (N, P)) and/or boxes (N, 4) xyxy px ->
+    coords (N, T, 2), labels (N, T): the points in order, then the box as two corner tokens
+    (BOX_TL, BOX_BR); points without a box get one padding token (PAD) after them. So one point
+    is [p, PAD], a box [TL, BR], k points [p1..pk, PAD], a box and k points [p1..pk, TL, BR].
+    None when there is neither.
+    """
+    parts = []
+    if points is not None:
+        coords, labels = points
+        parts.append((coords.float(), labels.long()))
+        if boxes is None:
+            n = coords.shape[0]
+            parts.append((coords.new_zeros(n, 1, 2).float(), labels.new_full((n, 1), PAD).long()))
+    if boxes is not None:
+        corners = boxes.reshape(-1, 2, 2).float()  # (N, 2, 2)
+        parts.append((corners, torch.tensor([BOX_TL, BOX_BR], device=corners.device).expand(corners.shape[0], 2)))
+    if not parts:
+        return None
+    return torch.cat([c for c, _ in parts], dim=1), torch.cat([lab for _, lab in parts], dim=1)

@@ -64,7 +64,7 @@ class SamOptim:
         layer_decay: float = 1.0,
         no_decay_keys: Iterable[str] = NO_DECAY_KEYS,
         warmup_iters: int = 250,
-        warmup_start_factor: float = 0.0,
+        warmup_start_factor: Optional[float] = None,
         milestones: Sequence[float] = (),
         gamma=0.1,
         cooldown: Sequence[float] = (),

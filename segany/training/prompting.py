@@ -3,9 +3,11 @@
 Per mask, ``num_rounds`` predictions (11 by default):
 
   round 0      a foreground point uniform in the GT mask, or the GT box with noise
-               (std 10% of the side, capped at 20 px), 50/50;
+               (std 10% of the side, capped at 20 px; paper), 50/50;
   point rounds one new point uniform in the error region of the previous prediction
-               (false negative -> positive label 1, false positive -> negative label 0);
+               (false negative -> positive label 1, false positive -> negative label 0); a
+               prediction without error gets a negative point in the background (SAM 2's
+               rule), so every row keeps the same token layout as at inference;
   mask rounds  no new point; only the previous logits as the mask prompt. One at a random
                position among the point rounds, one last.
 
@@ -15,10 +17,11 @@ highest predicted IoU) are the mask prompt.
 Everything here is pure tensor code on the tensors' device, vectorised over all rows
 (rows = masks of all images, ``R = B * N``); nothing loops over masks or images.
 
-Point encoding (docs/contracts.md): coords (R, P, 2) as (x, y) pixels in the padded input
-frame, labels (R, P) long: -1 pad, 0 negative, 1 positive, 2 box top-left, 3 box
-bottom-right. A box is therefore two "points", so every round is one prompt-encoder call
-with ``boxes=None``.
+Tokens (`Prompts.tokens`): the release's layout from `segany.modeling.prompt_encoder.prompt_tokens`,
+the function the predictor and the evaluation use: a point row after k clicks is
+[p, c1..ck, PAD], a box row [c1..ck, TL, BR] (both k + 2 tokens, so the rows of one round
+stack). Coordinates are (x, y) pixels of the padded input frame; labels -1 pad, 0 negative,
+1 positive, 2 box top-left, 3 box bottom-right.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from segany.modeling.constants import BOX_BR, BOX_TL, NEG, PAD, POS
+from segany.modeling.constants import NEG, PAD, POS
+from segany.modeling.prompt_encoder import prompt_tokens
 
 INIT, POINT, MASK = "init", "point", "mask"
 
@@ -52,12 +56,14 @@ class PromptConfig:
     # rounds they follow round 0 back to back
     mask_round_last: bool = True  # one mask round is the last round; the others random
     p_box: float = 0.5  # round 0: probability of the noisy GT box (else a point)
-    box_noise_frac: float = 0.1  # box noise std as a fraction of the box side
-    box_noise_max: float = 20.0  # cap on that std, pixels of the input frame
+    box_noise_frac: float = 0.1  # box noise scale as a fraction of the box side
+    box_noise_max: float = 20.0  # cap on that scale, pixels of the input frame
+    box_noise: str = "gaussian"  # "gaussian": std = the scale (paper); "uniform": within +-scale (SAM 2)
     multimask: bool = True  # 3 outputs (min-loss) while the prompt is a single point
     feed_back_mask: bool = True  # previous logits as mask prompt from round 1
     detach_feedback: bool = True
-    resolution: str = "low"  # "low" (S/4, the decoder's) or "full" (S, as SAM 2)
+    resolution: str = "full"  # targets, IoU targets and clicks at "full" S (SAM 2) or "low" S/4
+    ignore_padding: bool = True  # loss, IoU targets and clicks inside the image only (as evaluation)
     checkpoint_rounds: bool = False
     mask_chunk: Optional[int] = None
 
@@ -75,6 +81,8 @@ class PromptConfig:
             bad("box_noise_frac", "box noise must be >= 0 (box_noise_max too)")
         if self.resolution not in ("low", "full"):
             bad("resolution", "'low' (S/4) or 'full' (S)")
+        if self.box_noise not in ("gaussian", "uniform"):
+            bad("box_noise", "'gaussian' (paper) or 'uniform' (SAM 2)")
         if self.mask_chunk is not None and self.mask_chunk < 1:
             bad("mask_chunk", "None or >= 1")
 
@@ -124,58 +132,116 @@ def pixel_to_input(yx: Tensor, res: int, img_size: int) -> Tensor:
 
 
 def noisy_boxes(
-    boxes: Tensor, frac: float, max_std: float, img_size: int, generator: Optional[torch.Generator] = None
+    boxes: Tensor,
+    frac: float,
+    max_std: float,
+    size_hw: Tensor,
+    law: str = "gaussian",
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """(R, 4) xyxy -> (R, 4) xyxy, each coordinate + N(0, std^2) with std = min(frac * side,
-    max_std) (side = width for x, height for y), clamped to [0, img_size - 1] and re-ordered
+    """(R, 4) xyxy -> (R, 4) xyxy, each coordinate moved by noise of scale s = min(frac * side,
+    max_std) (side = width for x, height for y): N(0, s^2) for ``law="gaussian"`` (the paper:
+    "standard deviation equal to 10% of the box sidelength, to a maximum of 20 pixels"), uniform
+    in [-s, s] for ``"uniform"`` (SAM 2's ``sample_box_points``). Clamped to the image,
+    size_hw (R, 2) = (h, w) of its content in the input frame (not the padding), and re-ordered
     so that x1 <= x2, y1 <= y2."""
     wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)  # (R, 2)
-    std = (frac * wh).clamp(max=max_std).repeat(1, 2)  # (R, 4)
-    noise = torch.randn(boxes.shape, device=boxes.device, generator=generator, dtype=boxes.dtype)
-    out = (boxes + noise * std).clamp(0, img_size - 1)
+    scale = (frac * wh).clamp(max=max_std).repeat(1, 2)  # (R, 4)
+    if law == "gaussian":
+        noise = torch.randn(boxes.shape, device=boxes.device, generator=generator, dtype=boxes.dtype)
+    else:
+        noise = 2 * torch.rand(boxes.shape, device=boxes.device, generator=generator, dtype=boxes.dtype) - 1
+    hi_xy = (size_hw.flip(-1).to(boxes.dtype) - 1).repeat(1, 2)  # (R, 4) w-1, h-1, w-1, h-1
+    out = torch.minimum((boxes + noise * scale).clamp(min=0), hi_xy)
     lo = torch.minimum(out[:, :2], out[:, 2:])
     hi = torch.maximum(out[:, :2], out[:, 2:])
     return torch.cat((lo, hi), dim=1)
 
 
-def initial_prompts(
-    masks: Tensor, boxes: Tensor, valid: Tensor, cfg: PromptConfig, generator: Optional[torch.Generator] = None
-):
-    """Round 0. masks (R, S, S) bool GT in the input frame, boxes (R, 4) xyxy, valid (R,).
+@dataclass
+class Prompts:
+    """The prompts of R rows so far: round 0's point (point rows) or box (box rows), then the
+    corrective clicks. ``tokens()`` lays them out as the predictor would send them."""
 
-    Returns coords (R, 2, 2) float, labels (R, 2) long, is_box (R,) bool:
-    a point row is [(p, POS), (0, PAD)], a box row [(tl, BOX_TL), (br, BOX_BR)], an invalid
-    (padding) row all PAD. The point is uniform over the full-resolution GT mask.
-    """
+    point: Tensor  # (R, 1, 2) round-0 point, (x, y) input frame (unused in box rows)
+    point_label: Tensor  # (R, 1) POS, or PAD in invalid rows
+    box: Tensor  # (R, 4) noisy GT box xyxy (unused in point rows)
+    is_box: Tensor  # (R,) bool
+    clicks: Tensor  # (R, k, 2) corrective clicks
+    click_labels: Tensor  # (R, k) POS / NEG, PAD in invalid rows
+
+    def add(self, coords: Tensor, labels: Tensor) -> None:
+        """Append one click per row: coords (R, 1, 2), labels (R, 1)."""
+        self.clicks = torch.cat((self.clicks, coords), 1)
+        self.click_labels = torch.cat((self.click_labels, labels), 1)
+
+    @property
+    def single_point(self) -> bool:
+        """Round 0 and no click yet: an ambiguous prompt in the point rows (multimask)."""
+        return self.clicks.shape[1] == 0
+
+    def tokens(self) -> tuple:
+        """-> coords (R, k + 2, 2), labels (R, k + 2): point rows [p, c1..ck, PAD], box rows
+        [c1..ck, TL, BR] (segany.modeling.prompt_encoder.prompt_tokens); invalid rows all PAD."""
+        clicks = (self.clicks, self.click_labels)
+        pts = prompt_tokens((torch.cat((self.point, clicks[0]), 1), torch.cat((self.point_label, clicks[1]), 1)), None)
+        box = prompt_tokens(clicks if self.clicks.shape[1] else None, self.box)
+        coords = torch.where(self.is_box[:, None, None], box[0], pts[0])
+        labels = torch.where(self.is_box[:, None], box[1], pts[1])
+        invalid = self.point_label[:, 0] == PAD
+        return coords, labels.masked_fill(invalid[:, None], PAD)
+
+
+def initial_prompts(
+    masks: Tensor,
+    boxes: Tensor,
+    valid: Tensor,
+    size_hw: Tensor,
+    cfg: PromptConfig,
+    generator: Optional[torch.Generator] = None,
+) -> Prompts:
+    """Round 0. masks (R, S, S) bool GT in the input frame, boxes (R, 4) xyxy, valid (R,),
+    size_hw (R, 2) the image content's (h, w) in the input frame (box noise stays inside it).
+    The point is uniform over the full-resolution GT mask; a row that is invalid (padding), or
+    a point row whose mask is empty, gets only PAD tokens."""
     R, S, _ = masks.shape
     dev = masks.device
     is_box = torch.rand(R, device=dev, generator=generator) < cfg.p_box
     yx, found = sample_uniform(masks, generator)
-    point = pixel_to_input(yx, S, S)  # (R, 2)
-    point_rows = torch.stack((point, torch.zeros_like(point)), dim=1)  # (R, 2, 2)
-    box_rows = noisy_boxes(boxes.float(), cfg.box_noise_frac, cfg.box_noise_max, S, generator).view(R, 2, 2)
-    coords = torch.where(is_box[:, None, None], box_rows, point_rows)
-    lab_box = torch.tensor([BOX_TL, BOX_BR], device=dev)
-    lab_pt = torch.tensor([POS, PAD], device=dev)
-    labels = torch.where(is_box[:, None], lab_box, lab_pt)  # (R, 2)
+    point = pixel_to_input(yx, S, S)[:, None]  # (R, 1, 2)
+    box = noisy_boxes(boxes.float(), cfg.box_noise_frac, cfg.box_noise_max, size_hw, cfg.box_noise, generator)
     ok = valid & (is_box | found)
-    labels = labels.masked_fill(~ok[:, None], PAD)
-    return coords, labels, is_box
+    label = torch.full((R, 1), POS, device=dev, dtype=torch.long).masked_fill(~ok[:, None], PAD)
+    return Prompts(point, label, box, is_box, point.new_zeros(R, 0, 2), label.new_zeros(R, 0))
 
 
-def error_points(pred: Tensor, gt: Tensor, valid: Tensor, img_size: int, generator: Optional[torch.Generator] = None):
+def error_points(
+    pred: Tensor,
+    gt: Tensor,
+    valid: Tensor,
+    img_size: int,
+    region: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+):
     """One corrective click per row, uniform over the error region.
 
-    pred, gt (R, H, W) bool at the loss resolution; valid (R,).
+    pred, gt (R, H, W) bool at the click resolution; valid (R,); region (R, H, W) bool, where
+    clicks may fall (the image content; None: everywhere).
     Returns coords (R, 1, 2) float in the input frame and labels (R, 1) long: POS where the
-    pixel is a false negative, NEG where a false positive, PAD where the row is invalid or
-    already has no error.
+    pixel is a false negative, NEG where a false positive. A row without error gets a NEG click
+    uniform in the background (or a POS one in the mask when there is no background): SAM 2's
+    rule (``sam2_utils.sample_random_points_from_errors``), which keeps every row's token count.
+    Invalid rows get PAD. The label is the GT at the clicked pixel.
     """
-    fn = gt & ~pred
-    err = fn | (pred & ~gt)
-    yx, found = sample_uniform(err, generator)
+    if region is not None:
+        pred, gt = pred & region, gt & region
+    bg = ~gt if region is None else region & ~gt
+    err = gt ^ pred
+    R = gt.shape[0]
+    has = lambda m: m.view(R, -1).any(dim=1)[:, None, None]  # noqa: E731
+    cand = torch.where(has(err), err, torch.where(has(bg), bg, gt))
+    yx, found = sample_uniform(cand, generator)
     H, W = gt.shape[-2:]
-    is_fn = fn.view(fn.shape[0], -1).gather(1, (yx[:, 0] * W + yx[:, 1])[:, None]).squeeze(1)
-    labels = torch.where(is_fn, POS, NEG)
-    labels = labels.masked_fill(~(found & valid), PAD)
+    on_gt = gt.view(R, -1).gather(1, (yx[:, 0] * W + yx[:, 1])[:, None]).squeeze(1)
+    labels = torch.where(on_gt, POS, NEG).masked_fill(~(found & valid), PAD)
     return pixel_to_input(yx, H, img_size)[:, None], labels[:, None]

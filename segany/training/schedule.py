@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence, Union
 
 
 class WarmupStepDecay:
-    """factor(step): ``start_factor`` -> 1 linearly over ``warmup_iters`` steps, then times
+    """factor(step): ``start_factor`` -> 1 linearly over ``warmup_iters`` steps (None: 1 /
+    warmup_iters, so step 0 already updates; with 0, step 0 is an update with lr 0), then times
     ``gamma`` at each milestone passed (``gamma`` a number, or one factor per milestone,
     applied cumulatively). ``milestones``: fractions of ``max_steps`` in (0, 1]; milestone
     step = floor(fraction x max_steps). ``cooldown`` = (start, end) fractions: from step
@@ -36,7 +37,7 @@ class WarmupStepDecay:
         warmup_iters: int = 250,
         milestones: Sequence[float] = (),
         gamma: Union[float, Sequence[float]] = 0.1,
-        start_factor: float = 0.0,
+        start_factor: Optional[float] = None,
         cooldown: Sequence[float] = (),
         cooldown_final: float = 0.0,
         max_steps: Optional[int] = None,
@@ -64,6 +65,10 @@ class WarmupStepDecay:
         if not 0 <= cooldown_final <= 1:
             raise ValueError(f"optim.cooldown_final={cooldown_final} must be in [0, 1]")
         self.warmup_iters = int(warmup_iters)
+        if start_factor is None:
+            start_factor = 1.0 / warmup_iters if warmup_iters else 1.0
+        if not 0 <= start_factor <= 1:
+            raise ValueError(f"optim.warmup_start_factor={start_factor} must be in [0, 1] (or null)")
         self.start_factor = float(start_factor)
         self.milestone_fracs = fracs
         self.gammas = gammas

@@ -31,9 +31,8 @@ MULTI_TOKENS = (1, 2, 3)  # multimask outputs; token 0 is the single-mask output
 
 
 def loss_targets(batch: dict, resolution: str) -> Tensor:
-    """GT masks at the loss resolution: (B, N, S/4, S/4) for "low" (the datamodule's
-    ``masks_lowres`` when present, else area-downsampled > 0.5, as the datamodules do),
-    (B, N, S, S) for "full"."""
+    """GT masks at the loss resolution: (B, N, S, S) for "full", (B, N, S/4, S/4) for "low" (the
+    datamodule's ``masks_lowres`` when present, else area-downsampled > 0.5, as the datamodules do)."""
     masks = batch["masks"]
     if resolution == "full":
         return masks
@@ -42,6 +41,17 @@ def loss_targets(batch: dict, resolution: str) -> Tensor:
     B, N, S, _ = masks.shape
     low = F.avg_pool2d(masks.view(B * N, 1, S, S).float(), 4) > 0.5
     return low.view(B, N, S // 4, S // 4)
+
+
+def image_region(batch: dict, resolution: str) -> Tensor:
+    """(B, H, W) bool at the loss resolution: the image content (``input_size``), without the
+    zero padding below and right of it (at S/4: the cells the content overlaps)."""
+    S = batch["masks"].shape[-1]
+    H = S if resolution == "full" else S // 4
+    hw = batch["input_size"].to(batch["masks"].device)
+    hw = hw if resolution == "full" else (hw + 3) // 4  # ceil
+    ar = torch.arange(H, device=hw.device)
+    return (ar[None, :, None] < hw[:, 0, None, None]) & (ar[None, None, :] < hw[:, 1, None, None])
 
 
 def _unit(
@@ -53,6 +63,7 @@ def _unit(
     labels: Tensor,
     mask_in: Optional[Tensor],
     target: Tensor,
+    region: Optional[Tensor],
     valid: Tensor,
     multi_rows: Optional[Tensor],
     loss_fn: SamLoss,
@@ -60,13 +71,14 @@ def _unit(
     """One round for one chunk of rows (the checkpointed function).
 
     emb (B, C, h, w), img (R,) the image of each row, pe (1, C, h, w), coords (R, P, 2),
-    labels (R, P), mask_in (R, 1, 4h, 4w) or None, target (R, H, W) bool at the loss
-    resolution, valid (R,), multi_rows (R,) bool (rows answered with the 3 multimask tokens;
-    None = every row single-mask).
+    labels (R, P) laid out by Prompts.tokens, mask_in (R, 1, 4h, 4w) or None, target (R, H, W)
+    bool at the loss resolution, region (B, H, W) bool where the loss counts (None: everywhere),
+    valid (R,), multi_rows (R,) bool (rows answered with the 3 multimask tokens; None = every
+    row single-mask).
     Returns loss sum (scalar), fed-back logits (R, 1, 4h, 4w), binary prediction at the
     loss resolution (R, H, W), its IoU with the target (R,), per-row loss (R,).
     """
-    sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_in)
+    sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=mask_in, tokens=(coords, labels))
     # each row's own image embedding, gathered inside the unit (recomputed, not stored, with
     # checkpoint_rounds: (R, C, h, w) is 64x an image's embedding)
     masks, iou = model.mask_decoder.predict_masks(emb.index_select(0, img), pe, sparse, dense)
@@ -83,11 +95,14 @@ def _unit(
         cand_iou = iou.gather(1, idx)  # (R, 3)
     H, W = target.shape[-2:]
     logits = cand if cand.shape[-2:] == (H, W) else F.interpolate(cand, (H, W), mode="bilinear", align_corners=False)
-    out = loss_fn(logits, cand_iou, target, valid)
+    inside = None if region is None else region.index_select(0, img)  # (R, H, W)
+    out = loss_fn(logits, cand_iou, target, valid, inside)
     # the mask with the highest predicted IoU is fed back and defines the error region
     top = cand_iou.detach().argmax(dim=1)  # (R,)
     feedback = cand[torch.arange(cand.shape[0], device=cand.device), top][:, None]  # (R, 1, 4h, 4w)
     chosen = logits.detach()[torch.arange(cand.shape[0], device=cand.device), top]  # (R, H, W)
+    if inside is not None:
+        chosen = chosen.masked_fill(~inside, -1.0)
     pred = chosen > 0
     chosen_iou = mask_iou(chosen[:, None], target[:, None])[:, 0]
     return out["loss"].sum(), feedback, pred, chosen_iou, out["loss"].detach()
@@ -112,6 +127,8 @@ def simulate(
     B, N, S, _ = masks.shape
     schedule = schedule or round_schedule(cfg, generator)
     target_all = loss_targets(batch, cfg.resolution)  # (B, N, H, W)
+    region = image_region(batch, cfg.resolution) if cfg.ignore_padding else None  # (B, H, W)
+    size_hw = batch["input_size"].to(masks.device)  # (B, 2)
     pe = model.prompt_encoder.get_dense_pe()
     # the rows to decode: valid pairs only (all rows if none is valid, so that every rank
     # still runs the decoder and its gradient hooks fire; those rows add zero loss)
@@ -132,13 +149,16 @@ def simulate(
         gt = masks.reshape(B * N, S, S).index_select(0, idx)  # (R, S, S)
         target = target_all.reshape(B * N, *target_all.shape[-2:]).index_select(0, idx)
         v = valid.reshape(B * N).index_select(0, idx)  # (R,) all True unless none is
-        coords, labels, is_box = initial_prompts(gt, boxes.reshape(B * N, 4).index_select(0, idx), v, cfg, generator)
-        multi = (~is_box) if cfg.multimask else None
+        prompts = initial_prompts(
+            gt, boxes.reshape(B * N, 4).index_select(0, idx), v, size_hw.index_select(0, img), cfg, generator
+        )
+        multi = (~prompts.is_box) if cfg.multimask else None
         mask_in, pred = None, None
         for t, kind in enumerate(schedule):
             if kind == POINT:
-                c, l = error_points(pred, target, v, S, generator)
-                coords, labels = torch.cat((coords, c), 1), torch.cat((labels, l), 1)
+                where = None if region is None else region.index_select(0, img)
+                prompts.add(*error_points(pred, target, v, S, where, generator))
+            coords, labels = prompts.tokens()
             ambiguous = t < first_point  # still a single point (or a box)
             args = (
                 model,
@@ -149,6 +169,7 @@ def simulate(
                 labels,
                 mask_in,
                 target,
+                region,
                 v,
                 multi if ambiguous else None,
                 loss_fn,
