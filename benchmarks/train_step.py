@@ -6,6 +6,7 @@ memory per mask per round with and without per-round recomputation, projected to
 
     python benchmarks/train_step.py                          # vit_tiny and vit_b, 1024 px, 64 masks, 11 rounds
     python benchmarks/train_step.py --models vit_b --masks 16 --rounds 3
+    python benchmarks/train_step.py --models vit_tiny --masks 16 --resolutions full low   # the cost of S vs S/4 targets
 
 Timing runs on CUDA when available, else on the CPU (2 threads here). The decoder rounds
 are timed with per-round recomputation on (``checkpoint_rounds``): without it 64 x 11
@@ -71,11 +72,13 @@ def prompt_cfg(rounds: int, **kw) -> PromptConfig:
     return PromptConfig(point_rounds=rounds - 1 - mask_rounds, mask_rounds=mask_rounds, **kw)
 
 
-def time_step(variant: str, img_size: int, masks: int, rounds: int, device, warmup: bool = True) -> dict:
+def time_step(
+    variant: str, img_size: int, masks: int, rounds: int, device, warmup: bool = True, resolution: str = "full"
+) -> dict:
     torch.manual_seed(0)
     model = segany.build_sam(variant, img_size=img_size).to(device)
     batch = toy_batch(1, masks, img_size, device=device)
-    cfg = prompt_cfg(rounds, checkpoint_rounds=True)
+    cfg = prompt_cfg(rounds, checkpoint_rounds=True, resolution=resolution)
     loss_fn = SamLoss()
     amp = (
         torch.autocast(device.type, dtype=torch.bfloat16)
@@ -120,7 +123,7 @@ def time_step(variant: str, img_size: int, masks: int, rounds: int, device, warm
         }
 
     if warmup:  # first calls pay allocator / kernel setup; time the second step
-        small = prompt_cfg(2, checkpoint_rounds=True)
+        small = prompt_cfg(2, checkpoint_rounds=True, resolution=resolution)
         with patched(cfg, "point_rounds", small.point_rounds), patched(cfg, "mask_rounds", small.mask_rounds):
             step()
     if device.type == "cuda":
@@ -148,7 +151,7 @@ def saved_bytes(fn, model) -> int:
     return sum(n for _, n in seen)
 
 
-def memory(variant: str, img_size: int, masks: int, rounds: int, dtype=torch.float32) -> dict:
+def memory(variant: str, img_size: int, masks: int, rounds: int, dtype=torch.float32, resolution="full") -> dict:
     """Activation bytes on the meta device: encoder per image, decoder per mask per round
     (stored without recomputation), the fed-back logits kept per mask per round with it."""
     dev = torch.device("meta")
@@ -162,10 +165,11 @@ def memory(variant: str, img_size: int, masks: int, rounds: int, dtype=torch.flo
         "masks_lowres": torch.empty(1, R, S // 4, S // 4, device=dev, dtype=torch.bool),
         "valid": torch.ones(1, R, device=dev, dtype=torch.bool),
         "boxes": torch.empty(1, R, 4, device=dev, dtype=dtype),
+        "input_size": torch.tensor([[S, S]], device=dev),
     }
     enc = saved_bytes(lambda: model.image_encoder(batch["image"]), model)
     emb = torch.empty(1, 256, h, h, device=dev, dtype=dtype, requires_grad=True)
-    cfg = prompt_cfg(rounds)
+    cfg = prompt_cfg(rounds, resolution=resolution)
     # simulate() selects the valid rows with nonzero(), which the meta device cannot size; every
     # row is valid here, the case this setting assumes
     with patched(torch.fx.experimental._config, "meta_nonzero_assume_all_nonzero", True):
@@ -190,15 +194,24 @@ def main(argv=None):
     ap.add_argument("--masks", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--no-timing", action="store_true", help="memory figures only")
+    ap.add_argument(
+        "--resolutions", nargs="+", default=["full"], choices=["full", "low"], help="prompting.resolution(s) to measure"
+    )
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
         f"device {device} ({torch.get_num_threads()} threads), {args.img_size} px, {args.masks} masks, "
         f"{args.rounds} rounds"
     )
+    for res in args.resolutions:
+        print(f"\n=== prompting.resolution={res} ===")
+        report(args, device, res)
+
+
+def report(args, device, res: str):
     if not args.no_timing:
         for v in args.models:
-            r = time_step(v, args.img_size, args.masks, args.rounds, device)
+            r = time_step(v, args.img_size, args.masks, args.rounds, device, resolution=res)
             total = r["encoder_fwd"] + r["encoder_bwd"] + r["rounds_fwd"] + r["rounds_bwd"]
             print(f"\n[{v}] one step: {total:.1f} s")
             print(f"  encoder   fwd {r['encoder_fwd']:7.2f} s   bwd {r['encoder_bwd']:7.2f} s")
@@ -213,7 +226,7 @@ def main(argv=None):
     print("\nactivation memory (fp32, counted on the meta device):")
     mem = {}
     for v in dict.fromkeys(list(args.models) + ["vit_h"]):
-        mem[v] = memory(v, args.img_size, args.masks, args.rounds)
+        mem[v] = memory(v, args.img_size, args.masks, args.rounds, resolution=res)
         m = mem[v]
         print(
             f"  [{v}] encoder {m['encoder_act'] / GB:.2f} GB/image; decoder per mask per round: "
@@ -242,7 +255,6 @@ def main(argv=None):
             f"  decoder with per-round recompute, mask_chunk={chunk}: total {p['recompute'] / GB:.1f} GB "
             f"({'fits' if p['recompute'] < 80 * GB else 'does NOT fit'} 80 GB)"
         )
-
 
 if __name__ == "__main__":
     main()
