@@ -4,6 +4,7 @@ ignore band and on real DAVIS masks (opt-in), NoC / NoF / mIoU@k on IoUs and scr
 whose answers are known by hand."""
 
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 from segany.evaluation.clicks import Clicker, center_click
 from segany.evaluation.noc import iou_outside, noc_metrics, object_ious
 
-DAVIS = "/work/shared/data/DAVIS"
+# real DAVIS-345 (RITM's packaging) in ../shared/data beside the checkout (SEGANY_SHARED_DATA overrides)
+SHARED = Path(os.environ.get("SEGANY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DAVIS = str(SHARED / "DAVIS")
 
 
 # --- RITM's clicker, transcribed from isegm/inference/clicker.py (Clicker._get_next_click, add_click;

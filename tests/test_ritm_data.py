@@ -159,3 +159,24 @@ def test_davis_any_positive_value_is_the_object_and_noc_runs(tmp_path):
     assert set(d) >= {"NoC@85", "NoC@90", "NoF@90", "miou@1", "miou@3"} and 1 <= d["NoC@90"] <= 3
     assert (out / "noc_miou_vs_clicks.png").stat().st_size > 1000
     assert "| ritm |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "name,folder,images,masks,fmt",
+    [
+        ("grabcut", "GrabCut", "data_GT", "boundary_GT", "grabcut"),
+        ("berkeley", "Berkeley", "images", "masks", "grabcut"),
+        ("davis", "DAVIS", "img", "gt", "binary"),
+        ("coco_mval", "COCO_MVal", "img", "gt", "binary"),
+        ("sbd", "SBD", "img", "inst", "sbd"),
+        ("pascalvoc", "PascalVOC", "JPEGImages", "SegmentationObject", "instances"),
+    ],
+)
+def test_named_configs(name, folder, images, masks, fmt):
+    cfg = compose(f"data={name}", "paths.data_dir=/data", name="evaluate").data
+    assert cfg._target_ == "segany.data.RitmDataModule" and cfg.root == f"/data/{folder}"
+    assert (cfg.images_dir, cfg.masks_dir, cfg.mask_format) == (images, masks, fmt)
+    dm = instantiate(cfg)
+    assert dm.cfg.max_area_frac == 1.0 and not dm.cfg.include_crowd
+    with pytest.raises(FileNotFoundError, match=f"data.root: folder /data/{folder} does not exist"):
+        dm.setup("validate")
