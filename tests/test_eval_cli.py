@@ -1,4 +1,4 @@
-"""evaluate.py end to end (in-process, Hydra config): all four tasks on tiny synthetic data,
+"""evaluate.py end to end (in-process, Hydra config): all five tasks on tiny synthetic data,
 sharded evaluation merging to the single-rank result, and sweep_dir tabulation."""
 
 import json
@@ -33,7 +33,7 @@ def _evaluate(cfg):
     return evaluate_script.evaluate(cfg)
 
 
-def test_all_four_tasks_write_metrics_tables_and_plots(tmp_path):
+def test_all_tasks_write_metrics_tables_and_plots(tmp_path):
     out = tmp_path / "out"
     m = _evaluate(
         _cfg(
@@ -45,21 +45,22 @@ def test_all_four_tasks_write_metrics_tables_and_plots(tmp_path):
             "proposals.points_per_side=4",
             "edges.points_per_side=4",
             "edges.n_thresholds=9",
+            "noc.max_clicks=2",
         )
     )
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(m))
-    assert {"points", "proposals", "instances", "edges"} <= set(saved)
+    assert {"points", "noc", "proposals", "instances", "edges"} <= set(saved)
     assert saved["miou@1"] == saved["points"]["datasets"]["synthetic"]["miou@1"]  # the flat keys stay
     assert saved["points"]["datasets"]["synthetic"]["num_images"] == 2
-    for sec, key in (("proposals", "AR@1000"), ("instances", "AP"), ("edges", "ODS")):
+    for sec, key in (("noc", "miou@2"), ("proposals", "AR@1000"), ("instances", "AP"), ("edges", "ODS")):
         v = saved[sec]["datasets"]["synthetic"][key]
         assert 0 <= v <= 1, (sec, v)
         assert saved[sec]["datasets"]["synthetic"]["num_images"] == 1
     md = (out / "results.md").read_text()
-    for title in ("## points", "## proposals", "## instances", "## edges", "| synthetic |"):
+    for title in ("## points", "## noc", "## proposals", "## instances", "## edges", "| synthetic |"):
         assert title in md
-    for png in ("points_miou_vs_clicks.png", "proposals_ar.png", "edges_pr.png"):
+    for png in ("points_miou_vs_clicks.png", "noc_miou_vs_clicks.png", "proposals_ar.png", "edges_pr.png"):
         assert (out / png).stat().st_size > 1000
 
 

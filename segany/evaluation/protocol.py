@@ -1,8 +1,8 @@
 """Interactive single-point evaluation (SAM paper, section 7.1 / appendix D.1).
 
-Per GT mask: click 1 at the mask centre (clicks.center_click; or uniform in the mask with
-``first_click="random"``), each later click on the
-largest error (clicks.next_click) of the previous prediction. After click 1 the model gives
+Per GT mask: click 1 at the mask centre (the distance-transform maximum; or uniform in the mask
+with ``first_click="random"``), each later click on the largest error of the previous prediction,
+placed by RITM's rule (clicks.Clicker: strict FN > FP, no pixel clicked twice). After click 1 the model gives
 3 masks (multimask): *default* = the one with the highest predicted IoU, *oracle* = the one
 with the best IoU with the GT. From click 2 on it gives the single-mask output (token 0),
 with the previous round's low-res logits as mask prompt (``use_prev_mask``); *oracle* is
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segany.evaluation.clicks import center_click, next_click, random_click
+from segany.evaluation.clicks import Clicker, random_click
 from segany.evaluation.metrics import mask_iou
 from segany.modeling.constants import PAD, POS
 
@@ -76,6 +76,7 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
         if protocol.first_click == "random"
         else None
     )
+    clickers = {r: Clicker(gt_np[r]) for r in np.nonzero(v_np)[0]}  # RITM's clicker: no pixel clicked twice
     res = {
         "iou": {k: [] for k in protocol.clicks},
         "iou_oracle": {k: [] for k in protocol.clicks},
@@ -86,9 +87,14 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
         l = np.full((R,), PAD, np.int64)
         for r in np.nonzero(v_np)[0]:  # click placement: a distance transform per mask, on the CPU
             if k > 1:
-                click = next_click(pred_np[r], gt_np[r])
+                click = clickers[r].click(pred_np[r])
+            elif not gt_np[r].any():
+                click = None
+            elif protocol.first_click == "center":
+                click = clickers[r].click()
             else:
-                click = center_click(gt_np[r]) if protocol.first_click == "center" else random_click(gt_np[r], rngs[r])
+                click = random_click(gt_np[r], rngs[r])
+                clickers[r].add(*click, POS)
             if click is not None:
                 c[r] = (click[1], click[0])
                 l[r] = POS if k == 1 else click[2]

@@ -2,8 +2,8 @@
 (this rank's share), merge the ranks' parts on rank 0 and write the reports.
 
 The tasks are the classes registered in registry.TASKS — points (interactive mIoU),
-proposals (mask AR), instances (mask AP from detector boxes), edges (BSDS-style
-ODS/OIS/AP); ``task=all`` runs every registered one.
+noc (RITM's NoC / mIoU-vs-clicks benchmark), proposals (mask AR), instances (mask AP from
+detector boxes), edges (BSDS-style ODS/OIS/AP); ``task=all`` runs every registered one.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Lightning datamodules: SA-1B shards, their weighted mixture, COCO / LVIS, synthetic scenes."""
+"""Lightning datamodules: SA-1B shards, their weighted mixture, COCO / LVIS, synthetic scenes,
+RITM-layout benchmarks."""

@@ -1,0 +1,163 @@
+"""The ``noc`` task: the interactive benchmark of RITM (isegm/inference/evaluation.py, utils.py) —
+number of clicks to reach an IoU (NoC@80/85/90), the objects that need all max_clicks (NoF), and
+mIoU after k clicks, k = 1..max_clicks — with SAM as the model, prompted as the release's
+predictor is used interactively.
+
+Per object, in the image's stored resolution: clicks placed by RITM's clicker (clicks.Clicker: the
+first at the distance-transform maximum of the object, then on the larger error region, no pixel
+twice, the ignore region excluded); after each click SamPredictor.predict gets all clicks so far,
+the previous click's low-res logits of the chosen mask as mask_input, and multimask_output on the
+first click only; the chosen mask is the one of highest predicted IoU (the only one after click 1).
+IoU as RITM's get_iou: intersection and union outside the ignore region. Every object gets all
+max_clicks clicks (RITM's mIoU analysis mode); NoC does not depend on it.
+
+NoC and NoF exactly as RITM's compute_noc_metric: an object's NoC@t is the first click whose IoU
+is >= t, or max_clicks when none is; NoF@t counts the objects whose NoC@t equals max_clicks (so an
+object reaching t exactly at the last click counts as a failure, as in RITM's ">=20@90%" column).
+
+The ignore region of an image is the union of its crowd annotations (RITM-layout sets: the ignore
+band; COCO: the iscrowd regions, which COCOeval ignores too).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from segany.data.decode import decode_mask
+from segany.evaluation import report
+from segany.evaluation.clicks import Clicker
+from segany.evaluation.registry import ImageTask, register
+from segany.evaluation.sources import EvalImage
+from segany.inference import SamPredictor
+
+
+def iou_outside(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray) -> float:
+    """RITM's get_iou: IoU of (H, W) bool pred and gt counting only pixels outside ignore."""
+    keep = ~ignore
+    inter = np.count_nonzero(pred & gt & keep)
+    union = np.count_nonzero((pred | gt) & keep)
+    return inter / union if union else 1.0
+
+
+@torch.no_grad()
+def object_ious(predictor, gt: np.ndarray, ignore: np.ndarray, max_clicks: int) -> list:
+    """IoU after each of max_clicks clicks on one object of the predictor's current image."""
+    clicker = Clicker(gt, ignore)
+    pred, low, ious = None, None, []
+    for k in range(max_clicks):
+        clicker.click(pred)
+        yx = np.array([c[:2] for c in clicker.clicks], np.float32)
+        labels = np.array([c[2] for c in clicker.clicks], np.int64)
+        masks, scores, lows = predictor.predict(yx[:, ::-1], labels, mask_input=low, multimask_output=k == 0)
+        best = int(scores.argmax())
+        pred, low = masks[best], lows[best][None]  # (H, W) bool, (1, 4h, 4w) logits
+        ious.append(iou_outside(pred, gt, ignore))
+    return ious
+
+
+def noc_part(predictor, images: Iterable[EvalImage], max_clicks: int) -> dict:
+    """{"ious": [[IoU after click 1..max_clicks] per object], "keys": [image key per object], "num_images"}."""
+    out = {"ious": [], "keys": [], "num_images": 0}
+    for ev in images:
+        objects = [a for a in ev.anns if not a.get("iscrowd", 0)]
+        ignore = np.zeros(ev.size, bool)
+        for a in ev.anns:
+            if a.get("iscrowd", 0):
+                ignore |= decode_mask(a["segmentation"])
+        out["num_images"] += 1
+        if not objects:
+            continue
+        predictor.set_image(ev.image)
+        for a in objects:
+            out["ious"].append(object_ious(predictor, decode_mask(a["segmentation"]), ignore, max_clicks))
+            out["keys"].append(ev.key)
+    predictor.reset_image()
+    return out
+
+
+def noc_metrics(ious: np.ndarray, thresholds: Sequence[float], max_clicks: int) -> dict:
+    """(N, K) IoU per object and click -> {NoC@t, NoF@t, miou@k, num_objects} (RITM's rules)."""
+    out = {}
+    ious = np.asarray(ious, np.float64).reshape(-1, max_clicks)
+    for t in thresholds:
+        reached = ious >= t
+        noc = np.where(reached.any(1), reached.argmax(1) + 1, max_clicks)
+        name = f"{round(100 * t)}"
+        out[f"NoC@{name}"] = float(noc.mean()) if len(noc) else float("nan")
+        out[f"NoF@{name}"] = int((noc == max_clicks).sum())
+    for k in range(1, max_clicks + 1):
+        out[f"miou@{k}"] = float(ious[:, k - 1].mean()) if len(ious) else float("nan")
+    out["num_objects"] = int(len(ious))
+    return out
+
+
+def plot_noc(out_dir: str, section: dict, max_clicks: int) -> str:
+    """mIoU vs clicks per dataset (and their mean) -> noc_miou_vs_clicks.png in out_dir."""
+    plt = report._pyplot()
+    ks = list(range(1, max_clicks + 1))
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, m in section["datasets"].items():
+        ax.plot(ks, [m[f"miou@{k}"] for k in ks], marker=".", label=name)
+    if len(section["datasets"]) > 1:
+        ax.plot(ks, [section["mean"][f"miou@{k}"] for k in ks], "k--", label="mean")
+    ax.set_xlabel("number of clicks")
+    ax.set_ylabel("mIoU")
+    ax.set_xticks([k for k in ks if k == 1 or k % 5 == 0])
+    ax.set_ylim(0, 1)
+    return report._finish(plt, fig, ax, out_dir, "noc_miou_vs_clicks.png")
+
+
+@register("noc")
+class NocTask(ImageTask):
+    """cfg.noc: max_clicks, iou_thresholds; cfg.max_images bounds the images per dataset."""
+
+    def _settings(self) -> tuple:
+        p = self.cfg.noc
+        max_clicks = int(p.max_clicks)
+        if max_clicks < 1:
+            raise ValueError(f"noc.max_clicks={max_clicks}: at least 1")
+        thresholds = [float(t) for t in p.iou_thresholds]
+        if not thresholds or not all(0 < t <= 1 for t in thresholds):
+            raise ValueError(f"noc.iou_thresholds={thresholds}: IoUs in (0, 1]")
+        return max_clicks, thresholds
+
+    def part_images(self, dataset: str, images: Iterable[EvalImage]) -> dict:
+        return noc_part(SamPredictor(self.model), images, self._settings()[0])
+
+    def merge(self, parts: list) -> dict:
+        max_clicks, thresholds = self._settings()
+        ious = [r for p in parts for r in p["ious"]]
+        out = noc_metrics(np.array(ious).reshape(-1, max_clicks), thresholds, max_clicks)
+        out["num_images"] = int(sum(p["num_images"] for p in parts))
+        return out
+
+    def report(self, per_dataset: dict) -> dict:
+        sec = super().report(per_dataset)
+        for k in list(next(iter(per_dataset.values()))):  # counts: summed over datasets
+            if k.startswith("NoF@") or k.startswith("num_"):
+                sec["mean"][k] = int(sum(d[k] for d in per_dataset.values()))
+        return sec
+
+    def description(self) -> str:
+        max_clicks, thresholds = self._settings()
+        ts = "/".join(str(round(100 * t)) for t in thresholds)
+        return (
+            f"RITM's interactive benchmark: NoC@{ts} (clicks to reach the IoU, {max_clicks} when never), "
+            f"NoF (objects at {max_clicks}), mIoU after k clicks; RITM's clicker, previous low-res logits "
+            "as mask prompt, multimask on click 1 only; IoU at the image's resolution outside the ignore region."
+        )
+
+    def figures(self, section: dict) -> list:
+        return [plot_noc(self.out_dir, section, self._settings()[0])]
+
+    @classmethod
+    def columns(cls, section: dict) -> list:
+        first = next(iter(section["datasets"].values()))
+        max_clicks = int(section["settings"]["max_clicks"])
+        nocs = [k for k in first if k.startswith("NoC@")]
+        nofs = [k for k in first if k.startswith("NoF@")]
+        mious = [f"miou@{k}" for k in (1, 2, 3, 5, 10, 20) if k <= max_clicks]
+        return nocs + nofs + mious + ["num_objects", "num_images"]
