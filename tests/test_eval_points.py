@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from segany.evaluation import ClickProtocol, center_click, interactive_eval, next_click, random_click
-from segany.evaluation.points import mean_over_datasets, points_merge
+from segany.evaluation.points import mean_over_datasets, points_merge, points_part
+from segany.evaluation.protocol import AREA_BINS, original_areas, summarize
 
 
 def test_center_of_a_square_and_of_a_plus():
@@ -87,3 +88,77 @@ def test_merge_over_ranks_and_mean_over_datasets():
     d2 = points_merge([{"iou": {"1": [0.1], "3": [0.2]}, "iou_oracle": {"1": [0.1], "3": [0.2]}, "num_images": 1}])
     mean = mean_over_datasets({"a": d1, "b": d2})  # unweighted over datasets, as the paper's 23
     assert mean["miou@1"] == pytest.approx((0.5 + 0.1) / 2) and mean["num_masks"] == 4
+
+
+def test_area_bins_are_cocoevals():
+    from pycocotools.cocoeval import Params
+
+    coco = dict(zip(Params(iouType="segm").areaRngLbl, Params(iouType="segm").areaRng))
+    for name, (lo, hi) in AREA_BINS.items():  # COCOeval's closed ranges; ours [lo, hi) so no mask is in two
+        assert coco[name][0] == lo and (coco[name][1] == hi or hi == float("inf"))
+
+
+def test_summarize_by_object_size():
+    area = [10.0, 1023.5, 1024.0, 9215.0, 9216.0, 5e4]  # small, small, medium, medium, large, large
+    iou = {1: [0.1, 0.3, 0.5, 0.7, 0.8, 1.0], 2: [0.2, 0.4, 0.6, 0.8, 0.9, 1.0]}
+    oracle = {k: [min(v + 0.05, 1.0) for v in vs] for k, vs in iou.items()}
+    m = summarize({"iou": iou, "iou_oracle": oracle, "area": area})
+    assert m["miou@1"] == pytest.approx(3.4 / 6) and m["num_masks"] == 6
+    assert m["miou@1_small"] == pytest.approx(0.2) and m["miou@1_medium"] == pytest.approx(0.6)
+    assert m["miou@1_large"] == pytest.approx(0.9) and m["miou@2_small"] == pytest.approx(0.3)
+    assert m["miou_oracle@1_large"] == pytest.approx((0.85 + 1.0) / 2)
+    assert (m["num_masks_small"], m["num_masks_medium"], m["num_masks_large"]) == (2, 2, 2)
+    only_small = summarize({"iou": {1: [0.4]}, "iou_oracle": {1: [0.5]}, "area": [3.0]})
+    assert np.isnan(only_small["miou@1_large"]) and only_small["num_masks_large"] == 0
+    assert "miou@1_small" not in summarize({"iou": iou, "iou_oracle": oracle})  # no areas: overall only
+
+
+def test_points_part_bins_masks_by_their_original_area():
+    """Masks of known areas under a model that predicts the whole image: the IoU of each is
+    its area / the input frame's area, and its original area is 4x its input-frame area
+    (a 128 x 96 image at 64 x 48)."""
+    S, (h, w) = 64, (48, 64)  # input frame 48 x 64: 3072 pixels
+    masks = torch.zeros(1, 4, S, S, dtype=torch.bool)
+    masks[0, 0, 10:15, 10:11] = True  # 5 px -> 20 original: small
+    masks[0, 1, 0:15, 0:20] = True  # 300 px -> 1200: medium
+    masks[0, 2, :h, :w] = True  # 3072 px -> 12288: large
+    batch = {
+        "image": torch.zeros(1, 3, S, S),
+        "original_size": torch.tensor([[96, 128]]),
+        "input_size": torch.tensor([[h, w]]),
+        "masks": masks,
+        "valid": torch.tensor([[True, True, True, False]]),
+        "image_id": ["a"],
+    }
+    assert original_areas(batch)[0].tolist() == [20.0, 1200.0, 12288.0, 0.0]
+
+    class Everything(torch.nn.Module):  # logits +1 everywhere: the prediction is the input frame
+        def __init__(self):
+            super().__init__()
+            self.image_encoder = lambda x: torch.zeros(x.shape[0], 8, 4, 4)
+            self.prompt_encoder = self.mask_decoder = self
+
+        def get_dense_pe(self):
+            return torch.zeros(1, 8, 4, 4)
+
+        def forward(self, points, boxes, masks):
+            return points[0], None
+
+        def predict_masks(self, emb, pe, sparse, dense):
+            return torch.ones(sparse.shape[0], 4, 16, 16), torch.zeros(sparse.shape[0], 4)
+
+    class DM:
+        class val_dataset:
+            set_topology = staticmethod(lambda rank, world: None)
+
+        val_dataloader = staticmethod(lambda: [batch])
+
+    part = points_part(Everything(), DM, ClickProtocol(clicks=(1,)), "cpu")
+    assert part["area"] == [20.0, 1200.0, 12288.0]
+    m = points_merge([part])
+    assert m["miou@1_small"] == pytest.approx(5 / 3072) and m["miou@1_medium"] == pytest.approx(300 / 3072)
+    assert m["miou@1_large"] == pytest.approx(1.0) and m["num_masks_small"] == 1 and m["num_masks"] == 3
+    other = points_merge([dict(part, area=[12288.0] * 3)])  # a second dataset without small masks
+    mean = mean_over_datasets({"a": m, "b": other})
+    assert mean["miou@1_small"] == pytest.approx(5 / 3072)  # over the datasets that have small masks
+    assert mean["num_masks_large"] == 4 and mean["miou@1"] == pytest.approx(m["miou@1"])

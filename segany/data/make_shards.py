@@ -90,6 +90,11 @@ def main(argv=None) -> int:
     syn.add_argument("--shard-size", type=int, default=100)
     syn.add_argument("--min-side", type=int, default=192)
     syn.add_argument("--max-side", type=int, default=320)
+    syn.add_argument("--objects", type=int, nargs=2, default=[3, 8], metavar=("MIN", "MAX"))
+    syn.add_argument("--thin-small-frac", type=float, default=0.3, help="share of thin lines / small blobs")
+    syn.add_argument("--line-width", type=float, nargs=2, default=[1.0, 4.0], metavar=("MIN", "MAX"))
+    syn.add_argument("--small-diameter", type=float, nargs=2, default=[4.0, 16.0], metavar=("MIN", "MAX"))
+    syn.add_argument("--min-visible", type=int, default=10, help="pixels: smaller visible parts get no mask")
     coco = sub.add_parser("coco", help="convert a COCO / LVIS instance dataset")
     coco.add_argument("out_dir")
     coco.add_argument("--images", required=True, help="folder holding the image files")
@@ -101,7 +106,18 @@ def main(argv=None) -> int:
         from segany.data.scenes import scene_samples
 
         paths = write_shards(
-            scene_samples(args.num, args.seed, args.first_id, args.min_side, args.max_side),
+            scene_samples(
+                args.num,
+                args.seed,
+                args.first_id,
+                args.min_side,
+                args.max_side,
+                objects=args.objects,
+                thin_small_frac=args.thin_small_frac,
+                line_width=args.line_width,
+                small_diameter=args.small_diameter,
+                min_visible=args.min_visible,
+            ),
             args.out_dir,
             args.prefix,
             args.shard_size,

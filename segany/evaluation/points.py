@@ -7,18 +7,19 @@ import numpy as np
 import torch
 
 from segany.evaluation import report
-from segany.evaluation.protocol import ClickProtocol, interactive_eval, summarize
+from segany.evaluation.protocol import AREA_BINS, ClickProtocol, interactive_eval, original_areas, summarize
 from segany.evaluation.registry import EvalTask, register
 
 
 @torch.no_grad()
 def points_part(model, dm, protocol: ClickProtocol, device, rank: int = 0, world: int = 1, max_batches=None) -> dict:
-    """Per-mask IoUs of this rank's share of the datamodule's validation split:
-    {"iou": {"k": [...]}, "iou_oracle": {"k": [...]}, "num_images": n} (json-safe keys)."""
+    """Per-mask IoUs of this rank's share of the datamodule's validation split and the masks'
+    areas in original-image pixels (protocol.original_areas): {"iou": {"k": [...]},
+    "iou_oracle": {"k": [...]}, "area": [...], "num_images": n} (json-safe keys)."""
     loader = dm.val_dataloader()
     dm.val_dataset.set_topology(rank, world)  # the loader iterates the dataset lazily
     per_mask = {"iou": {str(k): [] for k in protocol.clicks}, "iou_oracle": {str(k): [] for k in protocol.clicks}}
-    images = 0
+    areas, images = [], 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -27,24 +28,36 @@ def points_part(model, dm, protocol: ClickProtocol, device, rank: int = 0, world
         for key in per_mask:
             for k in protocol.clicks:
                 per_mask[key][str(k)] += res[key][k]
+        areas += original_areas(batch)[batch["valid"]].tolist()  # the order of res's lists
         images += batch["image"].shape[0]
-    return dict(per_mask, num_images=images)
+    return dict(per_mask, area=areas, num_images=images)
 
 
 def points_merge(parts: list) -> dict:
-    """Rank parts of one dataset -> {miou@k, miou_oracle@k, num_masks, num_images}."""
+    """Rank parts of one dataset -> {miou@k, miou_oracle@k, num_masks, num_images}, and per
+    area bin (miou@k_small, ..., num_masks_small, ...) when the parts carry areas."""
     keys = list(parts[0]["iou"])
     merged = {name: {int(k): [v for p in parts for v in p[name][k]] for k in keys} for name in ("iou", "iou_oracle")}
+    if all("area" in p for p in parts):
+        merged["area"] = [a for p in parts for a in p["area"]]
     out = summarize(merged)
     out["num_images"] = int(sum(p["num_images"] for p in parts))
     return out
 
 
 def mean_over_datasets(per_dataset: dict) -> dict:
-    """Unweighted mean of each miou@k / miou_oracle@k over datasets; num_masks summed."""
+    """Unweighted mean of each miou@k / miou_oracle@k over datasets (of an area bin's: over
+    the datasets with masks in that bin); num_masks (and per bin) summed."""
     first = next(iter(per_dataset.values()))
-    out = {k: float(np.mean([d[k] for d in per_dataset.values()])) for k in first if k.startswith("miou")}
-    out["num_masks"] = int(sum(d["num_masks"] for d in per_dataset.values()))
+    out = {}
+    for k in first:
+        if k.startswith("miou"):
+            vals = [d[k] for d in per_dataset.values()]
+            if k.rsplit("_", 1)[-1] in AREA_BINS:
+                vals = [v for v in vals if not np.isnan(v)]
+            out[k] = float(np.mean(vals)) if vals else float("nan")
+    for k in ["num_masks"] + [f"num_masks_{b}" for b in AREA_BINS if f"num_masks_{b}" in first]:
+        out[k] = int(sum(d[k] for d in per_dataset.values()))
     out["num_images"] = int(sum(d["num_images"] for d in per_dataset.values()))
     return out
 
@@ -83,7 +96,9 @@ class PointsTask(EvalTask):
                 "first_click": cfg.get("first_click", "center"),
             },
             "description": "Interactive single-point mIoU: click 1 at the mask centre (distance-transform "
-            "maximum), then on the largest error; default = most confident of 3 masks, oracle = best.",
+            "maximum), then on the largest error; default = most confident of 3 masks, oracle = best. "
+            "By size: COCO's area bins (small < 32^2, medium < 96^2, large) of the GT mask's area in "
+            "original-image pixels (input-frame area x original / input size).",
         }
         sec["figures"] = [report.plot_points(self.out_dir, sec)]
         return sec
@@ -91,7 +106,8 @@ class PointsTask(EvalTask):
     @classmethod
     def columns(cls, section: dict) -> list:
         ks = section["clicks"]
-        return [f"miou@{k}" for k in ks] + [f"miou_oracle@{k}" for k in ks] + ["num_masks"]
+        by_size = [f"miou@{ks[0]}_{b}" for b in AREA_BINS] + [f"num_masks_{b}" for b in AREA_BINS]
+        return [f"miou@{k}" for k in ks] + [f"miou_oracle@{k}" for k in ks] + ["num_masks"] + by_size
 
     def top_level(self, section: dict) -> dict:
         """The keys of the first version of evaluate.py: the mean over datasets, flat."""

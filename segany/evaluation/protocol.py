@@ -136,11 +136,38 @@ def _full(low: torch.Tensor, S: int) -> torch.Tensor:
     return F.interpolate(low, (S, S), mode="bilinear", align_corners=False)
 
 
+# COCOeval's area ranges (pycocotools cocoeval.Params.areaRng): [lo, hi) in original-image pixels
+AREA_BINS = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, float("inf"))}
+
+
+def original_areas(batch: dict) -> torch.Tensor:
+    """(B, N) float: each GT mask's area in original-image pixels, estimated as its area in
+    the input frame times (original h * w) / (input h * w). The batch carries the masks at
+    the input size only, so a mask thinner than the resize factor is counted as resized."""
+    orig, inp = batch["original_size"].double(), batch["input_size"].double()
+    scale = orig.prod(1) / inp.prod(1)  # (B,)
+    return batch["masks"].sum((2, 3)).double() * scale[:, None]
+
+
+def _mean(v) -> float:
+    return float(np.mean(v)) if len(v) else float("nan")
+
+
 def summarize(per_mask: dict) -> dict:
-    """Concatenated per-mask lists {"iou": {k: [...]}, "iou_oracle": ...} -> metrics."""
+    """Concatenated per-mask lists {"iou": {k: [...]}, "iou_oracle": ..., optionally "area":
+    [...]} -> metrics: miou@k, miou_oracle@k, num_masks, and with areas the same per COCO
+    area bin (AREA_BINS): miou@k_small, miou_oracle@k_small, num_masks_small, ..."""
     out = {}
     for k, v in per_mask["iou"].items():
-        out[f"miou@{k}"] = float(np.mean(v)) if v else float("nan")
-        out[f"miou_oracle@{k}"] = float(np.mean(per_mask["iou_oracle"][k])) if v else float("nan")
+        out[f"miou@{k}"] = _mean(v)
+        out[f"miou_oracle@{k}"] = _mean(per_mask["iou_oracle"][k]) if v else float("nan")
     out["num_masks"] = len(next(iter(per_mask["iou"].values()), []))
+    if "area" in per_mask:
+        area = np.asarray(per_mask["area"], float)
+        for name, (lo, hi) in AREA_BINS.items():
+            sel = (area >= lo) & (area < hi)
+            for k, v in per_mask["iou"].items():
+                out[f"miou@{k}_{name}"] = _mean(np.asarray(v, float)[sel])
+                out[f"miou_oracle@{k}_{name}"] = _mean(np.asarray(per_mask["iou_oracle"][k], float)[sel])
+            out[f"num_masks_{name}"] = int(sel.sum())
     return out
