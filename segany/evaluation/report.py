@@ -46,9 +46,13 @@ def table(rows: dict, columns) -> str:
 
 
 def write_markdown(out_dir: str, metrics: dict, columns: dict) -> str:
-    """results.md: a table per task section in metrics.json; columns: task name -> its
-    columns(section) (in the order of the tables)."""
-    parts = [f"# Evaluation of {metrics.get('model', '?')}", ""]
+    """results.md: a table per task section in metrics.json (a row per dataset and their mean),
+    after the list of datasets skipped as not on disk; columns: task name -> its columns(section)
+    (in the order of the tables)."""
+    suite = f" on the {metrics['suite']} suite" if metrics.get("suite") else ""
+    parts = [f"# Evaluation of {metrics.get('model', '?')}{suite}", ""]
+    if metrics.get("skipped"):
+        parts += ["Skipped (not on disk): " + ", ".join(f"{d}" for d in metrics["skipped"]), ""]
     for task, cols_of in columns.items():
         if task not in metrics:
             continue

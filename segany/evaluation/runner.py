@@ -29,10 +29,11 @@ def output_dir(cfg: DictConfig, datasets: dict) -> str:
     """cfg.output_dir, else a folder named after the checkpoint and the datasets:
     <run dir>/eval/<ckpt stem>-<datasets> for a train.py checkpoint (the run dir holds checkpoints/),
     <paths.root_dir>/eval/<ckpt stem>-<datasets> for an official .pth, and
-    <paths.root_dir>/eval/untrained-<datasets> without one (sources.dataset_label names the datasets)."""
+    <paths.root_dir>/eval/untrained-<datasets> without one (sources.dataset_label names the datasets;
+    with an eval_suite, <datasets> is the suite's name: runs/demo/eval/last-interactive)."""
     if cfg.output_dir:
         return cfg.output_dir
-    label = dataset_label(datasets, named=bool(cfg.get("datasets")))
+    label = cfg.get("suite") or dataset_label(datasets, named=bool(cfg.get("datasets")))
     ck = cfg.ckpt_path
     if not ck:
         return os.path.join(cfg.paths.root_dir, "eval", f"untrained-{label}")
@@ -44,34 +45,68 @@ def output_dir(cfg: DictConfig, datasets: dict) -> str:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Run the configured task(s); returns the metrics written (rank 0) or {} (other ranks)."""
-    names = task_names(cfg)
+    task_names(cfg)  # a wrong task name fails before the model is loaded
     rank, world = topology(cfg.get("rank"), cfg.get("world_size"))
     device = pick_device(cfg.device)
     model, what = load_model(cfg.ckpt_path, cfg.model, cfg.seed, trust_checkpoint=bool(cfg.get("ckpt_trust", False)))
     model.to(device).eval()
     datasets = dataset_configs(cfg)
-    out_dir = output_dir(cfg, datasets)
+    fp = fingerprint(cfg, cfg.ckpt_path)
+    return run_tasks(cfg, model, what, device, output_dir(cfg, datasets), datasets, rank, world, fp)
+
+
+def _datamodule(cfg: DictConfig, dname: str, node, task, model, skipped: dict):
+    """build_datamodule, or None (and `skipped[dname]` = the reason) when the dataset's files are
+    missing and cfg.skip_missing is set (eval suites: a dataset not downloaded is skipped, not an error)."""
+    try:
+        return build_datamodule(dname, node, task.num_workers, img_size=model.image_encoder.img_size)
+    except FileNotFoundError as e:
+        if not cfg.get("skip_missing"):
+            raise
+        skipped[dname] = str(e)
+        log.warning("dataset %s skipped: not on disk (%s)", dname, e)
+        return None
+
+
+def run_tasks(
+    cfg: DictConfig, model, what: str, device, out_dir: str, datasets: dict, rank=0, world=1, fp=None
+) -> dict:
+    """Each task of cfg.task on each dataset with an already loaded model (evaluate.py, and
+    segany.callbacks.BenchmarkValidation during training): this rank's parts, rank 0 merges and
+    writes metrics.json, results.md, plots (and logs to wandb when cfg.wandb.enabled). Datasets
+    missing on disk are skipped with cfg.skip_missing (listed under "skipped" in metrics.json).
+    -> the metrics written (rank 0) or {} (other ranks)."""
     os.makedirs(out_dir, exist_ok=True)
     metrics: dict = {}
-    fp = fingerprint(cfg, cfg.ckpt_path)
-    for name in names:
+    skipped: dict = {}  # dataset -> why (its files are missing)
+    for name in task_names(cfg):
         task = TASKS[name](cfg, model, device, out_dir)
         t0 = time.time()
         per_dataset = {}
         for dname, node in datasets.items():
+            if dname in skipped:
+                continue
             if not cfg.merge_only:
-                dm = build_datamodule(dname, node, task.num_workers, img_size=model.image_encoder.img_size)
+                dm = _datamodule(cfg, dname, node, task, model, skipped)
+                if dm is None:
+                    continue
                 write_part(out_dir, name, dname, rank, world, task.part(dname, dm, rank, world), fp)
             if rank == 0:
                 parts = gather_parts(out_dir, name, dname, world, cfg.merge_timeout_s if world > 1 else 0, fp)
                 per_dataset[dname] = task.merge(parts)
+        if not per_dataset and rank == 0:
+            raise FileNotFoundError(
+                f"none of the datasets is on disk ({', '.join(datasets)}); see the log above, or set paths.data_dir"
+            )
         if rank != 0:
             continue
         sec = task.report(per_dataset)
         sec["seconds"] = round(time.time() - t0, 1)
         extra = {
             "model": what,
-            "data": {d: OmegaConf.select(n, "_target_") for d, n in datasets.items()},
+            "suite": cfg.get("suite"),
+            "data": {d: OmegaConf.select(n, "_target_") for d, n in datasets.items() if d not in skipped},
+            "skipped": skipped,
             "world_size": world,
         }
         metrics = report.update_metrics(out_dir, name, sec, extra, task.top_level(sec))
