@@ -2,7 +2,7 @@
 (this rank's share), merge the ranks' parts on rank 0 and write the reports.
 
 The tasks are the classes registered in registry.TASKS — points (interactive mIoU),
-proposals (mask AR), instances (mask AP from detector boxes), edges (BSDS-style
+proposals (mask AR), instances (mask AP from detector boxes), edges (BSDS500 benchmark
 ODS/OIS/AP); ``task=all`` runs every registered one.
 """
 
