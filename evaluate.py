@@ -3,7 +3,7 @@
     task=points     interactive single-point mIoU at 1, 2, 3, 5, 9 clicks (default and oracle)
     task=proposals  the mask generator as object proposals: mask AR@10/100/1000 (COCOeval)
     task=instances  masks from a detector's boxes + one refinement pass: mask AP (COCOeval)
-    task=edges      edge maps from a 16x16 point grid: ODS / OIS / AP (BSDS-style matching)
+    task=edges      edge maps from a 16x16 point grid: ODS / OIS / AP / R50 (the BSDS500 benchmark)
     task=all        the four
 
 each on one dataset (`data=...`; only its validation split is read) or a list (`datasets`,

@@ -1,14 +1,14 @@
 """segany.evaluation: the SAM paper's zero-shot protocols — interactive single-point mIoU
 (points), RITM's interactive benchmark (noc: NoC@85/90, mIoU vs clicks), object proposals
-(mask AR), instance segmentation from boxes (mask AP), edge detection (ODS/OIS/AP) — and their
-metrics; evaluate.py drives them (runner.py). Each task is a class registered in registry.TASKS
-by its module, imported here in the order task=all runs them."""
+(mask AR), instance segmentation from boxes (mask AP), edge detection (the BSDS500 benchmark's
+ODS/OIS/AP) — and their metrics; evaluate.py drives them (runner.py). Each task is a class
+registered in registry.TASKS by its module, imported here in the order task=all runs them."""
 
 # isort: off
 from segany.evaluation import points, noc, proposals, instances, edges  # noqa: F401 (registers the tasks)
 
 # isort: on
-from segany.evaluation.bsds import image_counts, match
+from segany.evaluation.bsds import image_counts
 from segany.evaluation.bsds import summarize as summarize_edges
 from segany.evaluation.clicks import Clicker, center_click, distance_to_boundary, next_click, random_click
 from segany.evaluation.coco_metrics import coco_ground_truth, mask_ap, mask_ar
@@ -43,6 +43,5 @@ __all__ = [
     "edge_map",
     "edge_nms",
     "image_counts",
-    "match",
     "summarize_edges",
 ]

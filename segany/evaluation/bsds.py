@@ -1,32 +1,28 @@
-"""Boundary benchmark in the way of BSDS500 (Arbelaez et al. 2011; the SAM paper's edge
-evaluation): ODS, OIS, AP and R50 of a soft edge map against one or more human boundary
-maps per image.
+"""The BSDS500 boundary benchmark (Arbelaez et al., TPAMI 2011; the SAM paper's edge
+evaluation), as the MATLAB ``boundaryBench`` computes it: ODS, OIS, AP and R50 of a soft edge
+map against one or more human boundary maps per image.
 
-Per threshold t of the edge map (99 evenly spaced in (0, 1)): the binary map E >= t is
-matched against each ground-truth boundary map; a predicted and a GT pixel may match when
-they lie within ``max_dist = 0.0075 x image diagonal`` of each other, each pixel at most
-once. Recall counts matched GT pixels over all GT maps; precision counts predicted pixels
-matched in at least one GT map.
+Per image (``image_counts``, the MATLAB ``evaluation_bdry_image``): at each threshold t
+(``linspace(1/(n+1), 1 - 1/(n+1), n)``, n = 99), the map ``E >= t`` is thinned to one pixel
+(``bwmorph(..., 'thin', inf)``) and matched against each annotator's boundaries with
+``correspondPixels`` (a min-cost assignment; pixels match within 0.0075 x the image diagonal).
+cntR / sumR: matched / all GT pixels, summed over annotators; cntP / sumP: predicted pixels
+matched in at least one annotator's map / all predicted pixels. This is pyEdgeEval's
+``evaluate_boundaries_threshold_multiple_gts``: the benchmark's own C++ ``correspondPixels``
+compiled, and a port of ``bwmorph`` thinning (the Lam-Lee-Suen algorithm of
+``skimage.morphology.thin``; the two agree pixel for pixel on the benchmark's sample).
 
-Matching: BSDS's ``correspondPixels`` solves a min-cost assignment whose outlier cost makes
-it maximise the number of matches first; the counts only depend on that number, which is
-computed here exactly as a maximum-cardinality bipartite matching (Hopcroft-Karp,
-scipy.sparse.csgraph) on the graph of pixel pairs within max_dist.
-
-Differences from the MATLAB benchmark, stated: the edge map is not re-thinned per threshold
-(edges.py thins it once with edge NMS before); ODS / OIS take the best of the 99 thresholds
-without BSDS's interpolation between them; AP is the area under the precision envelope
-sampled at recall 0, .01, ..., 1 (BSDS interpolates P(R) linearly and leaves recall it does
-not reach out); R50 is the largest recall reached with precision >= 0.5.
+Over a dataset (``summarize``, the MATLAB ``collect_eval_bdry``): ODS, OIS, AP, R50 from the
+images' counts, with R = cntR / (sumR + (sumR == 0)), P likewise (0 where nothing is predicted).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Sequence
 
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import maximum_bipartite_matching
 
 MAX_DIST = 0.0075  # tolerance, fraction of the image diagonal (BSDS default)
 N_THRESH = 99
@@ -54,103 +50,112 @@ def masks_to_labels(masks: Sequence[np.ndarray]) -> np.ndarray:
     return labels
 
 
-def match(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> tuple:
-    """Maximum matching of predicted and GT boundary pixels at distance <= max_dist.
-    pred, gt: (H, W) bool -> (matched pred (H, W) bool, matched GT pixel count)."""
-    H, W = pred.shape
-    matched = np.zeros_like(pred)
-    if not pred.any() or not gt.any():
-        return matched, 0
-    pid = np.full((H, W), -1, np.int64)
-    gid = np.full((H, W), -1, np.int64)
-    py, px = np.nonzero(pred)
-    gy, gx = np.nonzero(gt)
-    pid[py, px] = np.arange(len(py))
-    gid[gy, gx] = np.arange(len(gy))
-    r = int(np.floor(max_dist))
-    rows, cols = [], []
-    for dy in range(-r, r + 1):  # every offset within the tolerance disc
-        for dx in range(-r, r + 1):
-            if dy * dy + dx * dx > max_dist * max_dist:
-                continue
-            y, x = py + dy, px + dx
-            ok = (y >= 0) & (y < H) & (x >= 0) & (x < W)
-            g = np.full(len(py), -1, np.int64)
-            g[ok] = gid[y[ok], x[ok]]
-            hit = g >= 0
-            rows.append(np.nonzero(hit)[0])
-            cols.append(g[hit])
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    graph = csr_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(len(py), len(gy)))
-    m = maximum_bipartite_matching(graph, perm_type="column")  # (n pred,) matched GT index or -1
-    ok = m >= 0
-    matched[py[ok], px[ok]] = True
-    return matched, int(ok.sum())
+def _evaluate_boundaries():
+    """pyEdgeEval's per-image evaluation (imported here: its package prints a line about
+    pymatreader on import, swallowed)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from pyEdgeEval.common.binary_label.evaluate_boundaries import evaluate_boundaries_threshold_multiple_gts
+    return evaluate_boundaries_threshold_multiple_gts
 
 
 def image_counts(
     edges: np.ndarray, gts: Sequence[np.ndarray], thr: np.ndarray = None, max_dist_frac: float = MAX_DIST
 ) -> np.ndarray:
-    """(H, W) edge map in [0, 1] and its GT boundary maps -> (T, 4) counts per threshold:
-    matched GT pixels, GT pixels (both summed over GT maps), matched predicted pixels,
-    predicted pixels."""
-    thr = thresholds() if thr is None else np.asarray(thr)
-    H, W = edges.shape
-    if any(g.shape != (H, W) for g in gts):
-        raise ValueError(f"edge map is {H}x{W}, a ground-truth map is not")
-    max_dist = max_dist_frac * float(np.hypot(H, W))
-    out = np.zeros((len(thr), 4), np.int64)
-    for t, th in enumerate(thr):
-        pred = edges >= th
-        acc = np.zeros_like(pred)
-        for g in gts:
-            mp, n_gt = match(pred, g, max_dist)
-            acc |= mp
-            out[t, 0] += n_gt
-            out[t, 1] += int(g.sum())
-        out[t, 2] = int(acc.sum())
-        out[t, 3] = int(pred.sum())
-    return out
+    """(H, W) edge map in [0, 1] and its annotators' boundary maps -> (T, 4) int64 counts per
+    threshold: cntR, sumR (matched / all GT pixels, summed over annotators), cntP, sumP
+    (matched / all pixels of the thinned prediction). Thresholds that select the same pixels
+    share their counts (computed once)."""
+    thr = thresholds() if thr is None else np.asarray(thr, np.float64)
+    E = np.asarray(edges, np.float64)
+    H, W = E.shape
+    if not gts:
+        raise ValueError("image_counts: no ground-truth boundary map")
+    bad = [g.shape for g in gts if g.shape != (H, W)]
+    if bad:
+        raise ValueError(f"edge map is {H}x{W}, a ground-truth map is {bad[0]}")
+    n_on = E.size - np.searchsorted(np.sort(E, axis=None), thr, side="left")  # (T,) pixels E >= t
+    _, first, inverse = np.unique(n_on, return_index=True, return_inverse=True)  # same count <=> same set
+    c = _evaluate_boundaries()(thr[first], E, [np.asarray(g, bool) for g in gts], max_dist_frac, apply_thinning=True)
+    return np.rint(np.stack(c, 1)).astype(np.int64)[inverse.ravel()]  # (T, 4)
 
 
-def _prf(c: np.ndarray) -> tuple:
-    """counts (..., 4) -> recall, precision, F (0 where undefined)."""
+def _rpf(c: np.ndarray) -> tuple:
+    """counts (..., 4) -> R, P, F as the benchmark computes them (0 where undefined)."""
     c = c.astype(np.float64)
-    r = np.where(c[..., 1] > 0, c[..., 0] / np.maximum(c[..., 1], 1), 0.0)
-    p = np.where(c[..., 3] > 0, c[..., 2] / np.maximum(c[..., 3], 1), 1.0)  # nothing predicted: precision 1
-    f = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)
-    return r, p, f
+    r = c[..., 0] / (c[..., 1] + (c[..., 1] == 0))
+    p = c[..., 2] / (c[..., 3] + (c[..., 3] == 0))
+    return r, p, _f(r, p)
+
+
+def _f(r, p):
+    return 2 * p * r / (p + r + ((p + r) == 0))
+
+
+def max_f(thr: np.ndarray, r: np.ndarray, p: np.ndarray) -> tuple:
+    """The benchmark's ``maxF``: the best F on the PR curve with R, P and t interpolated
+    linearly between neighbouring thresholds (``linspace(0, 1)``: 100 steps each) ->
+    (t, R, P, F). pyEdgeEval's ``interpolated_max_scores`` steps 101 times per interval, so
+    its optimum can differ in the last digits; this is the MATLAB loop, vectorised."""
+    d = np.linspace(0, 1, 100)[None]  # (1, 100)
+
+    def lerp(v):  # (T,) -> (1 + (T-1) * 100,): the first point, then each interval's 100 steps, in MATLAB's order
+        return np.concatenate([v[:1], (v[1:, None] * d + v[:-1, None] * (1 - d)).ravel()])
+
+    t, ri, pi = lerp(thr), lerp(r), lerp(p)
+    f = _f(ri, pi)
+    best = int(np.argmax(f))  # the first maximum: the loop replaces only on a strictly larger F
+    return float(t[best]), float(ri[best]), float(pi[best]), float(f[best])
 
 
 def summarize(counts: np.ndarray, thr: np.ndarray = None) -> dict:
-    """counts (I images, T thresholds, 4) -> ODS, OIS, AP, R50, the ODS threshold and the
-    dataset PR curve."""
-    thr = thresholds(counts.shape[1]) if thr is None else np.asarray(thr)
-    r, p, f = _prf(counts.sum(0))  # (T,) dataset-wide at each threshold
-    best = int(f.argmax())
-    _, _, f_img = _prf(counts)  # (I, T)
-    per_image_best = counts[np.arange(len(counts)), f_img.argmax(1)]  # (I, 4) counts at each image's best
-    _, _, ois = _prf(per_image_best.sum(0))
-    grid = np.linspace(0, 1, 101)
-    env = np.array([p[r >= g].max() if (r >= g).any() else 0.0 for g in grid])
-    ap = float(env.mean())
-    r50 = float(r[p >= 0.5].max()) if (p >= 0.5).any() else 0.0
+    """counts (I images, T thresholds, 4) -> the benchmark's summary.
+
+    Hand-written after ``collect_eval_bdry`` (BSR/bench/benchmarks) and, for R50, Dollar's
+    ``edgesEvalDir`` (the SAM paper's metric set): pyEdgeEval's ``calculate_metrics`` cannot be
+    called on counts — it runs its own per-sample evaluation from files through its
+    multiprocessing progress bar, so the counts of sharded ranks cannot be merged into it — and
+    it has no R50.
+
+    - ODS: ``max_f`` of the dataset-wide R, P (counts summed over images);
+    - OIS: counts of each image at its best threshold (first maximum of F, not interpolated),
+      summed, then F;
+    - AP: ``Area_PR``: P interpolated linearly in R (one point per distinct R, its first
+      threshold) at R = 0, .01, ..., 1, 0 outside the reached recall range, summed x 0.01;
+    - R50: recall at precision 0.5 (``edgesEvalDir``: R interpolated in P over the distinct P of
+      the distinct-R points, at max(lowest P, 0.5)); 0 where precision never reaches 0.5
+      (the toolbox gives NaN).
+    """
+    counts = np.asarray(counts)
+    thr = thresholds(counts.shape[1]) if thr is None else np.asarray(thr, np.float64)
+    r, p, f = _rpf(counts.sum(0))  # (T,) dataset-wide
+    ods_t, ods_r, ods_p, ods_f = max_f(thr, r, p)
+    _, _, f_img = _rpf(counts)  # (I, T)
+    per_image_best = counts[np.arange(len(counts)), f_img.argmax(1)]  # (I, 4)
+    ois_r, ois_p, ois_f = (float(v) for v in _rpf(per_image_best.sum(0)))
+    ru, iu = np.unique(r, return_index=True)
+    ap = float(np.interp(np.linspace(0, 1, 101), ru, p[iu], left=0.0, right=0.0).sum() * 0.01) if len(ru) > 1 else 0.0
     return {
-        "ODS": float(f[best]),
-        "OIS": float(ois),
+        "ODS": ods_f,
+        "OIS": ois_f,
         "AP": ap,
-        "R50": r50,
-        "ODS_threshold": float(thr[best]),
+        "R50": _r50(r, p),
+        "ODS_threshold": ods_t,
+        "ODS_recall": ods_r,
+        "ODS_precision": ods_p,
+        "OIS_recall": ois_r,
+        "OIS_precision": ois_p,
         "curve": {"recall": r.tolist(), "precision": p.tolist(), "threshold": thr.tolist()},
     }
 
 
-def load_bsds_ground_truth(path: str) -> list:
-    """BSDS500 groundTruth/<split>/<id>.mat -> list of (H, W) bool boundary maps, one per annotator."""
-    from scipy.io import loadmat
-
-    try:
-        gt = loadmat(path)["groundTruth"]
-    except (KeyError, ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a BSDS groundTruth .mat ({exc})") from None
-    return [np.asarray(gt[0, i]["Boundaries"][0, 0], bool) for i in range(gt.shape[1])]
+def _r50(r: np.ndarray, p: np.ndarray) -> float:
+    """edgesEvalDir: ``[~,k]=unique(R); k=k(end:-1:1); [~,o]=unique(P(k));
+    R50=interp1(P(o),R(o),max(P(o(1)),.5))`` (a single point: its R)."""
+    _, k = np.unique(r, return_index=True)
+    k = k[::-1]
+    rk, pk = r[k], p[k]
+    pu, o = np.unique(pk, return_index=True)
+    if len(k) <= 1:
+        return float(rk[o[0]])
+    at = max(pu[0], 0.5)
+    return float(np.interp(at, pu, rk[o])) if at <= pu[-1] else 0.0

@@ -4,7 +4,9 @@ Prompt a 16x16 grid of foreground points (768 masks, 3 per point), remove redund
 with box NMS (no quality filter), then for every kept mask take the Sobel gradient magnitude
 of its unthresholded probability map (sigmoid of the logits at image resolution), zeroed
 away from the mask's outer boundary; the edge map is the pixel-wise max over masks,
-linearly normalised to [0, 1] and thinned by edge NMS. bsds.py scores it.
+linearly normalised to [0, 1] and thinned by edge NMS. bsds.py scores it as the BSDS500
+benchmark does, against a BSDS500 folder's annotators (bsds_data.BSDS500) or, for an instance
+dataset, against the boundaries of its masks.
 
 "Outer boundary" here: pixels within one pixel of the mask contour, on either side
 (dilation minus erosion with a 3x3 square). Edge NMS follows Dollar & Zitnick's
@@ -142,7 +144,7 @@ def edges_part(
     thr = thresholds(n_thresholds)
     out = {"keys": [], "counts": []}
     for ev in images:
-        gts = ev.boundaries if getattr(ev, "boundaries", None) is not None else ground_truth_boundaries(ev)
+        gts = ev.boundaries if ev.boundaries is not None else ground_truth_boundaries(ev)
         if not gts:
             continue
         E = edge_map(predictor, ev.image, points_per_side, nms_thresh)
@@ -182,7 +184,8 @@ class EdgesTask(ImageTask):
         n = self.cfg.edges.points_per_side
         return (
             f"{n}x{n} grid, NMS, Sobel on mask probabilities at the outer boundary, max, normalise, edge NMS; "
-            "BSDS-style matching (tolerance 0.0075 x diagonal)."
+            "BSDS500 benchmark per threshold (bwmorph thinning, correspondPixels at 0.0075 x diagonal, "
+            "collect_eval_bdry's ODS / OIS / AP; R50 as edgesEvalDir)."
         )
 
     def figures(self, section: dict) -> list:

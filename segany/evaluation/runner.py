@@ -3,7 +3,7 @@
 
 The tasks are the classes registered in registry.TASKS — points (interactive mIoU),
 noc (RITM's NoC / mIoU-vs-clicks benchmark), proposals (mask AR), instances (mask AP from
-detector boxes), edges (BSDS-style ODS/OIS/AP); ``task=all`` runs every registered one.
+detector boxes), edges (BSDS500 benchmark ODS/OIS/AP); ``task=all`` runs every registered one.
 """
 
 from __future__ import annotations

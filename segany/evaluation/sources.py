@@ -1,6 +1,7 @@
 """Evaluation datasets: named datamodule configs, and the raw images + original-size
 annotations of their validation split (for the tasks that work in the image frame:
-proposals, instances, edges).
+proposals, instances, edges). A BSDS500 folder (bsds_data.BSDS500) serves its images and
+boundary maps itself.
 
 A dataset entry is a datamodule config (``_target_: segany.data.CocoDataModule`` with
 ``val_annotations`` / ``val_images``, ``segany.data.SA1BDataModule`` with ``val_shards``,
@@ -36,6 +37,7 @@ class EvalImage:
     anns: list = field(
         default_factory=list
     )  # {id, segmentation {size, counts str}, area, bbox xywh, iscrowd, category_id}
+    boundaries: Optional[list] = None  # (H, W) bool maps, one per annotator (BSDS500); None: from anns
 
     @property
     def size(self) -> tuple:
@@ -110,8 +112,13 @@ def _categories(ds) -> dict:
 def eval_images(dm, rank: int = 0, world: int = 1, max_images: Optional[int] = None) -> Iterator[EvalImage]:
     """The validation images of a set-up datamodule owned by `rank` of `world` (the stream's own
     split: SA-1B shards round robin, COCO images round robin), with all their annotations at
-    the stored resolution. max_images bounds this rank's share (ceil(max_images / world))."""
+    the stored resolution. max_images bounds this rank's share (ceil(max_images / world)).
+    A source that serves raw images itself (bsds_data.BSDS500) is asked for them."""
     from segany.data.faults import FaultCounter
+
+    if hasattr(dm, "eval_images"):
+        yield from dm.eval_images(rank, world, max_images)
+        return
 
     ds = dm.val_dataset
     cats = _categories(ds)
