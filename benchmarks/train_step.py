@@ -256,5 +256,6 @@ def report(args, device, res: str):
             f"({'fits' if p['recompute'] < 80 * GB else 'does NOT fit'} 80 GB)"
         )
 
+
 if __name__ == "__main__":
     main()
