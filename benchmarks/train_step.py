@@ -7,6 +7,7 @@ memory per mask per round with and without per-round recomputation, projected to
     python benchmarks/train_step.py                          # vit_tiny and vit_b, 1024 px, 64 masks, 11 rounds
     python benchmarks/train_step.py --models vit_b --masks 16 --rounds 3
     python benchmarks/train_step.py --models vit_tiny --masks 16 --resolutions full low   # the cost of S vs S/4 targets
+    python benchmarks/train_step.py --models vit_tiny --img-size 256 --masks 24 --rounds 2 --alternate 5 --no-timing
 
 Timing runs on CUDA when available, else on the CPU (2 threads here). The decoder rounds
 are timed with per-round recomputation on (``checkpoint_rounds``): without it 64 x 11
@@ -134,6 +135,32 @@ def time_step(
     return res
 
 
+def alternate(variant: str, img_size: int, masks: int, rounds: int, device, repeats: int) -> dict:
+    """The decoder rounds (forward + backward, encoder excluded: it is the same) of one batch with
+    ``prompting.resolution`` full and low, alternating in this process, ``repeats`` times each
+    after one warm-up each -> {resolution: [seconds...]}."""
+    torch.manual_seed(0)
+    model = segany.build_sam(variant, img_size=img_size).to(device)
+    batch = toy_batch(1, masks, img_size, device=device)
+    with torch.no_grad():
+        emb = model.image_encoder(batch["image"])
+    times = {"full": [], "low": []}
+    for rep in range(repeats + 1):
+        for res in times:
+            cfg = prompt_cfg(rounds, resolution=res)
+            leaf = emb.clone().requires_grad_(True)
+            sync(device)
+            t0 = time.perf_counter()
+            sim.simulate(model, leaf, batch, cfg, SamLoss(), torch.Generator(device).manual_seed(rep))[
+                "loss"
+            ].backward()
+            sync(device)
+            if rep:
+                times[res].append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+    return times
+
+
 def saved_bytes(fn, model) -> int:
     """Bytes of the storages autograd saves for backward while running fn, each storage
     once, the model's parameters excluded (they are not activations)."""
@@ -197,12 +224,27 @@ def main(argv=None):
     ap.add_argument(
         "--resolutions", nargs="+", default=["full"], choices=["full", "low"], help="prompting.resolution(s) to measure"
     )
+    ap.add_argument(
+        "--alternate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time the rounds at full and low resolution, alternating N times",
+    )
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
         f"device {device} ({torch.get_num_threads()} threads), {args.img_size} px, {args.masks} masks, "
         f"{args.rounds} rounds"
     )
+    for v in args.models if args.alternate else ():
+        t = alternate(v, args.img_size, args.masks, args.rounds, device, args.alternate)
+        med = {r: sorted(x)[len(x) // 2] for r, x in t.items()}
+        print(
+            f"[{v}] decoder rounds fwd+bwd, median of {args.alternate} alternating: full {med['full']:.3f} s, "
+            f"low {med['low']:.3f} s, full / low = {med['full'] / med['low']:.2f}x"
+        )
+        print(f"  full: {', '.join(f'{x:.3f}' for x in t['full'])}\n  low:  {', '.join(f'{x:.3f}' for x in t['low'])}")
     for res in args.resolutions:
         print(f"\n=== prompting.resolution={res} ===")
         report(args, device, res)
