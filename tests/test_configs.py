@@ -114,8 +114,10 @@ def test_big_models_instantiate_on_meta(name):
 
 
 def _paper_lr(step, milestones, warmup=250):
-    """the paper's schedule at absolute steps (appendix A): linear warmup from 0, lr / 10 at each milestone"""
-    return min(1.0, step / warmup) * 0.1 ** sum(step >= m for m in milestones)
+    """the paper's schedule at absolute steps (appendix A): linear warmup, lr / 10 at each milestone. The
+    warmup's start is not stated; ours is 1 / warmup (step 0 already updates), reaching 1 at step warmup"""
+    start = 1 / warmup
+    return min(1.0, start + (1 - start) * step / warmup) * 0.1 ** sum(step >= m for m in milestones)
 
 
 @pytest.mark.parametrize(
@@ -138,13 +140,13 @@ def test_fractional_milestones_give_the_absolute_step_schedule(name, max_steps, 
 
 
 def test_demo_schedule_is_the_planned_cooldown_at_any_length():
-    # before: warmup 20, no step, lr -> 0 linearly over steps 420..1400 of the 1400-step plan
+    # warmup 20 from 1/20, no step, lr -> 0 linearly over steps 420..1400 of the 1400-step plan
     cfg = compose()
     s = instantiate(cfg.optim).schedule
     s.set_max_steps(cfg.trainer.max_steps)
 
     def old(t):
-        return min(1.0, t / 20) * (1 - min(1.0, max(0, t - 420) / 980))
+        return min(1.0, 0.05 + 0.95 * t / 20) * (1 - min(1.0, max(0, t - 420) / 980))
 
     steps = [0, 10, 20, 21, 419, 420, 421, 700, 910, 1399, 1400]
     assert cfg.trainer.max_steps == 1400 and [s(t) for t in steps] == pytest.approx([old(t) for t in steps])
