@@ -55,7 +55,7 @@ class Objects:
 
     def drop_empty(self) -> "Objects":
         """Objects without a pixel are no objects (as RITM drops them)."""
-        keep = self.masks.reshape(len(self.ids), -1).any(1)
+        keep = self.masks.any(axis=(1, 2))
         labels = None if self.labels is None else [lb for lb, k in zip(self.labels, keep) if k]
         return Objects(self.key, self.source, self.image, self.ids[keep], self.masks[keep], self.ignore, labels)
 
@@ -185,6 +185,8 @@ class FolderStream(IndexedStream):
         ids, masks, labels, bad = labelme.objects(data, h, w)
         for i, message in bad:
             faults.add("bad_annotation", json_path, f"{stem}/shapes[{i}]", message)
+        if bad and len(ids) == 0:
+            return None  # every shape was a counted fault
         image = image_bytes if image_bytes is not None else functools.partial(_read_file, image_path)
         return Objects(stem, json_path, image, ids, masks, labels=labels)
 

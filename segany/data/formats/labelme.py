@@ -12,8 +12,8 @@ not objects and are passed over.
 
 Rasterisation, pixel (x, y) at integer coordinates, boundary pixels included as labelme draws
 them (PIL ImageDraw, outline=1, fill=1): polygon (cv2.fillPoly), rectangle between its two corners
-(both corner pixels in), circle from its centre through its second point (cv2.circle); points
-are placed at 1/16 pixel (cv2's shift=4). Axis-aligned edges give labelme's pixels exactly;
+(both corner pixels in), points placed at 1/16 pixel (cv2's shift=4); circle: the pixels within
+the distance from its centre to its second point. Axis-aligned edges give labelme's pixels exactly;
 slanted edges and circles may differ from PIL's by a pixel along the boundary. A mask shape is
 the PNG in `mask` placed with its top-left pixel at int(points[0]).
 
@@ -117,11 +117,11 @@ def shape_mask(shape: dict, h: int, w: int) -> Optional[np.ndarray]:
     elif kind == "rectangle":
         (x0, y0), (x1, y1) = np.sort(_points(shape, 2), axis=0)
         cv2.fillPoly(out, [_fixed(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]))], 1, cv2.LINE_8, _SHIFT)
-    elif kind == "circle":
+    elif kind == "circle":  # pixels within r of the centre (cv2.circle rounds the radius to 1/16 px, outwards)
         (cx, cy), p = _points(shape, 2)
-        r = float(np.hypot(*(p - (cx, cy))))
-        center = tuple(int(v) for v in _fixed(np.array([cx, cy])))
-        cv2.circle(out, center, int(round(r * (1 << _SHIFT))), 1, -1, cv2.LINE_8, _SHIFT)
+        r2 = float(((p - (cx, cy)) ** 2).sum())
+        yy, xx = np.ogrid[:h, :w]
+        out[(xx - cx) ** 2 + (yy - cy) ** 2 <= r2] = 1
     elif kind == "mask":
         x0, y0 = (int(v) for v in _points(shape)[0])
         try:
