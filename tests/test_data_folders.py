@@ -307,3 +307,22 @@ def test_labelme_bad_files_are_skipped_counted_and_named(labelme_dir, caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     for name in ("c.json", "e.json", "f.json", "g.json", "h.json", "i.json", "missing.jpg", "imageHeight is 33"):
         assert name in text, name
+
+
+@pytest.mark.parametrize("name", ["binary_pngs", "instance_pngs", "labelme"])
+def test_configs_build_the_datamodule(name, binary_dir, labelme_dir):
+    """configs/data/<name>.yaml: composes, each key a FolderDataModule argument, reads its folders."""
+    from helpers import compose
+    from hydra.utils import instantiate
+
+    root, _ = binary_dir
+    d, _ = labelme_dir
+    paths = {"labelme": [f"data.val_annotations={d}"]}.get(
+        name, [f"data.val_images={root / 'images'}", f"data.val_annotations={root / 'masks'}"]
+    )
+    cfg = compose(f"data={name}", *paths, "data.num_workers=0", "data.img_size=48", name="evaluate")
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, FolderDataModule) and dm.format == name
+    if name != "instance_pngs":  # the binary masks' folder holds no instance PNG of an image's stem
+        dm.setup("validate")
+        assert dm.val_dataset.num_images() == 2
