@@ -118,16 +118,16 @@ def folder_samples(fmt: str, images_dir, annotations_dir, list_file, ignore_valu
         obj = stream.read(idx, faults)
         if obj is None:
             continue
-        h, w = obj.masks.shape[1:]
+        h, w = obj.height, obj.width
         try:
             ext, data = _shard_image(obj.image() if callable(obj.image) else obj.image, h, w)
         except SampleFault as f:
             faults.add(f.kind, obj.source, obj.key, f.message)
             continue
         extra = [{} if obj.labels is None else {"label": lb} for lb in obj.labels or obj.ids]
-        anns = [annotation(k, m, **e) for k, m, e in zip(obj.ids, obj.masks, extra)]
-        if obj.ignore is not None and obj.ignore.any():
-            anns.append(annotation(IGNORE_ID, obj.ignore, iscrowd=1))
+        anns = [annotation(k, {"size": [h, w], "counts": c}, **e) for k, c, e in zip(obj.ids, obj.counts, extra)]
+        if obj.ignore is not None:
+            anns.append(annotation(IGNORE_ID, {"size": [h, w], "counts": obj.ignore}, iscrowd=1))
         key = obj.key.replace(".", "_")
         yield key, ext, data, image_json(numeric_id(key), h, w, os.path.basename(obj.source), anns)
 

@@ -21,7 +21,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -43,34 +43,40 @@ IGNORE_ID = 0  # annotation id of an ignore region (object ids of id PNGs are no
 
 @dataclass
 class Objects:
-    """One image and its objects as read from the files, before RLE encoding."""
+    """One image and its objects as read from the files, each mask a compressed RLE string (encoded
+    as it is read: one dense mask in memory at a time)."""
 
     key: str
     source: str  # the image file (the json for labelme), for messages
     image: Union[bytes, Callable[[], bytes]]
+    height: int
+    width: int
     ids: np.ndarray  # (A,) int64
-    masks: np.ndarray  # (A, H, W) bool
-    ignore: Optional[np.ndarray] = None  # (H, W) bool
+    counts: list  # (A,) compressed RLE strings
+    ignore: Optional[str] = None  # RLE of the ignore region; None when it has no pixel
     labels: Optional[list] = None  # (A,) str: labelme labels
 
-    def drop_empty(self) -> "Objects":
-        """Objects without a pixel are no objects (as RITM drops them)."""
-        keep = self.masks.any(axis=(1, 2))
-        labels = None if self.labels is None else [lb for lb, k in zip(self.labels, keep) if k]
-        return Objects(self.key, self.source, self.image, self.ids[keep], self.masks[keep], self.ignore, labels)
+
+def encode(objects: Iterable, ignore: Optional[np.ndarray] = None) -> tuple:
+    """(id, (h, w) bool mask) pairs -> (ids (A,) int64, RLE strings, ignore RLE or None), leaving out
+    masks without a pixel (no object: RITM drops them too)."""
+    ids, counts = [], []
+    for k, m in objects:
+        if m.any():
+            ids.append(int(k))
+            counts.append(rle(m)["counts"])
+    ign = rle(ignore)["counts"] if ignore is not None and ignore.any() else None
+    return np.array(ids, np.int64), counts, ign
 
 
 def objects_record(obj: Objects) -> Record:
-    """Objects (non-empty) -> Record: masks as compressed RLE, the ignore region (if any pixel)
-    as a crowd annotation of id IGNORE_ID."""
-    counts = [rle(m)["counts"] for m in obj.masks]
-    ids, crowd = obj.ids, [False] * len(obj.ids)
-    if obj.ignore is not None and obj.ignore.any():
-        counts.append(rle(obj.ignore)["counts"])
+    """Objects -> Record; the ignore region (if any) is a crowd annotation of id IGNORE_ID."""
+    counts, ids, crowd = list(obj.counts), obj.ids, [False] * len(obj.ids)
+    if obj.ignore is not None:
+        counts.append(obj.ignore)
         ids = np.append(ids, IGNORE_ID)
         crowd.append(True)
-    h, w = obj.masks.shape[1:]
-    return Record(obj.key, obj.source, obj.image, h, w, counts, ids, iscrowd=np.array(crowd))
+    return Record(obj.key, obj.source, obj.image, obj.height, obj.width, counts, ids, iscrowd=np.array(crowd))
 
 
 def image_size(path: str) -> tuple:
@@ -138,7 +144,6 @@ class FolderStream(IndexedStream):
             return None
         if obj is None:
             return None
-        obj = obj.drop_empty()
         if len(obj.ids) == 0:
             faults.add("no_annotations", item[1], item[0], "no object with a pixel")
             return None
@@ -150,24 +155,27 @@ class FolderStream(IndexedStream):
 
     def _read_binary_pngs(self, stem, image_path, mask_files, faults) -> Optional[Objects]:
         h, w = image_size(image_path)
-        ids, masks = [], []
-        for k, path in mask_files:
-            try:
-                m = binary_mask(path)
-            except ValueError as exc:
-                faults.add("bad_annotation", path, stem, str(exc))
-                continue
-            if m.shape != (h, w):
-                faults.add("bad_annotation", path, stem, f"mask is {m.shape[0]}x{m.shape[1]}, its image {h}x{w}")
-                continue
-            ids.append(k)
-            masks.append(m)
-        if not ids:
-            return None  # every mask file was a counted fault
-        loader = functools.partial(_read_file, image_path)
-        return Objects(stem, image_path, loader, np.array(ids, np.int64), np.stack(masks))
 
-    def _read_instance_pngs(self, stem, image_path, mask_path, faults) -> Optional[Objects]:
+        def masks():
+            for k, path in mask_files:
+                try:
+                    m = binary_mask(path)
+                except ValueError as exc:
+                    faults.add("bad_annotation", path, stem, str(exc))
+                    continue
+                if m.shape != (h, w):
+                    faults.add("bad_annotation", path, stem, f"mask is {m.shape[0]}x{m.shape[1]}, its image {h}x{w}")
+                    continue
+                ok.append(k)
+                yield k, m
+
+        ok: list = []
+        ids, counts, _ = encode(masks())
+        if not ok:
+            return None  # every mask file was a counted fault
+        return Objects(stem, image_path, functools.partial(_read_file, image_path), h, w, ids, counts)
+
+    def _read_instance_pngs(self, stem, image_path, mask_path, faults) -> Objects:
         h, w = image_size(image_path)
         try:
             label = label_image(mask_path)
@@ -176,19 +184,20 @@ class FolderStream(IndexedStream):
         if label.shape != (h, w):
             raise SampleFault("bad_annotation", f"{mask_path} is {label.shape[0]}x{label.shape[1]}, its image {h}x{w}")
         ids, masks, ignore = split_labels(label, self.ignore_value)
-        return Objects(stem, image_path, functools.partial(_read_file, image_path), ids, masks, ignore)
+        ids, counts, ignore = encode(zip(ids, masks), ignore)
+        return Objects(stem, image_path, functools.partial(_read_file, image_path), h, w, ids, counts, ignore)
 
     def _read_labelme(self, stem, json_path, faults) -> Optional[Objects]:
         data = labelme.load(json_path)
         image_bytes, image_path = labelme.image(data, json_path, self.images_dir)
         h, w = labelme.image_size(data, image_bytes, image_path)
-        ids, masks, labels, bad = labelme.objects(data, h, w)
+        ids, counts, labels, bad = labelme.objects(data, h, w)
         for i, message in bad:
             faults.add("bad_annotation", json_path, f"{stem}/shapes[{i}]", message)
         if bad and len(ids) == 0:
             return None  # every shape was a counted fault
         image = image_bytes if image_bytes is not None else functools.partial(_read_file, image_path)
-        return Objects(stem, json_path, image, ids, masks, labels=labels)
+        return Objects(stem, json_path, image, h, w, ids, counts, labels=labels)
 
 
 class FolderDataModule(StreamDataModule):

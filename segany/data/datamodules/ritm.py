@@ -21,11 +21,9 @@ import os
 from collections import OrderedDict
 from typing import Optional
 
-import numpy as np
-
 from segany.data.datamodules.base import StreamDataModule
 from segany.data.datamodules.coco import _read_file
-from segany.data.datamodules.folder import Objects, objects_record
+from segany.data.datamodules.folder import Objects, encode, objects_record
 from segany.data.faults import FaultCounter
 from segany.data.formats.ritm import MASK_FORMATS, read_list, read_objects
 from segany.data.sample import Record, SampleConfig
@@ -91,6 +89,7 @@ class RitmStream(IndexedStream):
         image_path, mask_path = os.path.join(self.images_dir, image_name), os.path.join(self.masks_dir, mask_name)
         try:
             ids, masks, ignore = read_objects(mask_path, self.mask_format, self.ignore_value)
+            ignore_shape = ignore.shape
         except ValueError as exc:
             faults.add("bad_annotation", mask_path, image_name, str(exc))
             return None
@@ -98,14 +97,14 @@ class RitmStream(IndexedStream):
             absent = sorted(set(keep) - set(ids.tolist()))
             if absent:
                 raise ValueError(f"{mask_path}: listed instance ids {absent} are not in the mask")
-            sel = np.isin(ids, keep)
-            ids, masks = ids[sel], masks[sel]
-        key = image_name.split(".")[0]
-        obj = Objects(key, image_path, functools.partial(_read_file, image_path), ids, masks, ignore).drop_empty()
-        if len(obj.ids) == 0:  # RITM drops objects of area 0
+        ids, counts, ignore = encode(((k, m) for k, m in zip(ids, masks) if keep is None or k in keep), ignore)
+        if len(ids) == 0:  # RITM drops objects of area 0
             faults.add("no_annotations", mask_path, image_name, "no object in the mask")
             return None
-        return objects_record(obj)
+        h, w = ignore_shape
+        key = image_name.split(".")[0]
+        loader = functools.partial(_read_file, image_path)
+        return objects_record(Objects(key, image_path, loader, h, w, ids, counts, ignore))
 
 
 class RitmDataModule(StreamDataModule):

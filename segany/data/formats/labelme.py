@@ -7,8 +7,8 @@
 
 Objects, as labelme's own converters group them: the shapes of one (label, group_id) are one
 object (their union); a shape whose group_id is null is an object by itself. Ids 1, 2, ... in order
-of first appearance. Only area shapes make masks: line, linestrip, point and points shapes are
-not objects and are passed over.
+of first appearance (objects without a pixel left out). Only area shapes make masks: line,
+linestrip, point and points shapes are not objects and are passed over.
 
 Rasterisation, pixel (x, y) at integer coordinates, boundary pixels included as labelme draws
 them (PIL ImageDraw, outline=1, fill=1): polygon (cv2.fillPoly), rectangle between its two corners
@@ -36,6 +36,7 @@ from typing import Optional
 import cv2
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from segany.data.faults import SampleFault
 
@@ -138,13 +139,15 @@ def shape_mask(shape: dict, h: int, w: int) -> Optional[np.ndarray]:
 
 
 def objects(data: dict, h: int, w: int) -> tuple:
-    """(ids (A,) int64, masks (A, h, w) bool, labels [str] (A,), bad [(shape index, message)])."""
-    groups: dict = {}  # (label, group_id) or ("", shape index) -> [mask]
+    """(ids (A,) int64, compressed RLE strings (A,), labels [str] (A,), bad [(shape index, message)]).
+    Each shape is encoded as it is drawn (one dense mask in memory at a time); the shapes of one
+    object are merged as RLEs (pycocotools). Objects without a pixel are left out."""
+    groups: dict = {}  # (label, group_id), or ("", shape index) when group_id is null -> [RLE]
     labels: dict = {}
     bad = []
     for i, shape in enumerate(data["shapes"]):
         if not isinstance(shape, dict):
-            bad.append((i, "not an object"))
+            bad.append((i, f"shape {i} is not an object"))
             continue
         try:
             m = shape_mask(shape, h, w)
@@ -155,10 +158,13 @@ def objects(data: dict, h: int, w: int) -> tuple:
             continue
         gid = shape.get("group_id")
         key = (str(shape.get("label")), gid) if gid is not None else ("", i)
-        if key in groups:
-            groups[key] |= m
-        else:
-            groups[key], labels[key] = m, str(shape.get("label"))
-    keys = list(groups)
-    masks = np.array([groups[k] for k in keys], bool).reshape(len(keys), h, w)
-    return np.arange(1, len(keys) + 1, dtype=np.int64), masks, [labels[k] for k in keys], bad
+        groups.setdefault(key, []).append(mask_utils.encode(np.asfortranarray(m.astype(np.uint8))))
+        labels.setdefault(key, str(shape.get("label")))
+    ids, counts, names = [], [], []
+    for key, parts in groups.items():
+        merged = mask_utils.merge(parts) if len(parts) > 1 else parts[0]
+        if mask_utils.area(merged) > 0:
+            ids.append(len(ids) + 1)
+            counts.append(merged["counts"].decode("ascii"))
+            names.append(labels[key])
+    return np.array(ids, np.int64), counts, names, bad

@@ -50,10 +50,8 @@ def label_image(path: str) -> np.ndarray:
 
 
 def split_labels(label: np.ndarray, ignore_value: Optional[int] = None) -> tuple:
-    """(H, W) ids -> (ids (A,) int64 ascending, masks (A, H, W) bool, ignore (H, W) bool): one
-    object per value other than 0 and ignore_value."""
+    """(H, W) ids -> (ids (A,) int64 ascending, masks: A (H, W) bool masks made one at a time as
+    they are iterated, ignore (H, W) bool): one object per value other than 0 and ignore_value."""
     ignore = label == ignore_value if ignore_value is not None else np.zeros(label.shape, bool)
-    ids = [int(v) for v in np.unique(label) if v != 0 and v != ignore_value]
-    h, w = label.shape
-    masks = np.array([label == v for v in ids], bool).reshape(len(ids), h, w)
-    return np.array(ids, np.int64), masks, ignore
+    ids = np.array([int(v) for v in np.unique(label) if v != 0 and v != ignore_value], np.int64)
+    return ids, (label == v for v in ids), ignore

@@ -31,14 +31,14 @@ MASK_FORMATS = ("binary", "grabcut", "instances", "sbd")
 
 
 def read_objects(path: str, mask_format: str, ignore_value: Optional[int] = None) -> tuple:
-    """A mask file -> (ids (A,) int64, masks (A, H, W) bool, ignore (H, W) bool), the objects in
-    ascending id order."""
+    """A mask file -> (ids (A,) int64, masks: A (H, W) bool, ignore (H, W) bool), the objects in
+    ascending id order (masks an iterable: made one at a time for instance files)."""
     if mask_format == "binary":
         m = binary_mask(path)
-        return np.array([1], np.int64), m[None], np.zeros(m.shape, bool)
+        return np.array([1], np.int64), [m], np.zeros(m.shape, bool)
     if mask_format == "grabcut":
         m = imread(path)[:, :, 0]
-        return np.array([1], np.int64), ((m > 128) | (m == 1))[None], m == 128
+        return np.array([1], np.int64), [(m > 128) | (m == 1)], m == 128
     if mask_format == "sbd":
         return split_labels(_read_sbd(path), ignore_value)
     if mask_format == "instances":
