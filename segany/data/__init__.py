@@ -1,9 +1,10 @@
-"""Data for segany: SA-1B shards (webdataset-style tars), COCO / LVIS, synthetic scenes, the
-interactive-segmentation benchmarks in RITM's layout.
+"""Data for segany: SA-1B shards (webdataset-style tars), COCO / LVIS, image folders with mask PNGs
+or labelme json, synthetic scenes, the interactive-segmentation benchmarks in RITM's layout.
 
 Every datamodule yields the batch format of docs/contracts.md (see sample.py)."""
 
 from segany.data.datamodules.coco import CocoDataModule
+from segany.data.datamodules.folder import FolderDataModule
 from segany.data.datamodules.mixture import SA1BMixtureDataModule
 from segany.data.datamodules.ritm import RitmDataModule
 from segany.data.datamodules.sa1b import SA1BDataModule
@@ -14,6 +15,7 @@ from segany.modeling.constants import PIXEL_MEAN, PIXEL_STD
 
 __all__ = [
     "CocoDataModule",
+    "FolderDataModule",
     "RitmDataModule",
     "SA1BDataModule",
     "SA1BMixtureDataModule",

@@ -16,7 +16,7 @@ FAULT_KINDS = (
     "truncated_tar",  # the shard ends inside a member (or without end-of-archive)
     "corrupt_tar",  # a damaged tar header; reading resumed at the next valid header
     "shard_error",  # the shard could not be opened or read (I/O error, pipe failed)
-    "bad_annotation",  # COCO: an annotation whose segmentation cannot be used
+    "bad_annotation",  # an annotation (COCO segmentation, mask file, labelme shape) that cannot be used
     "empty_after_filter",  # no mask left after the area/score filters and resampling
     "sample_error",  # any other error while decoding one sample (a bug or data nobody foresaw)
 )

@@ -2,11 +2,22 @@
 
     python -m segany.data.make_shards synthetic OUT_DIR --num 300 --seed 0 --prefix train
     python -m segany.data.make_shards coco OUT_DIR --images IMG_DIR --annotations ann.json
+    python -m segany.data.make_shards binary_pngs OUT_DIR --images IMG_DIR --annotations MASK_DIR
+    python -m segany.data.make_shards instance_pngs OUT_DIR --images IMG_DIR --annotations MASK_DIR --ignore-value 255
+    python -m segany.data.make_shards labelme OUT_DIR --annotations JSON_DIR
 
 The COCO converter keeps each image file's bytes as they are (so decoding is identical),
 turns every annotation (polygons, uncompressed or compressed RLE) into a compressed RLE
 string and keeps `iscrowd` and `category_id` next to SA-1B's fields; images without a
 usable annotation are left out and reported.
+
+The image-folder converters (binary_pngs, instance_pngs, labelme; file layouts in
+segany/data/formats/folders.py and labelme.py) read each image through the datamodule's own reader
+(FolderStream.read), so the shards hold exactly the masks that FolderDataModule trains on; JPEG and
+PNG bytes are kept as they are, other images stored as PNG. Keys are the image stems (a "." becomes
+"_": webdataset splits a member's name at its first dot); a labelme object keeps its `label`, an
+ignore region is an `iscrowd` annotation of id 0. Bad files are skipped, warned about by name and
+counted in the summary line.
 """
 
 from __future__ import annotations
@@ -74,6 +85,53 @@ def coco_samples(images_dir: str, annotations: str, stats: dict) -> Iterator[tup
         yield str(img_id), ext, data, meta
 
 
+def _shard_image(data: bytes, h: int, w: int) -> tuple[str, bytes]:
+    """(extension, bytes) to store: JPEG / PNG as they are, anything else as PNG; SampleFault
+    bad_image if it does not decode to h x w."""
+    import cv2
+    import numpy as np
+
+    from segany.data.faults import SampleFault
+    from segany.data.transforms import decode_image
+
+    img = decode_image(data, h, w)  # the check training makes (bad_image when not h x w)
+    if data[:2] == b"\xff\xd8":
+        return "jpg", data
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png", data
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(img))
+    if not ok:
+        raise SampleFault("bad_image", "cannot be re-encoded as PNG")
+    return "png", buf.tobytes()
+
+
+def folder_samples(fmt: str, images_dir, annotations_dir, list_file, ignore_value, faults) -> Iterator:
+    """SA-1B-format samples of an image folder (FolderDataModule's formats), keyed by image stem."""
+    from segany.data.datamodules.folder import IGNORE_ID, FolderStream
+    from segany.data.decode import numeric_id
+    from segany.data.faults import SampleFault
+    from segany.data.formats.sa1b import annotation, image_json
+    from segany.data.sample import SampleConfig
+
+    stream = FolderStream(fmt, images_dir, annotations_dir, list_file, ignore_value, SampleConfig(), train=False)
+    for idx in range(stream.num_images()):
+        obj = stream.read(idx, faults)
+        if obj is None:
+            continue
+        h, w = obj.height, obj.width
+        try:
+            ext, data = _shard_image(obj.image() if callable(obj.image) else obj.image, h, w)
+        except SampleFault as f:
+            faults.add(f.kind, obj.source, obj.key, f.message)
+            continue
+        extra = [{} if obj.labels is None else {"label": lb} for lb in obj.labels or obj.ids]
+        anns = [annotation(k, {"size": [h, w], "counts": c}, **e) for k, c, e in zip(obj.ids, obj.counts, extra)]
+        if obj.ignore is not None:
+            anns.append(annotation(IGNORE_ID, {"size": [h, w], "counts": obj.ignore}, iscrowd=1))
+        key = obj.key.replace(".", "_")
+        yield key, ext, data, image_json(numeric_id(key), h, w, os.path.basename(obj.source), anns)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m segany.data.make_shards",
@@ -101,6 +159,24 @@ def main(argv=None) -> int:
     coco.add_argument("--annotations", required=True, help="instance json")
     coco.add_argument("--prefix", default="sa")
     coco.add_argument("--shard-size", type=int, default=1000)
+    for fmt, what in (
+        ("binary_pngs", "image folder + one binary PNG per object (<stem>_<k>.png or <stem>/<k>.png)"),
+        ("instance_pngs", "image folder + one instance-id PNG per image (<stem>.png, 0 = background)"),
+        ("labelme", "folder of labelme json (polygons, rectangles, circles, masks)"),
+    ):
+        p = sub.add_parser(fmt, help=what)
+        p.add_argument("out_dir")
+        if fmt == "labelme":
+            p.add_argument("--annotations", required=True, help="folder of labelme .json files")
+            p.add_argument("--images", help="where to look for an imagePath not found next to its json")
+        else:
+            p.add_argument("--images", required=True, help="folder holding the image files")
+            p.add_argument("--annotations", required=True, help="folder holding the mask PNGs")
+        if fmt == "instance_pngs":
+            p.add_argument("--ignore-value", type=int, help="mask value of an ignore region (e.g. 255)")
+        p.add_argument("--list", help="text file of image stems to convert (one a line); default: all")
+        p.add_argument("--prefix", default="sa")
+        p.add_argument("--shard-size", type=int, default=1000)
     args = parser.parse_args(argv)
     if args.command == "synthetic":
         from segany.data.scenes import scene_samples
@@ -123,6 +199,23 @@ def main(argv=None) -> int:
             args.shard_size,
         )
         print(f"wrote {args.num} scenes to {len(paths)} shards in {args.out_dir}")
+    elif args.command in ("binary_pngs", "instance_pngs", "labelme"):
+        from segany.data.faults import FaultCounter
+
+        faults = FaultCounter(where="make_shards")
+        n = [0]
+
+        def counted(samples):
+            for sample in samples:
+                n[0] += 1
+                yield sample
+
+        samples = folder_samples(
+            args.command, args.images, args.annotations, args.list, getattr(args, "ignore_value", None), faults
+        )
+        paths = write_shards(counted(samples), args.out_dir, args.prefix, args.shard_size)
+        skipped = ", ".join(f"{v} {k}" for k, v in sorted(faults.total.items())) or "nothing"
+        print(f"wrote {n[0]} images to {len(paths)} shards in {args.out_dir}; skipped: {skipped}")
     else:
         stats: dict = {}
         paths = write_shards(

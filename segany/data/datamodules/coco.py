@@ -5,8 +5,7 @@ fewer than 3 points dropped, the rest merged), uncompressed RLE (`iscrowd` regio
 COCO) and compressed RLE. `iscrowd=1` regions are not objects but groups of them: they
 are left out of the masks unless include_crowd=True. LVIS images have no `file_name`;
 the file is found from `coco_url`. Images without annotations are left out at setup.
-Training streams walk a fresh permutation per pass (seeded by seed and pass), split by
-rank x worker, and resume from (pass, index) like the SA-1B streams.
+Training streams walk a fresh permutation per pass (streams/indexed.py).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -23,7 +22,7 @@ from segany.data.faults import FaultCounter, SampleFault
 from segany.data.formats import rle
 from segany.data.formats.coco import image_path, load_coco, rle_counts
 from segany.data.sample import Record, SampleConfig
-from segany.data.streams.dataset import StreamDataset
+from segany.data.streams.indexed import IndexedStream
 
 log = logging.getLogger("segany.data")
 
@@ -36,7 +35,7 @@ def _read_file(path: str) -> bytes:
         raise SampleFault("bad_image", f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-class CocoStream(StreamDataset):
+class CocoStream(IndexedStream):
     def __init__(self, annotations: str, images_dir: str, cfg: SampleConfig, **kw):
         super().__init__(cfg, **kw)
         if not os.path.isdir(images_dir):
@@ -52,6 +51,9 @@ class CocoStream(StreamDataset):
             )
         if not self.image_ids:
             raise ValueError(f"{annotations}: no image has a usable annotation")
+
+    def num_images(self) -> int:
+        return len(self.image_ids)
 
     def record(self, idx: int, faults: FaultCounter) -> Optional[Record]:
         img_id = self.image_ids[idx]
@@ -82,35 +84,6 @@ class CocoStream(StreamDataset):
             np.array([a["id"] for a in anns], np.int64),
             iscrowd=np.array([bool(a.get("iscrowd", 0)) for a in anns]),
         )
-
-    def _val_records(self, faults, slot, n_slots) -> Iterator[Record]:
-        for idx in range(slot, len(self.image_ids), n_slots):
-            rec = self.record(idx, faults)
-            if rec is not None:
-                yield rec
-
-    def _fresh_position(self, rng, slot, n_slots) -> dict:
-        return {"pass": 0, "index": 0}
-
-    def _train_records(self, position, rng, faults, slot, n_slots) -> Iterator[Record]:
-        n = len(self.image_ids)
-        while True:
-            order = np.random.default_rng([self.seed, position["pass"]]).permutation(n)
-            mine = order[slot::n_slots] if slot < n else order[slot % n : slot % n + 1]
-            usable = position["index"] > 0
-            while position["index"] < len(mine):
-                idx = int(mine[position["index"]])
-                position["index"] += 1
-                rec = self.record(idx, faults)
-                if rec is not None:
-                    usable = True
-                    yield rec
-            if not usable:
-                raise RuntimeError(
-                    f"no image of this worker's share of {len(mine)} has a usable annotation; see the warnings"
-                )
-            position["pass"] += 1
-            position["index"] = 0
 
 
 class CocoDataModule(StreamDataModule):

@@ -19,21 +19,17 @@ import functools
 import logging
 import os
 from collections import OrderedDict
-from typing import Iterator, Optional
-
-import numpy as np
+from typing import Optional
 
 from segany.data.datamodules.base import StreamDataModule
 from segany.data.datamodules.coco import _read_file
+from segany.data.datamodules.folder import Objects, encode, objects_record
 from segany.data.faults import FaultCounter
 from segany.data.formats.ritm import MASK_FORMATS, read_list, read_objects
-from segany.data.formats.sa1b import rle
 from segany.data.sample import Record, SampleConfig
-from segany.data.streams.dataset import StreamDataset
+from segany.data.streams.indexed import IndexedStream
 
 log = logging.getLogger("segany.data")
-
-IGNORE_ID = 0  # annotation id of the ignore region (object ids are non-zero mask values)
 
 
 def _by_stem(folder: str, first_dot: bool) -> dict:
@@ -42,7 +38,7 @@ def _by_stem(folder: str, first_dot: bool) -> dict:
     return {(n.split(".")[0] if first_dot else os.path.splitext(n)[0]): n for n in names}
 
 
-class RitmStream(StreamDataset):
+class RitmStream(IndexedStream):
     def __init__(
         self,
         root: str,
@@ -85,11 +81,15 @@ class RitmStream(StreamDataset):
         if not self.samples:
             raise ValueError(f"{self.images_dir}: no images")
 
+    def num_images(self) -> int:
+        return len(self.samples)
+
     def record(self, idx: int, faults: FaultCounter) -> Optional[Record]:
         image_name, mask_name, keep = self.samples[idx]
         image_path, mask_path = os.path.join(self.images_dir, image_name), os.path.join(self.masks_dir, mask_name)
         try:
             ids, masks, ignore = read_objects(mask_path, self.mask_format, self.ignore_value)
+            ignore_shape = ignore.shape
         except ValueError as exc:
             faults.add("bad_annotation", mask_path, image_name, str(exc))
             return None
@@ -97,30 +97,14 @@ class RitmStream(StreamDataset):
             absent = sorted(set(keep) - set(ids.tolist()))
             if absent:
                 raise ValueError(f"{mask_path}: listed instance ids {absent} are not in the mask")
-            sel = np.isin(ids, keep)
-            ids, masks = ids[sel], masks[sel]
-        sel = masks.reshape(len(ids), -1).any(1)  # RITM drops objects of area 0
-        ids, masks = ids[sel], masks[sel]
-        if len(ids) == 0:
+        ids, counts, ignore = encode(((k, m) for k, m in zip(ids, masks) if keep is None or k in keep), ignore)
+        if len(ids) == 0:  # RITM drops objects of area 0
             faults.add("no_annotations", mask_path, image_name, "no object in the mask")
             return None
-        counts = [rle(m)["counts"] for m in masks]
-        crowd = [False] * len(ids)
-        if ignore.any():
-            counts.append(rle(ignore)["counts"])
-            ids = np.append(ids, IGNORE_ID)
-            crowd.append(True)
-        h, w = ignore.shape
+        h, w = ignore_shape
         key = image_name.split(".")[0]
-        return Record(
-            key, image_path, functools.partial(_read_file, image_path), h, w, counts, ids, iscrowd=np.array(crowd)
-        )
-
-    def _val_records(self, faults, slot, n_slots) -> Iterator[Record]:
-        for idx in range(slot, len(self.samples), n_slots):
-            rec = self.record(idx, faults)
-            if rec is not None:
-                yield rec
+        loader = functools.partial(_read_file, image_path)
+        return objects_record(Objects(key, image_path, loader, h, w, ids, counts, ignore))
 
 
 class RitmDataModule(StreamDataModule):

@@ -14,6 +14,7 @@ mask_format:
 
 The restricted unpickler reads RITM's list files (PascalVOC test.pickle: (names, instance ids))
 without running code from them: only lists, tuples, strings and (numpy) integers are allowed.
+Mask files are decoded by formats/masks.py (shared with the image-folder formats).
 """
 
 from __future__ import annotations
@@ -24,38 +25,25 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from segany.data.formats.masks import binary_mask, imread, split_labels
+
 MASK_FORMATS = ("binary", "grabcut", "instances", "sbd")
 
 
-def _imread(path: str) -> np.ndarray:
-    img = cv2.imread(path)  # (H, W, 3) BGR, palette expanded: as RITM reads masks
-    if img is None:
-        raise ValueError(f"{path}: mask does not decode")
-    return img
-
-
 def read_objects(path: str, mask_format: str, ignore_value: Optional[int] = None) -> tuple:
-    """A mask file -> (ids (A,) int64, masks (A, H, W) bool, ignore (H, W) bool), the objects in
-    ascending id order."""
+    """A mask file -> (ids (A,) int64, masks: A (H, W) bool, ignore (H, W) bool), the objects in
+    ascending id order (masks an iterable: made one at a time for instance files)."""
     if mask_format == "binary":
-        m = _imread(path).max(axis=2)
-        ids, masks, ignore = [1], [m > 0], np.zeros(m.shape, bool)
-    elif mask_format == "grabcut":
-        m = _imread(path)[:, :, 0]
-        ignore = m == 128
-        ids, masks = [1], [(m > 128) | (m == 1)]
-    elif mask_format in ("instances", "sbd"):
-        if mask_format == "sbd":
-            m = _read_sbd(path)
-        else:
-            m = cv2.cvtColor(_imread(path), cv2.COLOR_BGR2GRAY).astype(np.int64)
-        ignore = m == ignore_value if ignore_value is not None else np.zeros(m.shape, bool)
-        ids = [int(v) for v in np.unique(m) if v != 0 and v != ignore_value]
-        masks = [m == v for v in ids]
-    else:
-        raise ValueError(f"mask_format={mask_format!r}: expected one of {', '.join(MASK_FORMATS)}")
-    h, w = ignore.shape
-    return np.array(ids, np.int64), np.array(masks, bool).reshape(len(ids), h, w), ignore
+        m = binary_mask(path)
+        return np.array([1], np.int64), [m], np.zeros(m.shape, bool)
+    if mask_format == "grabcut":
+        m = imread(path)[:, :, 0]
+        return np.array([1], np.int64), [(m > 128) | (m == 1)], m == 128
+    if mask_format == "sbd":
+        return split_labels(_read_sbd(path), ignore_value)
+    if mask_format == "instances":
+        return split_labels(cv2.cvtColor(imread(path), cv2.COLOR_BGR2GRAY).astype(np.int64), ignore_value)
+    raise ValueError(f"mask_format={mask_format!r}: expected one of {', '.join(MASK_FORMATS)}")
 
 
 def _read_sbd(path: str) -> np.ndarray:
