@@ -4,7 +4,8 @@ Segmentations as the formats define them, through pycocotools: polygons (parts w
 fewer than 3 points dropped, the rest merged), uncompressed RLE (`iscrowd` regions in
 COCO) and compressed RLE. `iscrowd=1` regions are not objects but groups of them: they
 are left out of the masks unless include_crowd=True. LVIS images have no `file_name`;
-the file is found from `coco_url`. Images without annotations are left out at setup.
+the file is found from `coco_url`. Images without usable annotations are left out of the
+training and validation streams; `eval_records` (the tasks scored by COCOeval) lists every image.
 Training streams walk a fresh permutation per pass (seeded by seed and pass), split by
 rank x worker, and resume from (pass, index) like the SA-1B streams.
 """
@@ -54,7 +55,11 @@ class CocoStream(StreamDataset):
             raise ValueError(f"{annotations}: no image has a usable annotation")
 
     def record(self, idx: int, faults: FaultCounter) -> Optional[Record]:
-        img_id = self.image_ids[idx]
+        return self._record(self.image_ids[idx], faults)
+
+    def _record(self, img_id: int, faults: FaultCounter, empty_ok: bool = False) -> Optional[Record]:
+        """The image's record with all its annotations (crowd ones flagged); None when none is
+        usable, or (empty_ok) a record without masks."""
         info = self.coco.imgs[img_id]
         path = image_path(self.images_dir, info)
         counts, anns = [], []
@@ -70,7 +75,7 @@ class CocoStream(StreamDataset):
                 faults.add("bad_annotation", path, f"{img_id}/{anns[i]['id']}", "invalid RLE")
             counts = [c for c, v in zip(counts, ok) if v]
             anns = [a for a, v in zip(anns, ok) if v]
-        if not counts:
+        if not counts and not empty_ok:
             return None
         return Record(
             str(img_id),
@@ -88,6 +93,13 @@ class CocoStream(StreamDataset):
             rec = self.record(idx, faults)
             if rec is not None:
                 yield rec
+
+    def eval_records(self, faults, slot, n_slots) -> Iterator[Record]:
+        """Every image of the json in id order (slot's share, round robin), with all its annotations,
+        one without any as a record without masks: the image set COCOeval scores (detections on an
+        image without ground truth are false positives), for the proposals and instances tasks."""
+        for img_id in sorted(self.coco.imgs)[slot::n_slots]:
+            yield self._record(img_id, faults, empty_ok=True)
 
     def _fresh_position(self, rng, slot, n_slots) -> dict:
         return {"pass": 0, "index": 0}
