@@ -229,9 +229,7 @@ def test_proposals_ar_equals_cocoeval_with_a_crowd_proposal(small_coco):
 
 def test_points_refuses_crowd_targets(small_coco):
     path, images, _ = small_coco
-    dm = CocoDataModule(
-        val_annotations=str(path), val_images=str(images), num_workers=0, img_size=64, val_batch_size=2
-    )
+    dm = CocoDataModule(val_annotations=str(path), val_images=str(images), num_workers=0, img_size=64, val_batch_size=2)
     dm.setup("validate")
     (batch,) = list(dm.val_dataloader())
     assert batch["image_id"] == ["1", "2"] and batch["mask_ids"].tolist()[0][:2] == [1, 2]
