@@ -126,6 +126,8 @@ class InstancesTask(ImageTask):
     """cfg.instances: detections (a COCO results json, read once for all datasets, or gt_boxes),
     min_score, refine, multimask_first."""
 
+    every_image = True  # COCOeval's image set: a detection on an image without ground truth is a false positive
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._detections = None

@@ -15,7 +15,14 @@ from segany.evaluation.registry import EvalTask, register
 def points_part(model, dm, protocol: ClickProtocol, device, rank: int = 0, world: int = 1, max_batches=None) -> dict:
     """Per-mask IoUs of this rank's share of the datamodule's validation split and the masks'
     areas in original-image pixels (protocol.original_areas): {"iou": {"k": [...]},
-    "iou_oracle": {"k": [...]}, "area": [...], "num_images": n} (json-safe keys)."""
+    "iou_oracle": {"k": [...]}, "area": [...], "num_images": n} (json-safe keys). A crowd region
+    (COCO iscrowd=1, a RITM set's ignore band) is never a target: a datamodule that would batch
+    them as masks (include_crowd=true) is refused."""
+    if getattr(getattr(dm.val_dataset, "cfg", None), "include_crowd", False):
+        raise ValueError(
+            f"points: {type(dm).__name__} has include_crowd=true, which makes crowd regions (groups of objects, "
+            "ignored by COCOeval) click targets; evaluate with include_crowd=false"
+        )
     loader = dm.val_dataloader()
     dm.val_dataset.set_topology(rank, world)  # the loader iterates the dataset lazily
     per_mask = {"iou": {str(k): [] for k in protocol.clicks}, "iou_oracle": {str(k): [] for k in protocol.clicks}}

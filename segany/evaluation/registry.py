@@ -94,12 +94,14 @@ class EvalTask:
 
 class ImageTask(EvalTask):
     """A task on the raw validation images at their stored resolution (sources.eval_images),
-    bounded by cfg.max_images; the datamodule's own loader and workers are not used."""
+    bounded by cfg.max_images; the datamodule's own loader and workers are not used. every_image:
+    the tasks scored by COCOeval also see the images without annotations (sources.eval_images)."""
 
     num_workers = 0
+    every_image = False
 
     def part(self, dataset: str, dm, rank: int, world: int) -> dict:
-        return self.part_images(dataset, eval_images(dm, rank, world, self.cfg.max_images))
+        return self.part_images(dataset, eval_images(dm, rank, world, self.cfg.max_images, self.every_image))
 
     def part_images(self, dataset: str, images: Iterable[EvalImage]) -> dict:
         raise NotImplementedError

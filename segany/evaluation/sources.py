@@ -103,17 +103,25 @@ def build_datamodule(name: str, node: DictConfig, num_workers: Optional[int] = N
     return dm
 
 
-def _categories(ds) -> dict:
-    """annotation id -> category id when the stream knows them (COCO), else {}."""
-    coco = getattr(ds, "coco", None)
-    return {} if coco is None else {i: a.get("category_id", 1) for i, a in coco.anns.items()}
+def _is_box(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 4
 
 
-def eval_images(dm, rank: int = 0, world: int = 1, max_images: Optional[int] = None) -> Iterator[EvalImage]:
+def eval_images(
+    dm, rank: int = 0, world: int = 1, max_images: Optional[int] = None, every_image: bool = False
+) -> Iterator[EvalImage]:
     """The validation images of a set-up datamodule owned by `rank` of `world` (the stream's own
     split: SA-1B shards round robin, COCO images round robin), with all their annotations at
-    the stored resolution. max_images bounds this rank's share (ceil(max_images / world)).
-    A source that serves raw images itself (bsds_data.BSDS500) is asked for them."""
+    the stored resolution, crowd ones included with iscrowd=1. max_images bounds this rank's share
+    (ceil(max_images / world)).
+
+    From an instance json (COCO, LVIS) each annotation keeps the json's ``area``, ``bbox`` and
+    ``category_id``: COCOeval ranks ground truth into its area ranges by the json's area, not by
+    the decoded mask's (they differ by up to thousands of pixels on real COCO polygons).
+    every_image: a COCO stream lists every image of the json, also those without (non-crowd)
+    annotations — COCOeval's image set, where detections are false positives (the tasks scored
+    by COCOeval); other streams list their validation records as always. A source that serves raw
+    images itself (bsds_data.BSDS500) is asked for them."""
     from segany.data.faults import FaultCounter
 
     if hasattr(dm, "eval_images"):
@@ -121,11 +129,13 @@ def eval_images(dm, rank: int = 0, world: int = 1, max_images: Optional[int] = N
         return
 
     ds = dm.val_dataset
-    cats = _categories(ds)
+    source = getattr(ds, "coco", None)
+    json_anns = {} if source is None else source.anns
     limit = None if max_images is None else -(-int(max_images) // world)
     faults = FaultCounter(20, where=f"eval rank {rank}")
+    records = ds.eval_records if every_image and hasattr(ds, "eval_records") else ds._val_records
     n = 0
-    for rec in ds._val_records(faults, rank, world):
+    for rec in records(faults, rank, world):
         if limit is not None and n >= limit:
             return
         data = rec.image() if callable(rec.image) else rec.image
@@ -139,14 +149,15 @@ def eval_images(dm, rank: int = 0, world: int = 1, max_images: Optional[int] = N
             rle = {"size": [rec.height, rec.width], "counts": counts}
             enc = {"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
             ann_id = int(rec.ids[j])
+            src = json_anns.get(ann_id, {})
             anns.append(
                 {
                     "id": ann_id,
                     "segmentation": rle,
-                    "area": float(mask_utils.area(enc)),
-                    "bbox": [float(v) for v in mask_utils.toBbox(enc)],
+                    "area": float(src["area"]) if "area" in src else float(mask_utils.area(enc)),
+                    "bbox": [float(v) for v in (src["bbox"] if _is_box(src.get("bbox")) else mask_utils.toBbox(enc))],
                     "iscrowd": int(bool(rec.iscrowd[j])),
-                    "category_id": int(cats.get(ann_id, 1)),
+                    "category_id": int(src.get("category_id", 1)),
                 }
             )
         n += 1

@@ -4,7 +4,8 @@ Segmentations as the formats define them, through pycocotools: polygons (parts w
 fewer than 3 points dropped, the rest merged), uncompressed RLE (`iscrowd` regions in
 COCO) and compressed RLE. `iscrowd=1` regions are not objects but groups of them: they
 are left out of the masks unless include_crowd=True. LVIS images have no `file_name`;
-the file is found from `coco_url`. Images without annotations are left out at setup.
+the file is found from `coco_url`. Images without usable annotations are left out of the
+training and validation streams; `eval_records` (the tasks scored by COCOeval) lists every image.
 Training streams walk a fresh permutation per pass (streams/indexed.py).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -56,7 +57,11 @@ class CocoStream(IndexedStream):
         return len(self.image_ids)
 
     def record(self, idx: int, faults: FaultCounter) -> Optional[Record]:
-        img_id = self.image_ids[idx]
+        return self._record(self.image_ids[idx], faults)
+
+    def _record(self, img_id: int, faults: FaultCounter, empty_ok: bool = False) -> Optional[Record]:
+        """The image's record with all its annotations (crowd ones flagged); None when none is
+        usable, or (empty_ok) a record without masks."""
         info = self.coco.imgs[img_id]
         path = image_path(self.images_dir, info)
         counts, anns = [], []
@@ -72,7 +77,7 @@ class CocoStream(IndexedStream):
                 faults.add("bad_annotation", path, f"{img_id}/{anns[i]['id']}", "invalid RLE")
             counts = [c for c, v in zip(counts, ok) if v]
             anns = [a for a, v in zip(anns, ok) if v]
-        if not counts:
+        if not counts and not empty_ok:
             return None
         return Record(
             str(img_id),
@@ -84,6 +89,13 @@ class CocoStream(IndexedStream):
             np.array([a["id"] for a in anns], np.int64),
             iscrowd=np.array([bool(a.get("iscrowd", 0)) for a in anns]),
         )
+
+    def eval_records(self, faults, slot, n_slots) -> Iterator[Record]:
+        """Every image of the json in id order (slot's share, round robin), with all its annotations,
+        one without any as a record without masks: the image set COCOeval scores (detections on an
+        image without ground truth are false positives), for the proposals and instances tasks."""
+        for img_id in sorted(self.coco.imgs)[slot::n_slots]:
+            yield self._record(img_id, faults, empty_ok=True)
 
 
 class CocoDataModule(StreamDataModule):
