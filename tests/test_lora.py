@@ -174,8 +174,7 @@ def _fit(tmp_path, *overrides):
         "logger=csv",
         f"paths.root_dir={tmp_path}",
         "trainer.max_steps=2",
-        "trainer.limit_val_batches=1",
-        "trainer.check_val_every_n_epoch=1",
+        "trainer.limit_val_batches=0",  # no validation: what is checked is the checkpoint
         "data.num_workers=0",
         f"data.root={tmp_path}/synthetic",
         "data.num_train=4",
@@ -222,3 +221,60 @@ def test_lora_run_saves_adapters_and_resumes(tmp_path):
     export(str(last), str(out))
     plain = segany.build_sam(checkpoint=str(out))  # the architecture from the JSON beside it
     assert not _adapted(plain) and plain.config.img_size == cfg.model.img_size
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from test_sharding import _data, _loss
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from segany.training.sharding import shard_sam
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
+        model = _small({"rank": 2, "targets": ALL})
+        model.mask_decoder.requires_grad_(False)  # adapters + prompt encoder train
+        lora = set(lora_parameters(model))
+        shard_sam(model, mesh=mesh["data_parallel"], param_dtype="bfloat16", activation_checkpointing=True)
+        loss, _ = _loss(model, *_data(rank))
+        loss.backward()
+        params = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in model.named_parameters()}
+        graded = {n for n, p in params.items() if p.grad is not None}
+        assert lora <= graded and all(n in lora or n.startswith("prompt_encoder.") for n in graded), graded - lora
+        before = {n: p.full_tensor().clone() for n, p in params.items()}
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+        changed = {n for n, p in params.items() if not torch.equal(before[n], p.full_tensor())}
+        assert {n for n in changed if n.startswith("image_encoder.")} == lora
+        sd = get_model_state_dict(model)
+        dcp.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}}, checkpoint_id=os.path.join(out, "ckpt"))
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save(full, os.path.join(out, "full.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_only_the_adapters_and_its_checkpoint_exports_merged(tmp_path):
+    import torch.multiprocessing as mp
+    from test_sharding import _free_port
+
+    from segany.modeling.lora import LoraSpec, merge_lora
+
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spec = {"rank": 2, "alpha": 16, "targets": ALL}
+    node = {"variant": "vit_tiny", "depth": 2, "global_attn_indexes": [1], "prompt_embed_dim": 64}
+    node.update(decoder_mlp_dim=128, lora=spec)
+    torch.save({"global_step": 1, "segany_config": {"model": node}}, tmp_path / "ckpt" / "meta.pt")
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    written = export(str(tmp_path / "ckpt"), str(tmp_path / "sam.pth"))
+    merged = segany.modeling.checkpoint.to_official(merge_lora(full, LoraSpec(**spec)))
+    assert written.keys() == merged.keys() and all(torch.equal(written[k], merged[k]) for k in merged)
