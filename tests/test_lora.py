@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 import segany
 from segany.export import export
 from segany.modeling.checkpoint import CheckpointError
+from segany.modeling.load import load_model
 from segany.modeling.lora import LoraSpec, lora_parameters
 from segany.testing.toy import toy_batch
 from segany.training import PromptConfig, SamLoss, SamModule, SamOptim, param_groups, simulate
@@ -158,6 +159,9 @@ def test_merged_export_gives_the_unmerged_outputs_in_the_official_package(tmp_pa
     assert not _adapted(plain)
     for a, b in zip(_predict(segany.SamPredictor(plain), image), ours):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+    evaluated, _ = load_model(str(d))  # evaluate.py's loader, on the FSDP directory
+    assert evaluated.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in evaluated.state_dict().items())
 
     del node["lora"]  # adapters without their rank / alpha cannot be merged
     torch.save(ckpt, tmp_path / "bad.ckpt")
