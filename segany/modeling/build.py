@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from segany.modeling.checkpoint import TRAINING_SWITCHES, CheckpointError, load_mae_encoder, load_weights
 from segany.modeling.image_encoder import ImageEncoderViT
+from segany.modeling.lora import add_lora, lora_spec
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
 from segany.modeling.reader import Checkpoint, read_checkpoint
@@ -67,8 +68,10 @@ def sam_config(variant: str, **overrides) -> SamConfig:
 
 
 def stored_config(ck: Checkpoint) -> SamConfig:
-    """The architecture a checkpoint stores (its build_sam node; training switches dropped)."""
-    args = {k: v for k, v in ck.model_config.items() if k not in ("checkpoint", "encoder_init", *TRAINING_SWITCHES)}
+    """The architecture a checkpoint stores (its build_sam node; training switches and the
+    LoRA adapters, merged by the reader, dropped)."""
+    skip = ("checkpoint", "encoder_init", "lora", *TRAINING_SWITCHES)
+    args = {k: v for k, v in ck.model_config.items() if k not in skip}
     try:
         return sam_config(args.pop("variant", None) or "vit_b", **args)
     except (TypeError, ValueError) as e:
@@ -109,6 +112,7 @@ def build_sam(
     checkpoint: Optional[str] = None,
     encoder_init: Optional[str] = None,
     *,
+    lora=None,
     trust_checkpoint: bool = False,
     **overrides,
 ) -> Sam:
@@ -117,9 +121,13 @@ def build_sam(
     strictly, with the architecture the checkpoint stores when it stores one (variant and
     overrides may then only repeat it; the training switches stay the caller's).
     `encoder_init` loads MAE/timm ViT weights into the image encoder (pos-embed resized).
+    `lora` ({rank, alpha, targets, dropout}, segany.modeling.lora.LoraSpec) then adds fresh
+    LoRA adapters to the image encoder and freezes its other weights (a checkpoint that
+    holds adapters is read merged, see segany.modeling.lora).
     `trust_checkpoint=True` lets this one checkpoint unpickle arbitrary objects."""
     if checkpoint is not None and encoder_init is not None:
         raise ValueError("pass either checkpoint= (whole SAM) or encoder_init= (MAE encoder), not both")
+    spec = lora_spec(lora)  # bad keys fail before a large file is read
     sam_config(variant or "vit_b", **overrides)  # bad names fail before a large file is read
     ck = read_checkpoint(checkpoint, trust=trust_checkpoint) if checkpoint is not None else None
     model = assemble(config_for(ck, variant, overrides))
@@ -128,6 +136,9 @@ def build_sam(
     if encoder_init is not None:
         model.encoder_init_report = load_mae_encoder(model.image_encoder, encoder_init)
         log.info("MAE init from %s: %s", encoder_init, model.encoder_init_report)
+    if spec is not None:
+        add_lora(model.image_encoder, spec)
+        model.lora = spec  # save_official merges with it
     return model
 
 

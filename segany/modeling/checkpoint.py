@@ -21,6 +21,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc
 from timm.models.vision_transformer_sam import checkpoint_filter_fn as sam_checkpoint_filter
 
+from segany.modeling.lora import merge_lora
 from segany.utils.io import atomic_torch_save, atomic_write_json
 
 ENCODER = "image_encoder."
@@ -151,8 +152,10 @@ def write_sidecar(path: str, config) -> str:
 
 def save_official(model: nn.Module, path: str) -> None:
     """Write `model` as a release-format SAM .pth (fp32, CPU), loadable by `segment_anything`,
-    and its architecture as `<name>.json` beside it (read back by `build_sam(checkpoint=...)`)."""
-    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    and its architecture as `<name>.json` beside it (read back by `build_sam(checkpoint=...)`).
+    LoRA adapters (`build_sam(lora=...)`) are merged into the weights they adapt."""
+    sd = merge_lora(model.state_dict(), getattr(model, "lora", None), f"model saved to {path!r}")
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
     atomic_torch_save(to_official(sd), path)
     if getattr(model, "config", None) is not None:
         write_sidecar(path, model.config)

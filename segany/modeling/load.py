@@ -35,6 +35,6 @@ def load_model(
             f"{ckpt_path}: stores no architecture (a release .pth has none); give the model config (e.g. model=vit_b)"
         )
     else:
-        model = instantiate(model_cfg, checkpoint=None, encoder_init=None)
+        model = instantiate(model_cfg, checkpoint=None, encoder_init=None, lora=None)  # LoRA weights come merged
     load_weights(model, ck.state_dict, ck.path)
     return model, ck.description

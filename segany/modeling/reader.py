@@ -13,6 +13,8 @@ It reads, as data (never running code a file carries):
 
 -> `Checkpoint`: the SAM weights under segany key names, and the build_sam config node the
 checkpoint stores (None when it stores none: then the caller's model config decides).
+A LoRA run's weights (base + adapters, see segany.modeling.lora) come merged into the plain
+SAM layout, with the stored `model.lora` node's rank and alpha.
 
 torch.distributed.checkpoint itself unpickles `.metadata` with plain `pickle.load` and
 non-tensor entries with `torch.load(weights_only=False)`; `SafeFileSystemReader` and
@@ -44,6 +46,7 @@ from segany.modeling.checkpoint import (
     torch_load,
     unsafe_error,
 )
+from segany.modeling.lora import has_lora, lora_spec, merge_lora
 
 PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 ANCHOR = "image_encoder.patch_embed.proj.weight"
@@ -282,4 +285,10 @@ def read_checkpoint(path, *, prefix: Optional[str] = None, trust: bool = False) 
     else:
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     step = meta.get("global_step") if isinstance(meta, dict) else None
-    return Checkpoint(path, sam_weights(tensors, path, prefix), config, kind, step)
+    weights = sam_weights(tensors, path, prefix)
+    if has_lora(weights):
+        try:
+            weights = merge_lora(weights, lora_spec((config or {}).get("lora")), repr(path))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+    return Checkpoint(path, weights, config, kind, step)

@@ -38,6 +38,10 @@ class SamModule(pl.LightningModule):
     when the optimiser is built and again before every scheduler step (a run shortened
     while it trains, e.g. by TimeBudget, takes its schedule along). freeze_*: exclude a part
     from the optimiser (a frozen image encoder also runs in eval mode under no_grad).
+    A model built with LoRA adapters (model.lora, segany.modeling.lora) arrives with its
+    encoder weights frozen and its adapters trainable; freeze_image_encoder must then be false
+    (it would freeze the adapters too). Checkpoints hold base weights and adapters as the
+    model's state_dict has them; the reader and export merge them.
     val_clicks: click counts of the single-point protocol logged in validation.
     val_images: how many validation images to draw per validation run.
     sharding: a ShardingConfig, the FSDP2 settings (strategy=fsdp, configs/strategy/fsdp.yaml),
@@ -72,6 +76,11 @@ class SamModule(pl.LightningModule):
             "prompt_encoder": bool(freeze_prompt_encoder),
             "mask_decoder": bool(freeze_mask_decoder),
         }
+        if self.freeze["image_encoder"] and getattr(model, "lora", None) is not None:
+            raise ValueError(
+                "module.freeze_image_encoder=true would freeze the model's LoRA adapters (model.lora); "
+                "set module.freeze_image_encoder=false (the encoder's base weights stay frozen)"
+            )
         for part, frozen in self.freeze.items():
             if frozen:
                 getattr(self.model, part).requires_grad_(False)

@@ -3,6 +3,9 @@ norms, biases, position embeddings and rel-pos tables.
 
 Layer ids: patch embedding and pos_embed 0, encoder block i -> i + 1, everything after the
 blocks (neck, prompt encoder, mask decoder) -> depth + 1; lr scale = decay^(depth + 1 - id).
+Only parameters that require gradients are grouped: with LoRA (segany.modeling.lora) that is
+the adapters, each in its block's layer (lora=qkv sets layer_decay 1: one lr for all), with
+weight decay (2-d), plus the unfrozen prompt encoder / mask decoder.
 
 Trap (NOTES.md): timm's ``param_groups_layer_decay`` only sets ``lr_scale``, which torch
 and Lightning schedulers ignore. Here every group gets ``lr = base_lr * scale`` written in
