@@ -33,7 +33,7 @@ def _step(module, batch, emb=None, seed=0):
     if emb is None:
         emb = module.embed(batch["image"], batch["image_id"])
     torch.manual_seed(seed)
-    out = simulate(module.model, emb, batch, PromptConfig(point_rounds=2, mask_rounds=1), SamLoss())
+    out = simulate(module.model, emb, batch, PromptConfig(point_rounds=1, mask_rounds=1, resolution="low"), SamLoss())
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
     return out["loss"].detach(), grads
@@ -46,7 +46,7 @@ def _entries(root):
 def test_cached_training_gives_the_same_loss_and_gradients(tiny, tmp_path):
     """float32 storage: the cached path (first step: computed and stored; second: read back
     from disk) gives bit-identical loss and gradients to the plain frozen-encoder path."""
-    batch = toy_batch(2, 3, 256, generator=torch.Generator().manual_seed(1))
+    batch = toy_batch(2, 2, 256, generator=torch.Generator().manual_seed(1))
     plain = _module(tiny)
     cached = _module(tiny, EmbeddingCache(enabled=True, dir=str(tmp_path), dtype="float32"))
     loss0, g0 = _step(plain, batch)
@@ -66,7 +66,7 @@ def test_bf16_cache_equals_the_uncached_path_on_bf16_rounded_embeddings(tiny, tm
     step that computes it and on every later one; so the loss and gradients equal (exactly) the
     uncached path fed with emb.bfloat16().float(). Against the unrounded embeddings they differ
     by bf16's rounding (8-bit mantissa: relative 2^-9 per value), checked at 1e-2 on the loss."""
-    batch = toy_batch(2, 3, 256, generator=torch.Generator().manual_seed(2))
+    batch = toy_batch(2, 2, 256, generator=torch.Generator().manual_seed(2))
     plain = _module(tiny)
     with torch.no_grad():
         emb = plain.model.image_encoder(batch["image"])
@@ -120,6 +120,12 @@ def test_an_image_that_is_not_the_cached_one_fails_naming_its_key(tiny, tmp_path
     assert cache.hits == 1
     with pytest.raises(ValueError, match="'img_7' is not the image cached"):
         cache.embed(tiny.image_encoder, batch["image"].flip(-1), ["img_7"])  # a horizontal flip
+    # one image twice in a batch: computed once; two images under one key: refused
+    twice = torch.cat([batch["image"], batch["image"]])
+    emb = cache.embed(tiny.image_encoder, twice, ["img_8", "img_8"])
+    assert cache.misses == 2 and torch.equal(emb[0], emb[1]) and len(_entries(tmp_path)) == 2
+    with pytest.raises(ValueError, match="'img_9' is not the image cached under that key in row 0"):
+        cache.embed(tiny.image_encoder, torch.cat([batch["image"], batch["image"].flip(-1)]), ["img_9"] * 2)
 
 
 def test_flip_or_jitter_with_the_cache_on_fails_naming_the_key(tmp_path):
@@ -143,15 +149,15 @@ def test_the_cache_needs_a_frozen_encoder(tiny, tmp_path):
     assert off.embedding_cache is None
 
 
+# EmbeddingCache.store's write (segany.utils.io.atomic_torch_save), killed half-way through torch.save
 KILLED_WRITER = """
 import os, signal, sys, torch
-from segany.training import EmbeddingCache
-cache = EmbeddingCache(enabled=True, dir=sys.argv[1])
-def half_then_die(obj, f):  # torch.save, killed after half of the bytes
+from segany.utils.io import atomic_torch_save
+def half_then_die(obj, f):
     f.write(b"PK" + bytes(4000)); f.flush(); os.fsync(f.fileno())
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = half_then_die
-cache.store(sys.argv[2], "img_0", torch.ones(64, 16, 16, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.float64))
+atomic_torch_save({"key": "img_0", "embedding": torch.ones(64, 16, 16, dtype=torch.bfloat16)}, sys.argv[1])
 """
 
 
@@ -159,9 +165,9 @@ def test_a_killed_write_leaves_no_corrupt_entry(tiny, tmp_path):
     batch = toy_batch(1, 2, 256, generator=torch.Generator().manual_seed(5))
     cache = EmbeddingCache(enabled=True, dir=str(tmp_path))
     ns = cache.namespace(tiny.image_encoder, 256)
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path), ns], capture_output=True)
-    assert proc.returncode == -9, proc.stderr.decode()
     path = cache.entry_path(ns, "img_0")
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, path], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
     assert not os.path.exists(path) and glob.glob(path + ".tmp-*")  # only the writer's temporary file
     assert cache.load(ns, "img_0") is None
     emb = cache.embed(tiny.image_encoder, batch["image"], ["img_0"])  # a miss: computed and stored
@@ -179,3 +185,53 @@ def test_a_damaged_entry_is_recomputed(tiny, tmp_path, caplog):
     assert torch.equal(again.embed(tiny.image_encoder, batch["image"], ["img_0"]), emb)
     assert again.misses == 1 and "unreadable" in caplog.text
     assert torch.equal(again.load(again.namespace(tiny.image_encoder, 256), "img_0")["embedding"].float(), emb[0])
+
+
+def _demo_cfg(tmp_path, *overrides):
+    from helpers import compose
+
+    return compose(
+        "~logger",
+        f"paths.root_dir={tmp_path}",
+        f"data.root={tmp_path}/synthetic",
+        "data.num_workers=0",
+        "data.num_train=4",
+        "data.num_val=2",
+        "data.shard_size=2",
+        "data.max_masks=2",
+        "data.batch_size=2",
+        "trainer.max_steps=6",
+        "trainer.limit_val_batches=0",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "~callbacks.time_budget",
+        "prompting.point_rounds=1",
+        "module.freeze_image_encoder=true",
+        "module.embedding_cache.enabled=true",
+        *overrides,
+    )
+
+
+def test_train_py_fills_and_reuses_the_cache(tmp_path):
+    """train.py with module.embedding_cache.enabled=true: training_step looks up the batch's
+    image_id; 6 steps x 2 images (drawn with replacement) over 4 training images embed each
+    image once."""
+    import train
+
+    cfg = _demo_cfg(tmp_path)
+    module, datamodule, trainer = train.build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    cache = module.embedding_cache
+    entries = _entries(tmp_path / "embedding_cache")
+    assert len(entries) == cache.misses <= 4
+    assert cache.hits + cache.misses >= 6 and cache.hits >= 2  # >= 1 distinct image per step
+    assert {torch.load(p, weights_only=True)["key"] for p in entries} <= {f"sa_{i}" for i in range(4)}
+
+
+def test_train_py_refuses_flip_with_the_cache_naming_the_key(tmp_path):
+    import train
+
+    module, datamodule, trainer = train.build(_demo_cfg(tmp_path, "data.flip=true"))
+    with pytest.raises(ValueError, match=r"data\.flip=0\.5 would make every cached embedding stale"):
+        trainer.fit(module, datamodule=datamodule)
+    assert not _entries(tmp_path / "embedding_cache")

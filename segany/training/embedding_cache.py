@@ -190,31 +190,38 @@ class EmbeddingCache:
     # ------------------------------------------------------------------ the lookup
     def embed(self, encoder: nn.Module, images: Tensor, keys: Sequence[str]) -> Tensor:
         """(B, 3, S, S) images with their keys -> (B, C, S/16, S/16) float32 embeddings on the
-        images' device: the stored ones, the encoder (no grad) on the others, which are stored."""
+        images' device: the stored ones, the encoder (no grad) on the others, which are stored.
+        hits / misses count distinct images per call."""
         if len(keys) != images.shape[0]:
             raise ValueError(f"embedding cache: {len(keys)} image keys for {images.shape[0]} images")
         ns = self.namespace(encoder, images.shape[-1])
         prints = image_fingerprint(images)  # (B, 4)
-        out: list = [None] * len(keys)
+        out: dict = {}  # key -> (C, h, w) in the storage dtype
+        first: dict = {}  # key -> its first row in the batch (a batch may hold an image twice)
         for i, key in enumerate(keys):
-            entry = self.load(ns, key)
-            if entry is None:
-                continue
-            if not same_image(entry["fingerprint"], prints[i]):
+            if key in first:
+                entry_print, where = prints[first[key]], f"row {first[key]} of the same batch"
+            else:
+                first[key] = i
+                entry = self.load(ns, key)
+                if entry is None:
+                    continue
+                out[key] = entry["embedding"]
+                entry_print, where = entry["fingerprint"], self.entry_path(ns, key)
+            if not same_image(entry_print, prints[i]):
                 raise ValueError(
-                    f"embedding cache: image {key!r} is not the image cached under that key in "
-                    f"{self.entry_path(ns, key)} (an augmentation that changes the image, data regenerated "
-                    "under the same keys, or two images with one key); set module.embedding_cache.dir to "
-                    "a new folder or delete that one"
+                    f"embedding cache: image {key!r} is not the image cached under that key in {where} "
+                    "(an augmentation that changes the image, data regenerated under the same keys, or two "
+                    "images with one key); set module.embedding_cache.dir to a new folder or delete that one"
                 )
-            out[i] = entry["embedding"]
-        miss = [i for i, e in enumerate(out) if e is None]
+        miss = [k for k in first if k not in out]
         if miss:
+            rows = [first[k] for k in miss]
             with torch.no_grad():
-                fresh = encoder(images[miss]).to(self.dtype)
-            for j, i in enumerate(miss):
-                self.store(ns, keys[i], fresh[j], prints[i])
-                out[i] = fresh[j]
-        self.hits += len(keys) - len(miss)
+                fresh = encoder(images[rows]).to(self.dtype)
+            for k, i, e in zip(miss, rows, fresh):
+                self.store(ns, k, e, prints[i])
+                out[k] = e
+        self.hits += len(first) - len(miss)
         self.misses += len(miss)
-        return torch.stack([e.to(images.device, non_blocking=True) for e in out]).float()
+        return torch.stack([out[k].to(images.device, non_blocking=True) for k in keys]).float()
