@@ -215,17 +215,20 @@ def _demo_cfg(tmp_path, *overrides):
 def test_train_py_fills_and_reuses_the_cache(tmp_path):
     """train.py with module.embedding_cache.enabled=true: training_step looks up the batch's
     image_id; 6 steps x 2 images (drawn with replacement) over 4 training images embed each
-    image once."""
+    image once; validation caches under val/<image_id>."""
     import train
 
-    cfg = _demo_cfg(tmp_path)
+    # validation: the sanity check and after epoch 2, on the 2 validation images (sa_4, sa_5)
+    cfg = _demo_cfg(tmp_path, "trainer.limit_val_batches=1", "trainer.check_val_every_n_epoch=2")
     module, datamodule, trainer = train.build(cfg)
     trainer.fit(module, datamodule=datamodule)
     cache = module.embedding_cache
     entries = _entries(tmp_path / "embedding_cache")
-    assert len(entries) == cache.misses <= 4
-    assert cache.hits + cache.misses >= 6 and cache.hits >= 2  # >= 1 distinct image per step
-    assert {torch.load(p, weights_only=True)["key"] for p in entries} <= {f"sa_{i}" for i in range(4)}
+    keys = {torch.load(p, weights_only=True)["key"] for p in entries}
+    assert len(entries) == cache.misses <= 6
+    assert {k for k in keys if k.startswith("val/")} == {"val/sa_4", "val/sa_5"}  # validation: its own keys
+    assert keys - {"val/sa_4", "val/sa_5"} <= {f"sa_{i}" for i in range(4)}
+    assert cache.hits >= 2 + 2  # training: >= 6 distinct-per-step lookups, <= 4 misses; validation: 2
 
 
 def test_train_py_refuses_flip_with_the_cache_naming_the_key(tmp_path):

@@ -31,8 +31,11 @@ are refused when the cache is on (`check_augmentations`). Allowed: everything th
 image as it is (mask sampling, ``max_masks``, mask filters, every prompting option).
 
 The embedding the decoder gets is the stored one (rounded to ``dtype``) also on the step that
-computes it, so a run sees the same embeddings in every epoch. Not supported: FSDP (a sharded
-encoder's forward is collective; ranks with different hits would wait on each other).
+computes it, so a run sees the same embeddings in every epoch. The trainer's precision is not
+part of the namespace: entries computed under bf16-mixed are read by a 32-true run with the same
+weights (they differ by the encoder's mixed-precision error). A killed writer's ``.tmp-*`` file
+is never read; delete such files at will. Not supported: FSDP (a sharded encoder's forward is
+collective; ranks with different hits would wait on each other).
 Hand-written: no maintained library caches per-sample model outputs on disk with this keying.
 """
 

@@ -41,7 +41,7 @@ class SamModule(pl.LightningModule):
     from the optimiser (a frozen image encoder also runs in eval mode under no_grad).
     embedding_cache: an EmbeddingCache (embedding_cache.py); when enabled (needs a frozen image
     encoder) each image's embedding is computed once, stored on disk and reused, looked up by
-    the batch's ``image_id`` in training and validation.
+    the batch's ``image_id`` in training and ``val/<image_id>`` in validation.
     val_clicks: click counts of the single-point protocol logged in validation.
     val_images: how many validation images to draw per validation run.
     sharding: a ShardingConfig, the FSDP2 settings (strategy=fsdp, configs/strategy/fsdp.yaml),
@@ -207,7 +207,9 @@ class SamModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int):
         B = batch["image"].shape[0]
-        emb = self.embed(batch["image"], batch.get("image_id"))
+        # cache keys apart from training's: a split may reuse another split's keys for other images
+        keys = None if batch.get("image_id") is None else [f"val/{k}" for k in batch["image_id"]]
+        emb = self.embed(batch["image"], keys)
         out = simulate(self.model, emb, batch, self.prompting, self.loss_fn)
         n = out["n_valid"].float().clamp(min=1)
         logs = {"val/loss": out["loss"] / n, "val/iou_last": out["round_iou"][-1] / n}
