@@ -30,10 +30,13 @@ from segany.testing.toy import toy_batch  # noqa: E402
 from segany.training import EmbeddingCache, PromptConfig, SamLoss, SamModule, simulate  # noqa: E402
 
 
-def prompt_cfg(rounds: int) -> PromptConfig:
-    """``rounds`` predictions: 1 initial + point rounds + up to 2 mask rounds, as the default 11."""
+def prompt_cfg(rounds: int, checkpoint_rounds: bool) -> PromptConfig:
+    """``rounds`` predictions: 1 initial + point rounds + up to 2 mask rounds, as the default 11;
+    targets at full resolution (configs/prompting/sam.yaml)."""
     mask_rounds = min(2, max(0, rounds - 2))
-    return PromptConfig(point_rounds=rounds - 1 - mask_rounds, mask_rounds=mask_rounds, checkpoint_rounds=True)
+    return PromptConfig(
+        point_rounds=rounds - 1 - mask_rounds, mask_rounds=mask_rounds, checkpoint_rounds=checkpoint_rounds
+    )
 
 
 def sync(device):
@@ -63,6 +66,12 @@ def main():
     ap.add_argument("--masks", type=int, default=64, help="masks per image")
     ap.add_argument("--rounds", type=int, default=11, help="predictions per mask")
     ap.add_argument("--steps", type=int, default=5, help="timed steps of each implementation")
+    ap.add_argument(
+        "--checkpoint-rounds",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="recompute each round in backward (default on: 64 masks x 11 rounds of activations fit)",
+    )
     ap.add_argument("--cache-dir", default=None, help="default: a temporary folder, removed afterwards")
     args = ap.parse_args()
 
@@ -70,7 +79,7 @@ def main():
     torch.manual_seed(0)
     model = segany.build_sam(args.model, img_size=args.img_size).to(device)
     batch = toy_batch(args.images, args.masks, args.img_size, device=device, generator=torch.Generator().manual_seed(0))
-    cfg = prompt_cfg(args.rounds)
+    cfg = prompt_cfg(args.rounds, args.checkpoint_rounds)
     with tempfile.TemporaryDirectory() as tmp:
         cache = EmbeddingCache(enabled=True, dir=args.cache_dir or tmp)
         impls = {
@@ -90,7 +99,8 @@ def main():
         assert cache.hits == args.images * args.steps
     print(
         f"{args.model} {args.img_size} px, {args.images} image(s) x {args.masks} masks x {args.rounds} rounds "
-        f"per step, {device.type} ({torch.get_num_threads()} threads), {args.steps} steps each, alternating"
+        f"per step, checkpoint_rounds={args.checkpoint_rounds}, "
+        f"{device.type} ({torch.get_num_threads()} threads), {args.steps} steps each, alternating"
     )
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
