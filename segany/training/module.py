@@ -19,6 +19,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
 from segany.evaluation.protocol import ClickProtocol, interactive_eval
+from segany.training.embedding_cache import EmbeddingCache
 from segany.training.losses import SamLoss
 from segany.training.optim import SamOptim
 from segany.training.prompting import PromptConfig
@@ -42,6 +43,9 @@ class SamModule(pl.LightningModule):
     encoder weights frozen and its adapters trainable; freeze_image_encoder must then be false
     (it would freeze the adapters too). Checkpoints hold base weights and adapters as the
     model's state_dict has them; the reader and export merge them.
+    embedding_cache: an EmbeddingCache (embedding_cache.py); when enabled (needs a frozen image
+    encoder) each image's embedding is computed once, stored on disk and reused, looked up by
+    the batch's ``image_id`` in training and ``val/<image_id>`` in validation.
     val_clicks: click counts of the single-point protocol logged in validation.
     val_images: how many validation images to draw per validation run.
     sharding: a ShardingConfig, the FSDP2 settings (strategy=fsdp, configs/strategy/fsdp.yaml),
@@ -65,6 +69,7 @@ class SamModule(pl.LightningModule):
         run_config: Optional[dict] = None,
         sharding: Optional[ShardingConfig] = None,
         seed: int = 0,
+        embedding_cache: Optional[EmbeddingCache] = None,
     ):
         super().__init__()
         self.model = model
@@ -97,6 +102,25 @@ class SamModule(pl.LightningModule):
             raise ValueError(f"seed={seed!r}: must be >= 0 (it seeds numpy's SeedSequence)")
         self._faults: dict = {}
         self._val_drawn = 0
+        if embedding_cache is not None and not isinstance(embedding_cache, EmbeddingCache):
+            raise TypeError(
+                f"module.embedding_cache: expected an EmbeddingCache (its node's _target_), got {type(embedding_cache)}"
+            )
+        self.embedding_cache = embedding_cache if embedding_cache is not None and embedding_cache.enabled else None
+        if self.embedding_cache is not None:
+            if not self.freeze["image_encoder"]:
+                raise ValueError(
+                    "module.embedding_cache.enabled=true needs module.freeze_image_encoder=true "
+                    "(a trained encoder changes every embedding)"
+                )
+            if sharding is not None:
+                raise ValueError("module.embedding_cache.enabled=true is not supported with FSDP (module.sharding)")
+
+    def setup(self, stage: str) -> None:
+        """With the embedding cache: refuse image-changing augmentations of the datamodule."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.embedding_cache is not None and dm is not None:
+            self.embedding_cache.check_augmentations(dm)
 
     def configure_model(self):
         """FSDP2: shard on the strategy's data-parallel mesh (called once per process by
@@ -120,8 +144,11 @@ class SamModule(pl.LightningModule):
                 getattr(self.model, part).eval()
         return self
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised -> (B, 256, S/16, S/16), once per image per step."""
+    def embed(self, images: torch.Tensor, keys=None) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> (B, 256, S/16, S/16), once per image per step; with the
+        embedding cache on and the images' keys (the batch's image_id) given, from the cache."""
+        if self.embedding_cache is not None and keys is not None:
+            return self.embedding_cache.embed(self.model.image_encoder, images, keys)
         if self.freeze["image_encoder"]:
             with torch.no_grad():
                 return self.model.image_encoder(images)
@@ -136,7 +163,7 @@ class SamModule(pl.LightningModule):
     # ---------------------------------------------------------------- steps
     def training_step(self, batch: dict, batch_idx: int):
         B = batch["image"].shape[0]
-        emb = self.embed(batch["image"])
+        emb = self.embed(batch["image"], batch.get("image_id"))
         out = simulate(self.model, emb, batch, self.prompting, self.loss_fn)
         world = self.trainer.world_size if self.trainer is not None else 1
         n_global = self._global_count(out["n_valid"]).clamp(min=1)
@@ -177,11 +204,11 @@ class SamModule(pl.LightningModule):
             B = batch["image"].shape[0]
             opt = self.optimizers()
             lr = max(g["lr"] for g in opt.param_groups) if opt is not None else 0.0
-            self.log_dict(
-                {"perf/images_per_s": B / dt, "perf/masks_per_s": self._last_masks / dt, "train/lr": lr},
-                on_step=True,
-                batch_size=B,
-            )
+            logs = {"perf/images_per_s": B / dt, "perf/masks_per_s": self._last_masks / dt, "train/lr": lr}
+            if self.embedding_cache is not None:  # images embedded by this rank so far: from the cache / computed
+                logs["perf/cache_hits"] = float(self.embedding_cache.hits)
+                logs["perf/cache_misses"] = float(self.embedding_cache.misses)
+            self.log_dict(logs, on_step=True, batch_size=B)
 
     def on_validation_epoch_start(self):
         self._val_drawn = 0
@@ -189,7 +216,9 @@ class SamModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int):
         B = batch["image"].shape[0]
-        emb = self.model.image_encoder(batch["image"])
+        # cache keys apart from training's: a split may reuse another split's keys for other images
+        keys = None if batch.get("image_id") is None else [f"val/{k}" for k in batch["image_id"]]
+        emb = self.embed(batch["image"], keys)
         out = simulate(self.model, emb, batch, self.prompting, self.loss_fn)
         n = out["n_valid"].float().clamp(min=1)
         logs = {"val/loss": out["loss"] / n, "val/iou_last": out["round_iou"][-1] / n}
