@@ -12,7 +12,9 @@ It reads, as data (never running code a file carries):
     architecture is the build_sam node in `<name>.json` beside it.
 
 -> `Checkpoint`: the SAM weights under segany key names, and the build_sam config node the
-checkpoint stores (None when it stores none: then the caller's model config decides).
+checkpoint stores. A checkpoint that stores none (a released .pth) gets the architecture its
+tensor shapes show (segany.modeling.infer; `inferred=True`); None only when the weights are
+not a whole SAM (then the caller's model config decides).
 
 torch.distributed.checkpoint itself unpickles `.metadata` with plain `pickle.load` and
 non-tensor entries with `torch.load(weights_only=False)`; `SafeFileSystemReader` and
@@ -44,6 +46,7 @@ from segany.modeling.checkpoint import (
     torch_load,
     unsafe_error,
 )
+from segany.modeling.infer import infer_architecture
 
 PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 ANCHOR = "image_encoder.patch_embed.proj.weight"
@@ -61,11 +64,12 @@ class Checkpoint:
     model_config: Optional[dict]  # build_sam keywords the checkpoint stores (no _target_), or None
     kind: str  # "lightning" (.ckpt file) | "distributed" (DCP directory) | "state_dict" (.pth)
     step: Optional[int] = None
+    inferred: bool = False  # model_config read from the tensor shapes, not stored in the checkpoint
 
     @property
     def description(self) -> str:
         if self.kind == "state_dict":
-            return f"{'official ' if self.model_config is None else ''}{self.path}"
+            return f"{'official ' if self.model_config is None or self.inferred else ''}{self.path}"
         return f"{self.path} (step {self.step})"
 
 
@@ -282,4 +286,6 @@ def read_checkpoint(path, *, prefix: Optional[str] = None, trust: bool = False) 
     else:
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     step = meta.get("global_step") if isinstance(meta, dict) else None
-    return Checkpoint(path, sam_weights(tensors, path, prefix), config, kind, step)
+    weights = sam_weights(tensors, path, prefix)
+    inferred = config is None and (config := infer_architecture(weights)) is not None
+    return Checkpoint(path, weights, config, kind, step, inferred)
