@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from segany.modeling.checkpoint import architecture
 from segany.training.checkpointing import resolve_checkpoint
 from segany.training.config import check_train_config
 from segany.utils.cli import check_overrides
@@ -35,14 +36,36 @@ def build(cfg: DictConfig):
     """config -> (module, datamodule, trainer); also used by the tests."""
     check_train_config(cfg)
     module = instantiate(cfg.module, _convert_="all")  # SamModule with its model, prompting, loss, optim
-    # saved in every checkpoint; evaluate.py rebuilds the model from its top-level model node
+    follow_model_size(cfg, module.model)
+    # saved in every checkpoint; evaluate.py rebuilds the model from its top-level model node,
+    # which records the architecture built (also when it was read from model.checkpoint)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    if getattr(module.model, "config", None) is not None:
+        module.run_config["model"] = {**module.run_config["model"], **architecture(module.model.config)}
     datamodule = instantiate(cfg.data)
+    if cfg.get("mix") is not None:  # +mix=...: general data mixed into the training streams (configs/mix)
+        datamodule = instantiate(cfg.mix, target=datamodule)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     apply_global_batch(cfg, trainer)
     return module, datamodule, trainer
+
+
+def follow_model_size(cfg: DictConfig, model) -> None:
+    """data.img_size: null means the model's input size (experiment=finetune: the size stored in,
+    or read from, model.checkpoint); set here, before the data and callbacks are built."""
+    if "img_size" not in cfg.data:
+        return
+    size = int(model.image_encoder.img_size)
+    if cfg.data.img_size is None:
+        cfg.data.img_size = size
+        log.info("data.img_size: %d, the model's input size", size)
+    elif int(cfg.data.img_size) != size:
+        raise ValueError(
+            f"config: data.img_size={cfg.data.img_size} but the model's input size is {size} "
+            f"(model.checkpoint={cfg.model.get('checkpoint')}); set data.img_size=null to follow the model"
+        )
 
 
 def resume_path(cfg: DictConfig):

@@ -157,7 +157,7 @@ def test_real_train_py_checkpoint_layout_is_read(tmp_path):
     assert AtomicCheckpointIO().load_checkpoint(path)["segany_config"]["name"] == "demo"
 
 
-def test_official_pth_loads_strictly_and_needs_the_size(tmp_path):
+def test_official_pth_loads_strictly_with_the_size_its_shapes_show(tmp_path):
     official = build_official_tiny_sam(seed=3)
     path = tmp_path / "sam_tiny.pth"
     torch.save(official.state_dict(), path)
@@ -165,13 +165,17 @@ def test_official_pth_loads_strictly_and_needs_the_size(tmp_path):
     mine = ours.state_dict()
     for k, v in official.state_dict().items():  # the release names the encoder MLP lin1/lin2
         assert torch.equal(mine[k.replace(".mlp.lin", ".mlp.fc") if k.startswith("image_encoder.") else k], v), k
-    with pytest.raises(ValueError, match="stores no architecture"):
-        load_model(str(path))
+    model, what = load_model(str(path))  # no model config: the architecture comes from the shapes
+    _same_weights(model, ours)
+    assert what == f"official {path}"
     from omegaconf import OmegaConf
 
     model, what = load_model(str(path), OmegaConf.create({"_target_": "segany.build_sam", "variant": "vit_tiny"}))
     _same_weights(model, ours)
-    assert what == f"official {path}"
+    partial = {k: v for k, v in official.state_dict().items() if k != "image_encoder.pos_embed"}
+    torch.save(partial, tmp_path / "no_pos.pth")
+    with pytest.raises(ValueError, match="stores no architecture"):
+        load_model(str(tmp_path / "no_pos.pth"))  # not a whole SAM: nothing to read the size from
     sd = official.state_dict()
     del sd["mask_decoder.iou_token.weight"]
     torch.save(sd, tmp_path / "cut.pth")

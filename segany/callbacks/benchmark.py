@@ -1,6 +1,7 @@
 """BenchmarkValidation: the zero-shot evaluation tasks as validation during training.
 
-Every ``every_n_steps`` optimiser steps it runs the registered evaluation task(s) (``tasks``:
+Every ``every_n_steps`` optimiser steps (and, with ``at_start`` / ``at_end``, before the first
+step and after the last one) it runs the registered evaluation task(s) (``tasks``:
 points, proposals, instances, edges, or any other name in segany.evaluation.TASKS) on a small
 fixed subset of the configured datasets — the first ``max_batches`` batches (points) or
 ``max_images`` images (the image tasks) of each validation split — through the same code as
@@ -59,14 +60,16 @@ def eval_settings(eval_config: Optional[str], overrides: dict) -> DictConfig:
 
 
 class BenchmarkValidation(pl.Callback):
-    """every_n_steps: evaluation period in optimiser steps; datasets: name -> datamodule config
+    """every_n_steps: evaluation period in optimiser steps (null: none); at_start: also evaluate
+    the model as training starts (step 0; not when resuming a run past it); at_end: also after
+    the last step (unless the period just evaluated that step); datasets: name -> datamodule config
     (evaluate.py's ``datasets``); tasks: task names; max_batches / max_images: the subset;
     settings: evaluate.py keys merged over its defaults; prefix: of the logged names; out_dir:
     where each evaluation's files go (a step<NNNNNNN> folder each); eval_config: evaluate.yaml."""
 
     def __init__(
         self,
-        every_n_steps: int,
+        every_n_steps: Optional[int],
         datasets: dict,
         tasks: Sequence[str] = ("points",),
         max_batches: Optional[int] = 2,
@@ -75,9 +78,11 @@ class BenchmarkValidation(pl.Callback):
         prefix: str = "bench",
         out_dir: str = "bench",
         eval_config: Optional[str] = None,
+        at_start: bool = False,
+        at_end: bool = False,
     ):
-        if int(every_n_steps) < 1:
-            raise ValueError(f"BenchmarkValidation: every_n_steps={every_n_steps} must be >= 1")
+        if every_n_steps is not None and int(every_n_steps) < 1:
+            raise ValueError(f"BenchmarkValidation: every_n_steps={every_n_steps} must be >= 1 (or null: none)")
         if not datasets:
             raise ValueError("BenchmarkValidation: datasets is empty (name -> datamodule config)")
         settings = OmegaConf.to_container(settings) if isinstance(settings, DictConfig) else dict(settings or {})
@@ -94,7 +99,9 @@ class BenchmarkValidation(pl.Callback):
         )
         task_names(self.cfg)  # an unknown task fails at start-up, naming it
         self.datasets = dataset_configs(self.cfg)
-        self.every_n_steps, self.prefix, self.out_dir = int(every_n_steps), prefix, str(out_dir)
+        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
+        self.prefix, self.out_dir = prefix, str(out_dir)
+        self.at_start, self.at_end = bool(at_start), bool(at_end)
         self._last_step = -1  # on_train_batch_end runs per micro-batch; evaluate once per step
 
     def on_fit_start(self, trainer, pl_module):
@@ -104,10 +111,21 @@ class BenchmarkValidation(pl.Callback):
                 "Drop callbacks.benchmark and evaluate the checkpoints with evaluate.py"
             )
 
+    def on_train_start(self, trainer, pl_module):
+        if self.at_start and trainer.global_step == 0:
+            self._evaluate_all_ranks(trainer, pl_module, 0)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or step == self._last_step:
+        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
             return
+        self._evaluate_all_ranks(trainer, pl_module, step)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.at_end and trainer.global_step != self._last_step:
+            self._evaluate_all_ranks(trainer, pl_module, trainer.global_step)
+
+    def _evaluate_all_ranks(self, trainer, pl_module, step: int) -> None:
         self._last_step = step
         if trainer.global_rank == 0:
             self.evaluate(trainer, pl_module.model, step)

@@ -5,6 +5,7 @@ Every datamodule yields the batch format of docs/contracts.md (see sample.py).""
 
 from segany.data.datamodules.coco import CocoDataModule
 from segany.data.datamodules.folder import FolderDataModule
+from segany.data.datamodules.mixed import MixedDataModule
 from segany.data.datamodules.mixture import SA1BMixtureDataModule
 from segany.data.datamodules.ritm import RitmDataModule
 from segany.data.datamodules.sa1b import SA1BDataModule
@@ -16,6 +17,7 @@ from segany.modeling.constants import PIXEL_MEAN, PIXEL_STD
 __all__ = [
     "CocoDataModule",
     "FolderDataModule",
+    "MixedDataModule",
     "RitmDataModule",
     "SA1BDataModule",
     "SA1BMixtureDataModule",

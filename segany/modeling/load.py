@@ -19,8 +19,8 @@ def load_model(
     ckpt_path: Optional[str], model_cfg: Optional[DictConfig] = None, seed: int = 0, *, trust_checkpoint: bool = False
 ):
     """-> (Sam, description). model_cfg (a configs/model/*.yaml node) builds the network only
-    when the checkpoint stores no architecture (an official .pth with no `<name>.json`
-    beside it, a bare state_dict), or when there is no checkpoint at all.
+    when there is no checkpoint, or when its architecture can be neither read from it nor
+    inferred from its shapes (weights that are not a whole SAM).
     `trust_checkpoint=True` lets this one checkpoint unpickle arbitrary objects."""
     if ckpt_path is None:
         if model_cfg is None:

@@ -12,9 +12,11 @@ It reads, as data (never running code a file carries):
     architecture is the build_sam node in `<name>.json` beside it.
 
 -> `Checkpoint`: the SAM weights under segany key names, and the build_sam config node the
-checkpoint stores (None when it stores none: then the caller's model config decides).
-A LoRA run's weights (base + adapters, see segany.modeling.lora) come merged into the plain
-SAM layout, with the stored `model.lora` node's rank and alpha.
+checkpoint stores. A checkpoint that stores none (a released .pth) gets the architecture its
+tensor shapes show (segany.modeling.infer; `inferred=True`); None only when the weights are
+not a whole SAM (then the caller's model config decides). A LoRA run's weights (base + adapters,
+see segany.modeling.lora) come merged into the plain SAM layout, with the stored `model.lora`
+node's rank and alpha.
 
 torch.distributed.checkpoint itself unpickles `.metadata` with plain `pickle.load` and
 non-tensor entries with `torch.load(weights_only=False)`; `SafeFileSystemReader` and
@@ -46,6 +48,7 @@ from segany.modeling.checkpoint import (
     torch_load,
     unsafe_error,
 )
+from segany.modeling.infer import infer_architecture
 from segany.modeling.lora import has_lora, lora_spec, merge_lora
 
 PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
@@ -64,11 +67,12 @@ class Checkpoint:
     model_config: Optional[dict]  # build_sam keywords the checkpoint stores (no _target_), or None
     kind: str  # "lightning" (.ckpt file) | "distributed" (DCP directory) | "state_dict" (.pth)
     step: Optional[int] = None
+    inferred: bool = False  # model_config read from the tensor shapes, not stored in the checkpoint
 
     @property
     def description(self) -> str:
         if self.kind == "state_dict":
-            return f"{'official ' if self.model_config is None else ''}{self.path}"
+            return f"{'official ' if self.model_config is None or self.inferred else ''}{self.path}"
         return f"{self.path} (step {self.step})"
 
 
@@ -291,4 +295,5 @@ def read_checkpoint(path, *, prefix: Optional[str] = None, trust: bool = False) 
             weights = merge_lora(weights, lora_spec((config or {}).get("lora")), repr(path))
         except ValueError as e:
             raise CheckpointError(str(e)) from e
-    return Checkpoint(path, weights, config, kind, step)
+    inferred = config is None and (config := infer_architecture(weights)) is not None
+    return Checkpoint(path, weights, config, kind, step, inferred)

@@ -76,6 +76,7 @@ class StreamDataModule(pl.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
+        persistent_workers: bool = True,
         max_fault_warnings: int = 20,
         **sample_kwargs,
     ):
@@ -87,6 +88,7 @@ class StreamDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.pin_memory = bool(pin_memory)
         self.prefetch_factor = int(prefetch_factor)
+        self.persistent_workers = bool(persistent_workers)
         self.max_fault_warnings = int(max_fault_warnings)
         self.cfg = sample_config(**sample_kwargs)
         self.train_dataset: Optional[StreamDataset] = None
@@ -127,11 +129,13 @@ class StreamDataModule(pl.LightningDataModule):
     def _loader(self, ds: StreamDataset, batch_size: int, cls=DataLoader) -> DataLoader:
         extra = {}
         if self.num_workers > 0:
-            # training: persistent, the workers' datasets hold the stream positions from epoch to epoch
+            # training: always persistent, the workers' datasets hold the stream positions from epoch
+            # to epoch; validation: persistent_workers (on by default) keeps its worker processes from
+            # one validation run to the next, instead of starting them again each time
             extra = dict(
                 prefetch_factor=self.prefetch_factor,
                 worker_init_fn=_worker_init,
-                persistent_workers=cls is StreamLoader,
+                persistent_workers=cls is StreamLoader or self.persistent_workers,
             )
         return cls(
             ds,
