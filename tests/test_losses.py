@@ -71,13 +71,13 @@ def test_multimask_backprops_only_the_lowest_loss_mask():
     logits[torch.arange(4), best] = good
     logits.requires_grad_(True)
     iou_pred = torch.rand(4, 3, requires_grad=True)
-    out = SamLoss()(logits, iou_pred, target, torch.ones(4, dtype=torch.bool))
+    out = SamLoss(supervise_all_iou=False)(logits, iou_pred, target, torch.ones(4, dtype=torch.bool))
     assert torch.equal(out["best"], best)
     out["loss"].sum().backward()
     has_grad = logits.grad.flatten(2).abs().sum(-1) > 0  # (4, 3)
     assert torch.equal(has_grad.sum(1), torch.ones(4, dtype=torch.long))
     assert has_grad[torch.arange(4), best].all()
-    # IoU head (SAM-1 default): only the backpropagated mask's prediction is supervised
+    # IoU head with supervise_all_iou=False (SAM 2's default): only the backpropagated mask's prediction
     assert torch.equal(iou_pred.grad != 0, has_grad)
 
 

@@ -415,7 +415,7 @@ def test_every_training_click_agrees_with_the_full_resolution_gt(tiny, monkeypat
         return coords, labels
 
     monkeypatch.setattr(simulation, "error_points", spy)
-    _run(tiny, batch, PromptConfig(point_rounds=4, mask_rounds=1), grad=False)
+    _run(tiny, batch, PromptConfig(point_rounds=4, mask_rounds=1, resolution="full", ignore_padding=True), grad=False)
     assert len(seen) == 4
     rows = batch["valid"].view(-1).nonzero().squeeze(1)
     gt = masks.view(-1, 256, 256)[rows]

@@ -68,7 +68,7 @@ class SamLoss:
     iou_weight: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    supervise_all_iou: bool = False  # IoU MSE on every candidate (SAM 2.1 fine-tuning) or the backpropagated one (SAM)
+    supervise_all_iou: bool = True  # IoU MSE on every candidate (ranks the 3 masks) or the backpropagated one (SAM 2)
     iou_loss: str = "mse"  # IoU head regression loss: "mse" (paper) or "l1"
     empty_iou: float = 0.0  # IoU target when prediction and GT are both empty (SAM 2: 0)
 
