@@ -26,6 +26,8 @@ from typing import Dict, Optional
 
 import torch
 
+from segany.modeling.variants import VARIANTS
+
 DECODER_HEAD_WIDTH = 32  # the release: 256-wide decoder, 8 heads
 
 _ENC = "image_encoder."
@@ -71,8 +73,6 @@ def infer_architecture(sd: Dict[str, torch.Tensor]) -> Optional[dict]:
         return None
     if depth == 0 or head_dim == 0 or embed_dim % head_dim:
         return None
-    from segany.modeling.build import VARIANTS  # build imports the reader, which imports this module
-
     for name, v in VARIANTS.items():
         if (v.embed_dim, v.depth, v.num_heads, list(v.global_attn_indexes), v.img_size) == (
             embed_dim,
