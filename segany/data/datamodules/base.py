@@ -107,6 +107,16 @@ class StreamDataModule(pl.LightningDataModule):
         """The validation stream, None when no validation split is configured; checks its paths."""
         raise NotImplementedError
 
+    def _stream_kwargs(self, train: bool) -> dict:
+        """The split-dependent keywords every stream takes (batch size, epoch length, seed, faults)."""
+        return dict(
+            train=train,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            epoch_length=self.epoch_length,
+            seed=self.seed,
+            max_fault_warnings=self.max_fault_warnings,
+        )
+
     def _default_epoch_length(self, world_size: int) -> Optional[int]:
         return None
 

@@ -133,11 +133,7 @@ class CocoDataModule(StreamDataModule):
             annotations,
             images,
             self.cfg,
-            train=train,
-            batch_size=self.batch_size if train else self.val_batch_size,
-            epoch_length=self.epoch_length,
-            seed=self.seed,
-            max_fault_warnings=self.max_fault_warnings,
+            **self._stream_kwargs(train),
         )
 
     def _build_train(self) -> Optional[CocoStream]:

@@ -250,11 +250,7 @@ class FolderDataModule(StreamDataModule):
             list_file,
             self.ignore_value,
             self.cfg,
-            train=train,
-            batch_size=self.batch_size if train else self.val_batch_size,
-            epoch_length=self.epoch_length,
-            seed=self.seed,
-            max_fault_warnings=self.max_fault_warnings,
+            **self._stream_kwargs(train),
         )
 
     def _build_train(self) -> Optional[FolderStream]:

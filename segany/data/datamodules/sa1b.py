@@ -207,11 +207,7 @@ class SA1BDataModule(StreamDataModule):
             self.cfg,
             interleave=self.interleave,
             resampled=self.resampled,
-            train=train,
-            batch_size=self.batch_size if train else self.val_batch_size,
-            epoch_length=self.epoch_length,
-            seed=self.seed,
-            max_fault_warnings=self.max_fault_warnings,
+            **self._stream_kwargs(train),
         )
 
     train_key, val_key = "train_shards", "val_shards"
