@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.fx.experimental._config  # noqa: F401  (meta_nonzero_assume_all_nonzero, see memory())
+from torch.utils.flop_counter import FlopCounterMode
 
 import segany
 from segany.testing.toy import toy_batch
@@ -73,21 +74,55 @@ def prompt_cfg(rounds: int, **kw) -> PromptConfig:
     return PromptConfig(point_rounds=rounds - 1 - mask_rounds, mask_rounds=mask_rounds, **kw)
 
 
+PHASES = ("encoder_fwd", "rounds_fwd", "rounds_bwd", "encoder_bwd")
+
+
+def matmul_peak(device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Measured FLOP/s of an n^3 matmul in ``dtype`` (best of ``reps`` after a warm-up): the peak
+    the step's phases are compared with, taken in the same run as they are."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for i in range(reps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
 def time_step(
-    variant: str, img_size: int, masks: int, rounds: int, device, warmup: bool = True, resolution: str = "full"
+    variant: str,
+    img_size: int,
+    masks: int,
+    rounds: int,
+    device,
+    warmup: bool = True,
+    resolution: str = "full",
+    precision: str = "fp32",
 ) -> dict:
+    """One training step's phases: seconds (a timed step), and FLOPs (``flops_*``, a second step
+    run under ``FlopCounterMode``: the same shapes; the backward of the rounds counts their
+    recomputed forward). precision "bf16" = ``torch.autocast(bfloat16)`` on the device, as
+    ``trainer.precision=bf16-mixed``; "fp32" = no autocast."""
     torch.manual_seed(0)
     model = segany.build_sam(variant, img_size=img_size).to(device)
     batch = toy_batch(1, masks, img_size, device=device)
     cfg = prompt_cfg(rounds, checkpoint_rounds=True, resolution=resolution)
     loss_fn = SamLoss()
-    amp = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def step():
+    def step(flops=None):
+        """flops: None (time the phases) or a dict to fill with the FLOPs of each phase."""
+        counted = {}
+
+        def phase(name):
+            if flops is None:
+                return nullcontext()
+            counted[name] = FlopCounterMode(display=False)
+            return counted[name]
+
         tm = Timers(device)
         # decoder = prompt encoder + mask decoder; loss = SamLoss; the rest of simulate = overhead
         timed_loss = tm.wrap("loss", loss_fn)
@@ -98,21 +133,27 @@ def time_step(
             with amp:
                 sync(device)
                 t0 = time.perf_counter()
-                emb = model.image_encoder(batch["image"])
+                with phase("encoder_fwd"):
+                    emb = model.image_encoder(batch["image"])
                 sync(device)
                 t1 = time.perf_counter()
                 leaf = emb.detach().requires_grad_(True)
-                out = sim.simulate(model, leaf, batch, cfg, timed_loss)
+                with phase("rounds_fwd"):
+                    out = sim.simulate(model, leaf, batch, cfg, timed_loss)
                 sync(device)
                 t2 = time.perf_counter()
                 dec, loss = tm.t.get("decoder", 0.0), tm.t.get("loss", 0.0)  # forward only
-            out["loss"].backward()  # decoder rounds backward (recomputes each round)
+            with phase("rounds_bwd"):
+                out["loss"].backward()  # decoder rounds backward (recomputes each round)
             sync(device)
             t3 = time.perf_counter()
-            emb.backward(leaf.grad)  # encoder backward
+            with phase("encoder_bwd"):
+                emb.backward(leaf.grad)  # encoder backward
             sync(device)
             t4 = time.perf_counter()
         model.zero_grad(set_to_none=True)
+        if flops is not None:
+            flops.update({name: c.get_total_flops() for name, c in counted.items()})
         return {
             "encoder_fwd": t1 - t0,
             "rounds_fwd": t2 - t1,
@@ -132,6 +173,9 @@ def time_step(
     res = step()
     if device.type == "cuda":
         res["peak_gb"] = torch.cuda.max_memory_allocated() / GB
+    flops = {}
+    step(flops)
+    res.update({f"flops_{k}": v for k, v in flops.items()})
     return res
 
 
@@ -221,6 +265,10 @@ def main(argv=None):
     ap.add_argument("--masks", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--no-timing", action="store_true", help="memory figures only")
+    ap.add_argument("--no-memory", action="store_true", help="timing figures only")
+    ap.add_argument(
+        "--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"], help="autocast off / bf16 autocast"
+    )
     ap.add_argument(
         "--resolutions", nargs="+", default=["full"], choices=["full", "low"], help="prompting.resolution(s) to measure"
     )
@@ -250,21 +298,41 @@ def main(argv=None):
         report(args, device, res)
 
 
+def report_step(args, device, res: str, v: str, prec: str):
+    """Time and FLOPs of each phase of one step; FLOP/s against the matmul peak of ``prec``."""
+    peak = matmul_peak(device, torch.bfloat16 if prec == "bf16" else torch.float32)
+    r = time_step(v, args.img_size, args.masks, args.rounds, device, resolution=res, precision=prec)
+    total = sum(r[k] for k in PHASES)
+    flops = sum(r[f"flops_{k}"] for k in PHASES)
+    print(f"\n[{v}, {prec}] one step: {total:.1f} s, {flops / 1e12:.2f} TFLOP counted")
+    print(f"  {prec} matmul peak (2048^3, measured now): {peak / 1e9:.0f} GFLOP/s")
+    for k in PHASES:
+        t, f = r[k], r[f"flops_{k}"]
+        note = " (recomputes the forward)" if k == "rounds_bwd" else ""
+        print(
+            f"  {k:<12} {t:7.2f} s {f / 1e9:9.1f} GFLOP {f / t / 1e9:7.1f} GFLOP/s "
+            f"{100 * f / t / peak:5.1f}% of peak{note}"
+        )
+    print(
+        f"  total        {total:7.2f} s {flops / 1e9:9.1f} GFLOP {flops / total / 1e9:7.1f} GFLOP/s "
+        f"{100 * flops / total / peak:5.1f}% of peak"
+    )
+    print(
+        f"  in rounds fwd: decoder {r['decoder_fwd']:.2f} s, loss {r['loss_fwd']:.2f} s, "
+        f"simulation overhead {r['overhead_fwd']:.2f} s = "
+        f"{100 * r['overhead_fwd'] / r['decoder_fwd']:.1f}% of the decoder"
+    )
+    if "peak_gb" in r:
+        print(f"  peak memory {r['peak_gb']:.2f} GB")
+
+
 def report(args, device, res: str):
     if not args.no_timing:
         for v in args.models:
-            r = time_step(v, args.img_size, args.masks, args.rounds, device, resolution=res)
-            total = r["encoder_fwd"] + r["encoder_bwd"] + r["rounds_fwd"] + r["rounds_bwd"]
-            print(f"\n[{v}] one step: {total:.1f} s")
-            print(f"  encoder   fwd {r['encoder_fwd']:7.2f} s   bwd {r['encoder_bwd']:7.2f} s")
-            print(f"  rounds    fwd {r['rounds_fwd']:7.2f} s   bwd {r['rounds_bwd']:7.2f} s (recomputes the forward)")
-            print(
-                f"  in rounds fwd: decoder {r['decoder_fwd']:.2f} s, loss {r['loss_fwd']:.2f} s, "
-                f"simulation overhead {r['overhead_fwd']:.2f} s = "
-                f"{100 * r['overhead_fwd'] / r['decoder_fwd']:.1f}% of the decoder"
-            )
-            if "peak_gb" in r:
-                print(f"  peak memory {r['peak_gb']:.2f} GB")
+            for prec in args.precision:
+                report_step(args, device, res, v, prec)
+    if args.no_memory:
+        return
     print("\nactivation memory (fp32, counted on the meta device):")
     mem = {}
     for v in dict.fromkeys(list(args.models) + ["vit_h"]):
