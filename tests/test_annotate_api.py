@@ -319,3 +319,21 @@ def test_killed_server_leaves_readable_shards_and_resumes(images, ckpt, tmp_path
     c = _client(images, ckpt, out)  # resumes: the masks are there, the stale temporary file is gone
     assert [len(c.get(f"/api/images/{i}").json()["masks"]) for i in range(3)] == [1, 1, 1]
     assert not list(out.glob("*.tmp-*"))
+
+
+def test_resuming_on_a_changed_input_folder_is_refused(ckpt, tmp_path):
+    """Folder images are keyed by their sorted index (as the data engine keys them): a new image
+    sorting first would shift every key, so the server refuses the old output instead of
+    showing its masks on other images."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for k in (1, 2):
+        cv2.imwrite(str(images / f"im{k}.png"), make_test_image(H, W, seed=k)[..., ::-1])
+    c = _client(images, ckpt, out)
+    assert c.post("/api/images/0/accept", json={"points": [[60, 70, 1]]}).status_code == 200
+    assert len(_client(images, ckpt, out).get("/api/images/0").json()["masks"]) == 1  # same input: resumes
+    cv2.imwrite(str(images / "im0.png"), make_test_image(H, W, seed=0)[..., ::-1])
+    snap = _snapshot(out)
+    with pytest.raises(ValueError, match="holds image sa_0, which is not the input's image sa_0"):
+        _client(images, ckpt, out)
+    assert _snapshot(out) == snap

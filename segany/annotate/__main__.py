@@ -20,6 +20,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="vit_tiny", help="size when the checkpoint stores none / no checkpoint")
     p.add_argument("--trust-checkpoint", action="store_true", help="unpickle arbitrary objects in --ckpt")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--annotator", default="anonymous", help="name stored with every mask")
     p.add_argument("--shard-size", type=int, default=10, help="images per output shard (folder input)")
     p.add_argument("--semi", action="store_true", help="open each image with the engine's semi-stage masks placed")
@@ -36,6 +37,10 @@ def main(argv=None) -> int:
     from segany.annotate.server import create_app
 
     args = parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     token = args.token
     if token is None and args.host not in LOOPBACK:
         token = secrets.token_urlsafe(16)

@@ -118,6 +118,7 @@ def create_app(
     imgs = Images(images, shard_size)
     net = Model(ckpt, model, device, trust_checkpoint)
     store = ShardStore(out)
+    imgs.check_output(store)
     history: dict = {}  # image index -> previous annotation lists (this session's undo)
     hist_lock = threading.Lock()
     semi_lock = threading.Lock()
@@ -228,7 +229,8 @@ def create_app(
     @app.post("/api/images/{i}/decode")
     def decode(i: int, p: Prompt):
         _, (masks, scores) = decoded(i, p)
-        return {"masks": [mask_runs(m) for m in masks], "scores": [float(s) for s in scores]}
+        # a JSONResponse goes out as json.dumps: FastAPI's jsonable_encoder would walk every run
+        return JSONResponse({"masks": [mask_runs(m) for m in masks], "scores": [float(s) for s in scores]})
 
     @app.post("/api/images/{i}/accept")
     def accept(i: int, a: Accept):

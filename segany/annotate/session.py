@@ -10,7 +10,9 @@ lengths, starting with background (cheap to paint in JS).
 
 from __future__ import annotations
 
+import os
 import threading
+import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ class Entry:
     pos: int
     key: str
     image_id: int
+    crc: int  # CRC32 of the image bytes: the output must hold the same image under `key`
 
 
 class Images:
@@ -42,7 +45,11 @@ class Images:
 
     def __init__(self, spec: str, shard_size: int, prefix: str = "manual", cache: int = 4):
         self.jobs = plan_jobs(spec, shard_size, prefix=prefix)
-        self.entries = [Entry(job, p, it.key, it.image_id) for job in self.jobs for p, it in enumerate(job.items())]
+        self.entries = [
+            Entry(job, p, it.key, it.image_id, zlib.crc32(it.data))
+            for job in self.jobs
+            for p, it in enumerate(job.items())
+        ]
         if not self.entries:
             raise FileNotFoundError(f"--images {spec}: no image")
         self._cache: OrderedDict = OrderedDict()
@@ -51,6 +58,19 @@ class Images:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def check_output(self, store) -> None:
+        """Every image the output folder holds must be the input image of that key (resuming on
+        an input folder that changed since would put masks on the wrong images)."""
+        by_key = {e.key: e for e in self.entries}
+        for path in store.shards():
+            for key, (data, _) in store.read_shard(path).items():
+                e = by_key.get(key)
+                if e is None or zlib.crc32(data) != e.crc or os.path.basename(path) != e.job.name:
+                    raise ValueError(
+                        f"{path}: holds image {key}, which is not the input's image {key} (the input changed "
+                        "since these masks were drawn?); annotate into a new --out"
+                    )
 
     def item(self, i: int):
         """-> (engine Item, (H, W, 3) uint8 RGB)."""
