@@ -337,3 +337,26 @@ def test_resuming_on_a_changed_input_folder_is_refused(ckpt, tmp_path):
     with pytest.raises(ValueError, match="holds image sa_0, which is not the input's image sa_0"):
         _client(images, ckpt, out)
     assert _snapshot(out) == snap
+
+
+def test_semi_mode_on_shards_keeps_their_masks(images, ckpt, tmp_path):
+    """--images given SA-1B-format shards (a manual session's output): semi mode opens an image
+    with its person-drawn mask kept (no predicted IoU: confident, as the engine's semi stage
+    treats it) plus new semi-stage masks, none mostly on the kept one, with fresh ids."""
+    first = tmp_path / "round1"
+    c = _client(images, ckpt, first)
+    kept = c.post("/api/images/0/accept", json={"points": [[60, 70, 1]], "choice": 2}).json()
+    settings = dict(points_per_side=4, pred_iou_thresh=0.5, stability_score_thresh=0.5, min_mask_region_area=0)
+    out = tmp_path / "round2"
+    c2 = _client(first, ckpt, out, semi=True, semi_settings=settings)
+    assert c2.get("/api/info").json()["images"] == 1  # the shards hold the one annotated image
+    masks = c2.get("/api/images/0").json()["masks"]
+    assert masks[0]["id"] == kept["id"] and masks[0]["source"] == "manual"
+    assert (_mask(masks[0]["runs"]) == _mask(kept["runs"])).all()
+    new = masks[1:]
+    assert new and {m["source"] for m in new} == {"semi"} and len({m["id"] for m in masks}) == len(masks)
+    for m in new:
+        bits = _mask(m["runs"])
+        assert (bits & _mask(kept["runs"])).sum() <= 0.5 * bits.sum()
+    (shard,) = out.glob("*.tar")
+    assert shard.name == "manual-000000.tar"  # under the input shard's name, as the data engine writes

@@ -172,16 +172,29 @@ def create_app(
             if store.is_seen(key):
                 return
             item, image = index(i)
+            given = {id(a) for a in (item.meta or {}).get("annotations", [])}
             anns = SemiAnnotator(net.model, **(semi_settings or {}))(image, item.image_id, item.meta)
             now = time.time()
-            for a in anns:
-                a.setdefault("source", "semi" if "predicted_iou" in a else "auto")
+            for a in anns:  # the input's confident masks keep their provenance (none: the auto stage's)
+                a.setdefault("source", "auto" if id(a) in given else "semi")
                 a.setdefault("annotator", "engine")
                 a.setdefault("seconds", 0.0)
                 a.setdefault("clicks", 0)
                 a.setdefault("time", now)
+
+            def place(cur):
+                if any(a.get("source") == "semi" for a in cur):
+                    return None  # placed before (a kill between the write and mark_seen)
+                used = {int(c["id"]) for c in cur}
+                nxt = 1 + max((int(c["id"]) % ID_STRIDE for c in cur + anns), default=-1)
+                for a in anns:  # ids stay unique when the output already holds masks of this image
+                    if int(a["id"]) in used:
+                        a["id"], nxt = int(item.image_id) * ID_STRIDE + nxt, nxt + 1
+                    used.add(int(a["id"]))
+                return cur + anns
+
             if anns:
-                change(i, lambda cur: None if any(a.get("source") == "semi" for a in cur) else cur + anns, False)
+                change(i, place, False)
             store.mark_seen(key)
 
     @app.get("/")
@@ -234,15 +247,14 @@ def create_app(
 
     @app.post("/api/images/{i}/accept")
     def accept(i: int, a: Accept):
-        image, (masks, scores) = decoded(i, a)
+        _, (masks, _scores) = decoded(i, a)
         if a.choice >= len(masks):
             raise HTTPException(422, f"choice {a.choice}: the prompt gives {len(masks)} mask(s)")
         mask = paint(masks[a.choice], a.strokes)
         if not mask.any():
             raise HTTPException(422, "the mask is empty")
         item, _ = index(i)
-        fields = dict(
-            predicted_iou=float(scores[a.choice]),
+        fields = dict(  # no predicted_iou: a person's mask counts as confident (the semi stage keeps it)
             point_coords=[[x, y] for x, y, lab in a.points if lab == 1] or [box_centre(a.box)],
             source="manual",
             annotator=annotator,

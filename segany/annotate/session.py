@@ -16,6 +16,7 @@ import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from types import SimpleNamespace
 from typing import Optional
 
@@ -79,7 +80,11 @@ class Images:
                 self._cache.move_to_end(i)
                 return self._cache[i]
         e = self.entries[i]
-        item = next(it for p, it in enumerate(e.job.items()) if p == e.pos)
+        items = e.job.items()
+        try:
+            item = next(islice(items, e.pos, None))
+        finally:
+            items.close()
         value = (item, decode_rgb(item.data, f"{e.job.name}:{item.key}"))
         with self._lock:
             self._cache[i] = value
