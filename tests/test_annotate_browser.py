@@ -1,5 +1,6 @@
 """The annotation page in a real browser (headless Chromium via Selenium): open a real photo,
-click an object, see the mask drawn, accept it, and find that mask in the shard on disk."""
+click an object, see the mask drawn, accept it, find that mask in the shard on disk, and see
+it plotted on the statistics page."""
 
 import io
 import json
@@ -109,6 +110,10 @@ def test_click_accept_in_the_browser(tmp_path):
             wait.until(lambda d: "stored mask" in d.find_element(By.ID, "status").text)
             if os.environ.get("SEGANY_SCREENSHOT"):
                 driver.save_screenshot(os.environ["SEGANY_SCREENSHOT"])
+            driver.get(url + "stats")  # the statistics page plots the one mask
+            wait.until(lambda d: "1 images, 1 masks (manual 1)" in d.find_element(By.ID, "summary").text)
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#per-image svg rect")) == 1
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#seconds svg circle")) == 1
         finally:
             driver.quit()
     (shard,) = out.glob("*.tar")

@@ -114,6 +114,9 @@ def create_app(
     semi: bool = False,
     semi_settings: Optional[dict] = None,
 ) -> FastAPI:
+    """The app on the images of `images` (a folder or a shard spec, read by segany.engine.plan_jobs),
+    the model of `ckpt` (segany.modeling.load_model; `model` only when it stores no architecture)
+    and the output folder `out` (resumed). semi_settings: SemiAnnotator keywords."""
     app = FastAPI(title="segany annotate", docs_url=None, redoc_url=None, openapi_url=None)
     imgs = Images(images, shard_size)
     net = Model(ckpt, model, device, trust_checkpoint)
