@@ -77,19 +77,28 @@ def prompt_cfg(rounds: int, **kw) -> PromptConfig:
 PHASES = ("encoder_fwd", "rounds_fwd", "rounds_bwd", "encoder_bwd")
 
 
-def matmul_peak(device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Measured FLOP/s of an n^3 matmul in ``dtype`` (best of ``reps`` after a warm-up): the peak
-    the step's phases are compared with, taken in the same run as they are."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    best = float("inf")
-    for i in range(reps + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+def matmul_peak(device, dtype: torch.dtype, n_max: int = 2048, reps: int = 3) -> tuple[float, int]:
+    """Measured FLOP/s of an n^3 matmul in ``dtype`` (best of ``reps`` after a warm-up) -> (FLOP/s, n):
+    the peak the step's phases are compared with, taken in the same run as they are. n doubles
+    from 256 to ``n_max`` while one product takes under 0.5 s: a CPU without bf16 matrix units
+    (AVX2 only) runs bf16 products ~60x slower than fp32, and a 2048^3 one would take minutes."""
+    n = 256
+    while True:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        best = float("inf")
+        for i in range(reps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            dt = time.perf_counter() - t0
+            if i or dt > 0.5:  # the warm-up counts when it is already slow
+                best = min(best, dt)
+            if dt > 0.5:
+                break
+        if n >= n_max or best > 0.5:
+            return 2 * n**3 / best, n
+        n *= 2
 
 
 def time_step(
@@ -300,12 +309,12 @@ def main(argv=None):
 
 def report_step(args, device, res: str, v: str, prec: str):
     """Time and FLOPs of each phase of one step; FLOP/s against the matmul peak of ``prec``."""
-    peak = matmul_peak(device, torch.bfloat16 if prec == "bf16" else torch.float32)
+    peak, n = matmul_peak(device, torch.bfloat16 if prec == "bf16" else torch.float32)
     r = time_step(v, args.img_size, args.masks, args.rounds, device, resolution=res, precision=prec)
     total = sum(r[k] for k in PHASES)
     flops = sum(r[f"flops_{k}"] for k in PHASES)
     print(f"\n[{v}, {prec}] one step: {total:.1f} s, {flops / 1e12:.2f} TFLOP counted")
-    print(f"  {prec} matmul peak (2048^3, measured now): {peak / 1e9:.0f} GFLOP/s")
+    print(f"  {prec} matmul peak ({n}^3, measured now): {peak / 1e9:.1f} GFLOP/s")
     for k in PHASES:
         t, f = r[k], r[f"flops_{k}"]
         note = " (recomputes the forward)" if k == "rounds_bwd" else ""
