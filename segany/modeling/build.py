@@ -129,6 +129,7 @@ def assemble(cfg: SamConfig) -> Sam:
         image_embedding_size=(grid, grid),
         input_image_size=(cfg.img_size, cfg.img_size),
         mask_in_chans=cfg.mask_in_chans,
+        text_embed_dim=cfg.text_embed_dim,
     )
     transformer = TwoWayTransformer(
         depth=cfg.decoder_depth,
