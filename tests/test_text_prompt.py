@@ -357,3 +357,31 @@ def test_predictor_text_prompt_runs_end_to_end(clip):
     no_clip.set_image(make_test_image())
     with pytest.raises(ValueError, match="CLIP model"):
         no_clip.predict(text="a wheel")
+
+
+def test_text_token_added_to_a_checkpoint_without_one(tmp_path):
+    from segany.modeling.checkpoint import CheckpointError, save_official
+
+    torch.manual_seed(0)
+    base = segany.build_sam("vit_tiny").eval()
+    path = tmp_path / "base.pth"
+    save_official(base, str(path))
+    grown = segany.build_sam(checkpoint=str(path), text_embed_dim=16)
+    assert grown.config.text_embed_dim == 16
+    sd, ref = grown.state_dict(), base.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in ref.items())  # everything else loaded as stored
+    assert sorted(set(sd) - set(ref)) == sorted(k for k in sd if k.startswith("prompt_encoder.text_"))
+    text_path = tmp_path / "text.pth"
+    save_official(grown, str(text_path))
+    with pytest.raises(CheckpointError, match="text_embed_dim=8"):  # a stored text width is the architecture
+        segany.build_sam(checkpoint=str(text_path), text_embed_dim=8)
+
+
+def test_text_tasks_are_outside_task_all():
+    from omegaconf import OmegaConf
+
+    from segany.evaluation.registry import TASKS, task_names
+
+    assert {"crop_prompts", "text"} <= set(TASKS)
+    assert not {"crop_prompts", "text"} & set(task_names(OmegaConf.create({"task": "all"})))
+    assert task_names(OmegaConf.create({"task": "text"})) == ["text"]

@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     if a.clip_config:
         with open(a.clip_config) as f:
             config = json.load(f)
+    import torch
+
+    torch.manual_seed(a.seed)  # a randomly initialised CLIP (no --clip-checkpoint) is the same on every run
     try:
         clip = build_clip(a.clip_model, a.clip_checkpoint, config).to(pick_device(a.device))
     except (CheckpointError, ValueError) as e:

@@ -32,6 +32,8 @@ import torch.nn as nn
 from segany.modeling.common import LayerNorm2d
 from segany.modeling.constants import BOX_BR, BOX_TL, PAD, TEXT
 
+TEXT_KEYS = ("prompt_encoder.text_proj.", "prompt_encoder.text_embed.")  # the text token's weights in a Sam
+
 
 class PositionEmbeddingRandom(nn.Module):
     """Positional encoding with random spatial frequencies (Tancik et al. 2020)."""
