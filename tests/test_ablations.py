@@ -111,6 +111,18 @@ def _box_fraction(p) -> float:
     return float(pr.is_box.float().mean())
 
 
+def _text_fraction(p) -> float:
+    """fraction of 4000 rows, all with a CLIP embedding, whose first prompt is the text token"""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(4000, 32, 32, dtype=torch.bool)
+    masks[:, 8:24, 8:24] = True
+    boxes = torch.tensor([8.0, 8.0, 23.0, 23.0]).expand(4000, 4)
+    size = torch.tensor([[32, 32]]).expand(4000, 2)
+    yes = torch.ones(4000, dtype=torch.bool)
+    pr = initial_prompts(masks, boxes, yes, size, p, g, torch.zeros(4000, 8), yes)
+    return 0.0 if pr.is_text is None else float(pr.is_text.float().mean())
+
+
 def _box_noise(p) -> float:
     """measured std of the first-prompt box corners / the box side (side 100: under the 20 px cap at 0.1)"""
     p = dataclasses.replace(p, p_box=1.0)
@@ -169,6 +181,12 @@ def observed(b: Built, key: str):
         return round(_box_fraction(b.prompting), 1)
     if key == "prompting.box_noise_frac":
         return _box_noise(b.prompting)
+    if key == "prompting.p_text":
+        return round(_text_fraction(b.prompting), 1)
+    if key == "model.text_embed_dim":
+        return b.model.prompt_encoder.text_embed_dim
+    if key == "data.clip_sidecar":
+        return b.data.clip_sidecar
     if key == "prompting.multimask":
         return b.prompting.multimask
     if key == "prompting.detach_feedback":

@@ -15,6 +15,9 @@ are fixed by docs/contracts.md:
     boxes          (B, N, 4) float32      x0, y0, x1, y1 in the input frame, inclusive pixel
                                           indices (as segment_anything's batched_mask_to_box)
     mask_ids       (B, N) long            annotation ids, -1 on padding
+    clip           (B, N, D) float32      CLIP crop embedding of each mask (text prompt; only when
+                                          the source has CLIP sidecars: data.clip_sidecar), 0 where absent
+    has_clip       (B, N) bool            the mask has a CLIP embedding (False on padding)
     image_id       list[str]              sample key
     faults         dict[str, int]         samples skipped since this worker's previous batch
 """
@@ -70,6 +73,7 @@ class Record:
     predicted_iou: np.ndarray = None  # (A,) float, nan where absent
     stability_score: np.ndarray = None  # (A,) float, nan where absent
     iscrowd: np.ndarray = None  # (A,) bool
+    clip: Optional[np.ndarray] = None  # (A, D) float32 CLIP crop embeddings, NaN rows where absent
 
     def __post_init__(self):
         a = len(self.counts)
@@ -129,6 +133,11 @@ def make_sample(rec: Record, cfg: SampleConfig, rng: np.random.Generator) -> dic
         "mask_ids": torch.from_numpy(rec.ids[cand[kept]]),
         "image_id": rec.key,
     }
+    if rec.clip is not None:
+        emb = rec.clip[cand[kept]]  # (n, D), NaN rows: no embedding
+        has = ~np.isnan(emb).any(axis=1)
+        sample["clip"] = torch.from_numpy(np.where(has[:, None], emb, 0.0).astype(np.float32))
+        sample["has_clip"] = torch.from_numpy(has)
     if cfg.lowres_targets:
         sample["masks_lowres"] = torch.from_numpy(lowres(masks, geom))
     return sample
@@ -164,6 +173,13 @@ def collate(samples: list) -> dict:
     }
     if "masks_lowres" in samples[0]:
         batch["masks_lowres"] = _stack_padded([s["masks_lowres"] for s in samples], n, False)
+    with_clip = [s for s in samples if "clip" in s]
+    if with_clip:  # samples of a shard without a sidecar: no embedding for any of their masks
+        d = with_clip[0]["clip"].shape[1]
+        clip = [s.get("clip", torch.zeros(s["masks"].shape[0], d)) for s in samples]
+        has = [s.get("has_clip", torch.zeros(s["masks"].shape[0], dtype=torch.bool)) for s in samples]
+        batch["clip"] = _stack_padded(clip, n, 0.0)
+        batch["has_clip"] = _stack_padded(has, n, False)
     faults: dict = {}
     for s in samples:
         for kind, count in s.get("faults", {}).items():

@@ -41,28 +41,40 @@ def write_shard(job, annotate: Callable, path: str) -> dict:
     return stats
 
 
-def run_stage(jobs: list, annotate: Callable, out_dir: str, slot: int = 0, n_slots: int = 1) -> dict:
-    """Write the shards of jobs[slot::n_slots] that are not in out_dir yet.
-    Returns {"done": shards written now, "skipped": already there, "images", "masks"}."""
+def run_jobs(jobs: list, write: Callable, out_dir: str, slot: int = 0, n_slots: int = 1, out_name=None) -> dict:
+    """The resumable, sharded loop of every engine job: write(job, path) -> stats (numbers) for
+    each job of jobs[slot::n_slots] whose output `out_dir/out_name(job)` (default job.name) does
+    not exist yet; `write` writes atomically (segany.utils.io.atomic_write). Stats per output go
+    to `<output stem>.stats.json`. Returns {"done", "skipped", and every stat summed}."""
     if not 0 <= slot < n_slots:
         raise ValueError(f"slot {slot} is not in 0..{n_slots - 1}")
     os.makedirs(out_dir, exist_ok=True)
-    totals = {"done": 0, "skipped": 0, "images": 0, "written": 0, "masks": 0}
+    totals = {"done": 0, "skipped": 0}
     for job in jobs:
         if job.index % n_slots != slot:
             continue
-        path = os.path.join(out_dir, job.name)
+        name = out_name(job) if out_name else job.name
+        path = os.path.join(out_dir, name)
         for stale in glob.glob(glob.escape(path + TMP_MARK) + "*"):  # left by a killed run of this slot
             os.remove(stale)
         if os.path.exists(path):
             totals["skipped"] += 1
             continue
         t0 = time.time()
-        stats = write_shard(job, annotate, path)
-        for k in ("images", "written", "masks"):
-            totals[k] += stats[k]
+        stats = write(job, path)
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0) + v
         totals["done"] += 1
-        with open(os.path.join(out_dir, f"{os.path.splitext(job.name)[0]}.stats.json"), "w") as f:
+        stem = name[: -len(".tar")] if name.endswith(".tar") else os.path.splitext(name)[0]
+        with open(os.path.join(out_dir, f"{stem}.stats.json"), "w") as f:
             json.dump(dict(stats, seconds=round(time.time() - t0, 1)), f)
-        log.info("wrote %s: %d images, %d masks (%.1f s)", path, stats["written"], stats["masks"], time.time() - t0)
+        log.info("wrote %s: %s (%.1f s)", path, stats, time.time() - t0)
+    return totals
+
+
+def run_stage(jobs: list, annotate: Callable, out_dir: str, slot: int = 0, n_slots: int = 1) -> dict:
+    """Write the shards of jobs[slot::n_slots] that are not in out_dir yet.
+    Returns {"done": shards written now, "skipped": already there, "images", "masks"}."""
+    totals = {"images": 0, "written": 0, "masks": 0}
+    totals.update(run_jobs(jobs, lambda job, path: write_shard(job, annotate, path), out_dir, slot, n_slots))
     return totals

@@ -1,11 +1,12 @@
 """segany.evaluation: the SAM paper's zero-shot protocols — interactive single-point mIoU
 (points), RITM's interactive benchmark (noc: NoC@85/90, mIoU vs clicks), object proposals
 (mask AR), instance segmentation from boxes (mask AP), edge detection (the BSDS500 benchmark's
-ODS/OIS/AP) — and their metrics; evaluate.py drives them (runner.py). Each task is a class
+ODS/OIS/AP), text-to-mask (crop_prompts, text; models with the text token) —
+and their metrics; evaluate.py drives them (runner.py). Each task is a class
 registered in registry.TASKS by its module, imported here in the order task=all runs them."""
 
 # isort: off
-from segany.evaluation import points, noc, proposals, instances, edges  # noqa: F401 (registers the tasks)
+from segany.evaluation import points, noc, proposals, instances, edges, text  # noqa: F401 (registers the tasks)
 
 # isort: on
 from segany.evaluation.bsds import image_counts

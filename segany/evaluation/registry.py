@@ -36,7 +36,7 @@ def task_names(cfg: DictConfig) -> list:
     t = cfg.get("task", "points")
     names = list(t) if isinstance(t, (list, ListConfig)) else [str(t)]
     if names == ["all"]:
-        return list(TASKS)
+        return [n for n, cls in TASKS.items() if cls.in_all]
     bad = [n for n in names if n not in TASKS]
     if bad:
         raise ValueError(f"task={bad[0]!r}: expected one of {', '.join(TASKS)} or all")
@@ -48,6 +48,7 @@ class EvalTask:
     dataset -> its metrics) -> report (all datasets -> the task's section of metrics.json)."""
 
     name = ""  # set by @register
+    in_all = True  # run by task=all (False: tasks that need a particular model, e.g. the text token)
     num_workers: Optional[int] = 0  # loader workers of the datamodule part() reads (None: its config's)
 
     def __init__(self, cfg: DictConfig, model, device, out_dir: str):

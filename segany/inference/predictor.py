@@ -22,10 +22,15 @@ class SamPredictor:
 
     ``set_torch_image`` also accepts a batch of B same-size images; ``predict_torch``
     then takes ``B*M`` prompt rows, rows ``b*M .. b*M+M-1`` belonging to image ``b``.
+
+    Text (segany, SAM paper §7.5): ``clip`` (a ``segany.modeling.clip.ClipEncoder``, also
+    settable as the attribute) encodes ``predict(text="a wheel")`` for a model built with
+    ``text_embed_dim`` = the CLIP width.
     """
 
-    def __init__(self, sam_model: Any) -> None:
+    def __init__(self, sam_model: Any, clip: Any = None) -> None:
         self.model = sam_model
+        self.clip = clip
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
         self.reset_image()
 
@@ -95,11 +100,13 @@ class SamPredictor:
         mask_input: Optional[np.ndarray] = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text: Optional[str] = None,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for one prompt set, in original-image pixel coordinates.
 
         point_coords: (P, 2) xy px; point_labels: (P,) 1 = foreground, 0 = background;
-        box: (4,) xyxy px; mask_input: (1, 4h, 4w) low-res logits from a previous call.
+        box: (4,) xyxy px; mask_input: (1, 4h, 4w) low-res logits from a previous call;
+        text: a phrase, encoded by ``self.clip`` (combinable with the others).
 
         Returns masks (C, H, W) (bool, or float logits if ``return_logits``),
         iou predictions (C,) and low-res logits (C, 4h, 4w); C = 3 if multimask else 1.
@@ -119,8 +126,13 @@ class SamPredictor:
         if mask_input is not None:
             masks_in = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]  # (1, 1, 4h, 4w)
 
+        text_emb = None
+        if text is not None:
+            if self.clip is None:
+                raise ValueError("predict(text=...) needs a CLIP model: SamPredictor(model, clip=build_clip(...))")
+            text_emb = self.clip.encode_text([text]).to(self.device)  # (1, D)
         masks, iou, low_res = self.predict_torch(
-            coords, labels, boxes, masks_in, multimask_output, return_logits=return_logits
+            coords, labels, boxes, masks_in, multimask_output, return_logits=return_logits, text=text_emb
         )
         return tuple(t[0].detach().cpu().numpy() for t in (masks, iou, low_res))  # type: ignore[return-value]
 
@@ -133,11 +145,12 @@ class SamPredictor:
         mask_input: Optional[torch.Tensor] = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predict masks for N prompt sets already in the resized-input frame.
 
         point_coords: (N, P, 2) xy px; point_labels: (N, P); boxes: (N, 4) xyxy px;
-        mask_input: (N, 1, 4h, 4w) logits.
+        mask_input: (N, 1, 4h, 4w) logits; text: (N, D) CLIP embeddings.
 
         Returns masks (N, C, H, W) (bool unless ``return_logits``), iou predictions
         (N, C) and low-res logits (N, C, 4h, 4w).
@@ -149,7 +162,10 @@ class SamPredictor:
             if point_coords.dtype == torch.float64:  # the release accepts float64 coords
                 point_coords = point_coords.float()
             points = (point_coords, point_labels)
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        if text is None:
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        else:
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input, text=text)
         # sparse: (N, T, 256); dense: (N, 256, h, w)
         low_res, iou = self._decode(sparse, dense, multimask_output)  # (N, C, 4h, 4w), (N, C)
 

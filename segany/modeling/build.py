@@ -10,7 +10,7 @@ from segany.modeling.checkpoint import TRAINING_SWITCHES, CheckpointError, load_
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.lora import add_lora, lora_spec
 from segany.modeling.mask_decoder import MaskDecoder
-from segany.modeling.prompt_encoder import PromptEncoder
+from segany.modeling.prompt_encoder import TEXT_KEYS, PromptEncoder
 from segany.modeling.reader import Checkpoint, read_checkpoint
 from segany.modeling.sam import Sam
 from segany.modeling.transformer import TwoWayTransformer
@@ -60,10 +60,11 @@ def config_for(ck: Optional[Checkpoint], variant: Optional[str], overrides: dict
         for k in _ENCODER_SIZE
         if variant is not None and getattr(asked, k) != getattr(stored, k)
     ][:1]
+    # the text token may be added to a checkpoint without one (fresh weights; build_sam loads the rest)
+    adds_text = overrides.get("text_embed_dim", 0) > 0 and stored.text_embed_dim == 0
+    kept = TRAINING_SWITCHES + (("text_embed_dim",) if adds_text else ())
     conflicts += [
-        f"{k}={getattr(asked, k)}"
-        for k in overrides
-        if k not in TRAINING_SWITCHES and getattr(asked, k) != getattr(stored, k)
+        f"{k}={getattr(asked, k)}" for k in overrides if k not in kept and getattr(asked, k) != getattr(stored, k)
     ]
     if conflicts:
         held = ", ".join(f"{k}={v}" for k, v in asdict(stored).items() if k not in TRAINING_SWITCHES)
@@ -71,7 +72,7 @@ def config_for(ck: Optional[Checkpoint], variant: Optional[str], overrides: dict
             f"{ck.path!r} stores its architecture ({held}); the model config contradicts it: "
             f"{', '.join(conflicts)}. Leave those keys out: the architecture comes from the checkpoint"
         )
-    return replace(stored, **{k: v for k, v in overrides.items() if k in TRAINING_SWITCHES})
+    return replace(stored, **{k: v for k, v in overrides.items() if k in kept})
 
 
 def build_sam(
@@ -86,7 +87,8 @@ def build_sam(
     """Build SAM of size `variant` (default vit_b). `checkpoint` (a train.py .ckpt, an FSDP
     checkpoint directory, or a SAM .pth; see segany.modeling.reader) loads the whole model
     strictly, with the architecture the checkpoint stores when it stores one (variant and
-    overrides may then only repeat it; the training switches stay the caller's).
+    overrides may then only repeat it; the training switches stay the caller's; text_embed_dim
+    may add the text token to a checkpoint without one, freshly initialised).
     `encoder_init` loads MAE/timm ViT weights into the image encoder (pos-embed resized).
     `lora` ({rank, alpha, targets, dropout}, segany.modeling.lora.LoraSpec) then adds fresh
     LoRA adapters to the image encoder and freezes its other weights (a checkpoint that
@@ -99,7 +101,12 @@ def build_sam(
     ck = read_checkpoint(checkpoint, trust=trust_checkpoint) if checkpoint is not None else None
     model = assemble(config_for(ck, variant, overrides))
     if ck is not None:
-        load_weights(model, ck.state_dict, ck.path)
+        sd = ck.state_dict
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith(TEXT_KEYS)}
+        if fresh and not any(k.startswith(TEXT_KEYS) for k in sd):  # text token added: fresh, the rest strict
+            log.info("%s has no text token: added with fresh weights", ck.path)
+            sd = {**sd, **fresh}
+        load_weights(model, sd, ck.path)
     if encoder_init is not None:
         model.encoder_init_report = load_mae_encoder(model.image_encoder, encoder_init)
         log.info("MAE init from %s: %s", encoder_init, model.encoder_init_report)
@@ -129,6 +136,7 @@ def assemble(cfg: SamConfig) -> Sam:
         image_embedding_size=(grid, grid),
         input_image_size=(cfg.img_size, cfg.img_size),
         mask_in_chans=cfg.mask_in_chans,
+        text_embed_dim=cfg.text_embed_dim,
     )
     transformer = TwoWayTransformer(
         depth=cfg.decoder_depth,

@@ -12,6 +12,7 @@ What the shapes give (segany key names; S = img_size, p = patch size, g = S / p)
   mask_decoder.transformer.layers.<j>         decoder_depth; mlp.lin1.weight -> decoder_mlp_dim
   mask_decoder.mask_tokens.weight (m + 1, D)  num_multimask_outputs m
   mask_decoder.iou_prediction_head.layers.<k> iou_head_depth, iou_head_hidden_dim
+  prompt_encoder.text_proj.0.weight (D, E)    text_embed_dim E (segany's text prompt; absent: 0)
 
 One number is not in any shape: the decoder's head count (its attention projections are
 D x D whatever the split). It is taken as D / 32, the release's head width (256 / 8), which
@@ -68,6 +69,9 @@ def infer_architecture(sd: Dict[str, torch.Tensor]) -> Optional[dict]:
             "num_multimask_outputs": int(sd["mask_decoder.mask_tokens.weight"].shape[0]) - 1,
             "iou_head_depth": _count(sd, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight"),
             "iou_head_hidden_dim": int(sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0]),
+            "text_embed_dim": int(sd["prompt_encoder.text_proj.0.weight"].shape[1])
+            if "prompt_encoder.text_proj.0.weight" in sd
+            else 0,
         }
     except (KeyError, IndexError):
         return None

@@ -6,7 +6,17 @@ learned embedding for its label. Labels, one table row each:
     -1 padding ("not a point", positional encoding dropped)   0 negative point
      1 positive point    2 box top-left corner    3 box bottom-right corner
 
-so a box is two points labelled 2 and 3. The token layout is the release's, built by one
+so a box is two points labelled 2 and 3.
+
+Text (SAM paper §7.5, appendix D.5; not in the release): with ``text_embed_dim > 0`` a CLIP
+embedding (N, text_embed_dim) is one more sparse token, label TEXT (4): ``text_proj`` (an MLP)
+of the embedding plus its own learned type embedding ``text_embed``, no positional encoding.
+It comes first: text alone [T, PAD] (laid out as a single point), with points
+[T, p1..pk, PAD], with a box [T, TL, BR]. Off by default (``text_embed_dim=0``): the module
+then has exactly the release's weights and outputs; with it on, the extra weights live under
+``prompt_encoder.text_proj.*`` and ``prompt_encoder.text_embed.weight`` only.
+
+The token layout is the release's, built by one
 function, `prompt_tokens`, for the predictor, the evaluation and the training simulation
 alike: the points in order, then the box's two corners, or one padding token when there is
 no box (segment_anything's `_embed_points(pad=boxes is None)`). The release's call
@@ -20,7 +30,9 @@ import torch
 import torch.nn as nn
 
 from segany.modeling.common import LayerNorm2d
-from segany.modeling.constants import BOX_BR, BOX_TL, PAD
+from segany.modeling.constants import BOX_BR, BOX_TL, PAD, TEXT
+
+TEXT_KEYS = ("prompt_encoder.text_proj.", "prompt_encoder.text_embed.")  # the text token's weights in a Sam
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -62,6 +74,7 @@ class PromptEncoder(nn.Module):
         input_image_size: Tuple[int, int],
         mask_in_chans: int = 16,
         activation: Type[nn.Module] = nn.GELU,
+        text_embed_dim: int = 0,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -82,25 +95,53 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        self.text_embed_dim = int(text_embed_dim)
+        if self.text_embed_dim > 0:  # the text prompt (segany): CLIP embedding -> one token
+            self.text_proj = nn.Sequential(
+                nn.Linear(self.text_embed_dim, embed_dim), activation(), nn.Linear(embed_dim, embed_dim)
+            )
+            self.text_embed = nn.Embedding(1, embed_dim)  # the text token's type embedding
 
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image embedding grid -> (1, C, h, w)."""
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
 
     def label_table(self) -> torch.Tensor:
-        """(5, C) learned embedding per label, row = label + 1."""
-        return torch.cat([self.not_a_point_embed.weight] + [e.weight for e in self.point_embeddings])
+        """(5, C) learned embedding per label, row = label + 1 ((6, C) with the text token)."""
+        rows = [self.not_a_point_embed.weight] + [e.weight for e in self.point_embeddings]
+        if self.text_embed_dim > 0:
+            rows.append(self.text_embed.weight)
+        return torch.cat(rows)
 
-    def embed_tokens(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(N, P, 2) pixel coords + (N, P) labels in {-1, 0, 1, 2, 3} -> (N, P, C) tokens."""
+    def embed_tokens(
+        self, coords: torch.Tensor, labels: torch.Tensor, text: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(N, P, 2) pixel coords + (N, P) labels in {-1, 0, 1, 2, 3, 4} (+ text (N, D) CLIP
+        embeddings, used where a row has a TEXT label) -> (N, P, C) tokens."""
+        is_text = labels == TEXT
+        if self.text_embed_dim == 0 and (text is not None or bool(is_text.any())):
+            raise ValueError("PromptEncoder: a text prompt was given but the model has no text token: text_embed_dim=0")
+        if text is None and bool(is_text.any()):
+            raise ValueError("PromptEncoder: TEXT tokens need the text embeddings (tokens=(coords, labels, text))")
         pe = self.pe_layer.forward_with_coords(coords + 0.5, self.input_image_size)  # pixel centres
-        is_point = (labels != PAD).unsqueeze(-1)
-        return torch.where(is_point, pe, torch.zeros_like(pe)) + self.label_table()[labels.long() + 1]
+        is_point = ((labels != PAD) & ~is_text).unsqueeze(-1)
+        out = torch.where(is_point, pe, torch.zeros_like(pe)) + self.label_table()[labels.long() + 1]
+        if text is not None:
+            if text.shape != (labels.shape[0], self.text_embed_dim):
+                raise ValueError(
+                    f"PromptEncoder: text embeddings of shape {tuple(text.shape)}, expected "
+                    f"({labels.shape[0]}, {self.text_embed_dim}) (rows, text_embed_dim)"
+                )
+            proj = self.text_proj(text.to(out.dtype))  # (N, C)
+            out = out + is_text.unsqueeze(-1).to(out.dtype) * proj[:, None, :]
+        return out
 
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
         return self.mask_downscaling(masks)  # (N, 1, 4h, 4w) -> (N, C, h, w)
 
-    def _get_batch_size(self, points, boxes, masks) -> int:
+    def _get_batch_size(self, points, boxes, masks, text=None) -> int:
+        if text is not None:
+            return text.shape[0]
         if points is not None:
             return points[0].shape[0]
         if boxes is not None:
@@ -117,13 +158,15 @@ class PromptEncoder(nn.Module):
         points: Optional[Tuple[torch.Tensor, torch.Tensor]],
         boxes: Optional[torch.Tensor],
         masks: Optional[torch.Tensor],
-        tokens: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        tokens: Optional[tuple] = None,
+        text: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """-> sparse (N, T, C), dense (N, C, h, w). ``tokens``: (coords (N, T, 2), labels (N, T))
-        already laid out by `prompt_tokens` (then points and boxes must be None)."""
-        if tokens is not None and (points is not None or boxes is not None):
-            raise ValueError("PromptEncoder: pass tokens= or points/boxes, not both")
-        tokens = tokens if tokens is not None else prompt_tokens(points, boxes)
+        """-> sparse (N, T, C), dense (N, C, h, w). ``text``: (N, text_embed_dim) CLIP embeddings
+        (one text token per row). ``tokens``: (coords (N, T, 2), labels (N, T)[, text (N, D)])
+        already laid out by `prompt_tokens` (then points, boxes and text must be None)."""
+        if tokens is not None and (points is not None or boxes is not None or text is not None):
+            raise ValueError("PromptEncoder: pass tokens= or points/boxes/text, not both")
+        tokens = tokens if tokens is not None else prompt_tokens(points, boxes, text)
         n = self._get_batch_size(tokens, None, masks)
         weight = self.no_mask_embed.weight
         if tokens is None:
@@ -139,17 +182,28 @@ class PromptEncoder(nn.Module):
 
 
 def prompt_tokens(
-    points: Optional[Tuple[torch.Tensor, torch.Tensor]], boxes: Optional[torch.Tensor]
-) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    points: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    boxes: Optional[torch.Tensor],
+    text: Optional[torch.Tensor] = None,
+) -> Optional[tuple]:
     """The release's sparse-prompt layout (SamPredictor -> PromptEncoder), the one used everywhere.
 
     points (coords (N, P, 2) xy px, labels (N, P)) and/or boxes (N, 4) xyxy px ->
     coords (N, T, 2), labels (N, T): the points in order, then the box as two corner tokens
     (BOX_TL, BOX_BR); points without a box get one padding token (PAD) after them. So one point
     is [p, PAD], a box [TL, BR], k points [p1..pk, PAD], a box and k points [p1..pk, TL, BR].
-    None when there is neither.
+    None when there is nothing.
+
+    text (N, D) CLIP embeddings (segany's text prompt) -> one TEXT token first (coords 0), and
+    the embeddings as a third element: (coords, labels, text). Text without a box pads like a
+    point: [T, PAD], [T, p1..pk, PAD]; with a box [T, TL, BR].
     """
     parts = []
+    if text is not None:
+        n = text.shape[0]
+        parts.append((text.new_zeros(n, 1, 2).float(), torch.full((n, 1), TEXT, device=text.device)))
+        if points is None and boxes is None:
+            parts.append((text.new_zeros(n, 1, 2).float(), torch.full((n, 1), PAD, device=text.device)))
     if points is not None:
         coords, labels = points
         parts.append((coords.float(), labels.long()))
@@ -161,4 +215,5 @@ def prompt_tokens(
         parts.append((corners, torch.tensor([BOX_TL, BOX_BR], device=corners.device).expand(corners.shape[0], 2)))
     if not parts:
         return None
-    return torch.cat([c for c, _ in parts], dim=1), torch.cat([lab for _, lab in parts], dim=1)
+    coords, labels = torch.cat([c for c, _ in parts], dim=1), torch.cat([lab for _, lab in parts], dim=1)
+    return (coords, labels) if text is None else (coords, labels, text)

@@ -81,14 +81,15 @@ class Sam(nn.Module):
         boxes: Optional[torch.Tensor] = None,  # (B, M, 4) xyxy
         mask_inputs: Optional[torch.Tensor] = None,  # (B, M, 4h, 4w) logits
         multimask_output: Optional[bool] = True,
+        text: Optional[torch.Tensor] = None,  # (B, M, D) CLIP embeddings (text_embed_dim > 0)
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """B images x M prompts in one call -> masks (B, M, K, 4h, 4w), iou_pred (B, M, K).
 
         K = 3 with multimask_output, 1 without, 4 (every mask token) with None.
         """
-        ref = next((t for t in (point_labels, boxes, mask_inputs) if t is not None), None)
+        ref = next((t for t in (point_labels, boxes, mask_inputs, text) if t is not None), None)
         if ref is None:
-            raise ValueError("decode needs at least one of points, boxes or mask_inputs")
+            raise ValueError("decode needs at least one of points, boxes, mask_inputs or text")
         b, m = ref.shape[:2]
         points = None
         if point_coords is not None:
@@ -97,6 +98,7 @@ class Sam(nn.Module):
             points=points,
             boxes=None if boxes is None else boxes.flatten(0, 1),
             masks=None if mask_inputs is None else mask_inputs.flatten(0, 1).unsqueeze(1),
+            text=None if text is None else text.flatten(0, 1),
         )
         image_pe = self.prompt_encoder.get_dense_pe()
         if multimask_output is None:

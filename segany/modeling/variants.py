@@ -24,6 +24,9 @@ class SamConfig:
     num_multimask_outputs: int = 3
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
+    # segany's text prompt (SAM paper §7.5): width of the CLIP embedding given as a prompt token;
+    # 0 = off (the release's architecture; official checkpoints load unchanged)
+    text_embed_dim: int = 0
     # training switches (the release has none; the paper uses drop path and decoder dropout 0.1)
     drop_path_rate: float = 0.0
     decoder_dropout: float = 0.0

@@ -3,7 +3,9 @@
 Per mask, ``num_rounds`` predictions (11 by default):
 
   round 0      a foreground point uniform in the GT mask, or the GT box with noise
-               (std 10% of the side, capped at 20 px; paper), 50/50;
+               (std 10% of the side, capped at 20 px; paper), 50/50; or, for a share
+               ``p_text`` of the masks that have one, the CLIP embedding of a crop around the
+               mask as a text token (paper §7.5, appendix D.5: text-to-mask);
   point rounds one new point uniform in the error region of the previous prediction
                (false negative -> positive label 1, false positive -> negative label 0); a
                prediction without error gets a negative point in the background (SAM 2's
@@ -19,8 +21,9 @@ Everything here is pure tensor code on the tensors' device, vectorised over all 
 
 Tokens (`Prompts.tokens`): the release's layout from `segany.modeling.prompt_encoder.prompt_tokens`,
 the function the predictor and the evaluation use: a point row after k clicks is
-[p, c1..ck, PAD], a box row [c1..ck, TL, BR] (both k + 2 tokens, so the rows of one round
-stack). Coordinates are (x, y) pixels of the padded input frame; labels -1 pad, 0 negative,
+[p, c1..ck, PAD], a box row [c1..ck, TL, BR], a text row [T, c1..ck, PAD] (all k + 2 tokens,
+so the rows of one round stack; the text row is a point row whose first token is the text).
+Coordinates are (x, y) pixels of the padded input frame; labels -1 pad, 0 negative,
 1 positive, 2 box top-left, 3 box bottom-right.
 """
 
@@ -32,7 +35,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from segany.modeling.constants import NEG, PAD, POS
+from segany.modeling.constants import NEG, PAD, POS, TEXT
 from segany.modeling.prompt_encoder import prompt_tokens
 
 INIT, POINT, MASK = "init", "point", "mask"
@@ -66,6 +69,7 @@ class PromptConfig:
     ignore_padding: bool = False  # loss, IoU targets and clicks inside the image only (as evaluation)
     checkpoint_rounds: bool = False
     mask_chunk: Optional[int] = None
+    p_text: float = 0.0  # round 0: share of the masks with a CLIP embedding prompted by it (text-to-mask)
 
     def __post_init__(self):
         def bad(key, why):
@@ -77,6 +81,8 @@ class PromptConfig:
             bad("mask_rounds", "must be >= 0")
         if not 0.0 <= self.p_box <= 1.0:
             bad("p_box", "a probability in [0, 1]")
+        if not 0.0 <= self.p_text <= 1.0:
+            bad("p_text", "a probability in [0, 1]")
         if self.box_noise_frac < 0 or self.box_noise_max < 0:
             bad("box_noise_frac", "box noise must be >= 0 (box_noise_max too)")
         if self.resolution not in ("low", "full"):
@@ -169,6 +175,8 @@ class Prompts:
     is_box: Tensor  # (R,) bool
     clicks: Tensor  # (R, k, 2) corrective clicks
     click_labels: Tensor  # (R, k) POS / NEG, PAD in invalid rows
+    text: Optional[Tensor] = None  # (R, D) CLIP embeddings (None: no text prompt at all)
+    is_text: Optional[Tensor] = None  # (R,) bool: round 0 is the text token (a point row otherwise)
 
     def add(self, coords: Tensor, labels: Tensor) -> None:
         """Append one click per row: coords (R, 1, 2), labels (R, 1)."""
@@ -181,15 +189,23 @@ class Prompts:
         return self.clicks.shape[1] == 0
 
     def tokens(self) -> tuple:
-        """-> coords (R, k + 2, 2), labels (R, k + 2): point rows [p, c1..ck, PAD], box rows
-        [c1..ck, TL, BR] (segany.modeling.prompt_encoder.prompt_tokens); invalid rows all PAD."""
+        """-> coords (R, k + 2, 2), labels (R, k + 2) [, text (R, D)]: point rows [p, c1..ck, PAD],
+        box rows [c1..ck, TL, BR], text rows [T, c1..ck, PAD]
+        (segany.modeling.prompt_encoder.prompt_tokens); invalid rows all PAD."""
         clicks = (self.clicks, self.click_labels)
         pts = prompt_tokens((torch.cat((self.point, clicks[0]), 1), torch.cat((self.point_label, clicks[1]), 1)), None)
         box = prompt_tokens(clicks if self.clicks.shape[1] else None, self.box)
         coords = torch.where(self.is_box[:, None, None], box[0], pts[0])
         labels = torch.where(self.is_box[:, None], box[1], pts[1])
+        if self.text is not None:
+            txt = prompt_tokens(clicks if self.clicks.shape[1] else None, None, self.text)
+            coords = torch.where(self.is_text[:, None, None], txt[0], coords)
+            labels = torch.where(self.is_text[:, None], txt[1], labels)
         invalid = self.point_label[:, 0] == PAD
-        return coords, labels.masked_fill(invalid[:, None], PAD)
+        labels = labels.masked_fill(invalid[:, None], PAD)
+        if self.text is None or not bool((labels == TEXT).any()):
+            return coords, labels
+        return coords, labels, self.text
 
 
 def initial_prompts(
@@ -199,20 +215,30 @@ def initial_prompts(
     size_hw: Tensor,
     cfg: PromptConfig,
     generator: Optional[torch.Generator] = None,
+    text: Optional[Tensor] = None,
+    has_text: Optional[Tensor] = None,
 ) -> Prompts:
     """Round 0. masks (R, S, S) bool GT in the input frame, boxes (R, 4) xyxy, valid (R,),
-    size_hw (R, 2) the image content's (h, w) in the input frame (box noise stays inside it).
+    size_hw (R, 2) the image content's (h, w) in the input frame (box noise stays inside it),
+    text (R, D) CLIP embeddings where has_text (R,) (or None).
     The point is uniform over the full-resolution GT mask; a row that is invalid (padding), or
-    a point row whose mask is empty, gets only PAD tokens."""
+    a point row whose mask is empty, gets only PAD tokens. A share cfg.p_text of the rows with
+    an embedding start from it (a text row), the others from a box (p_box) or a point."""
     R, S, _ = masks.shape
     dev = masks.device
     is_box = torch.rand(R, device=dev, generator=generator) < cfg.p_box
     yx, found = sample_uniform(masks, generator)
     point = pixel_to_input(yx, S, S)[:, None]  # (R, 1, 2)
     box = noisy_boxes(boxes.float(), cfg.box_noise_frac, cfg.box_noise_max, size_hw, cfg.box_noise, generator)
-    ok = valid & (is_box | found)
+    is_text = None
+    if text is not None and cfg.p_text > 0:
+        is_text = (torch.rand(R, device=dev, generator=generator) < cfg.p_text) & has_text
+        is_box = is_box & ~is_text
+    else:
+        text = None
+    ok = valid & (is_box | found | (is_text if is_text is not None else False))
     label = torch.full((R, 1), POS, device=dev, dtype=torch.long).masked_fill(~ok[:, None], PAD)
-    return Prompts(point, label, box, is_box, point.new_zeros(R, 0, 2), label.new_zeros(R, 0))
+    return Prompts(point, label, box, is_box, point.new_zeros(R, 0, 2), label.new_zeros(R, 0), text, is_text)
 
 
 def error_points(

@@ -61,6 +61,7 @@ def _unit(
     pe: Tensor,
     coords: Tensor,
     labels: Tensor,
+    text: Optional[Tensor],
     mask_in: Optional[Tensor],
     target: Tensor,
     region: Optional[Tensor],
@@ -71,14 +72,16 @@ def _unit(
     """One round for one chunk of rows (the checkpointed function).
 
     emb (B, C, h, w), img (R,) the image of each row, pe (1, C, h, w), coords (R, P, 2),
-    labels (R, P) laid out by Prompts.tokens, mask_in (R, 1, 4h, 4w) or None, target (R, H, W)
+    labels (R, P) laid out by Prompts.tokens, text (R, D) CLIP embeddings of its TEXT tokens or None,
+    mask_in (R, 1, 4h, 4w) or None, target (R, H, W)
     bool at the loss resolution, region (B, H, W) bool where the loss counts (None: everywhere),
     valid (R,), multi_rows (R,) bool (rows answered with the 3 multimask tokens; None = every
     row single-mask).
     Returns loss sum (scalar), fed-back logits (R, 1, 4h, 4w), binary prediction at the
     loss resolution (R, H, W), its IoU with the target (R,), per-row loss (R,).
     """
-    sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=mask_in, tokens=(coords, labels))
+    tokens = (coords, labels) if text is None else (coords, labels, text)
+    sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=mask_in, tokens=tokens)
     # each row's own image embedding, gathered inside the unit (recomputed, not stored, with
     # checkpoint_rounds: (R, C, h, w) is 64x an image's embedding)
     masks, iou = model.mask_decoder.predict_masks(emb.index_select(0, img), pe, sparse, dense)
@@ -142,6 +145,9 @@ def simulate(
     round_loss = torch.zeros(T, device=masks.device)
     round_iou = torch.zeros(T, device=masks.device)
     first_point = schedule.index(POINT) if POINT in schedule else T
+    use_text = cfg.p_text > 0 and "clip" in batch
+    if cfg.p_text > 0 and getattr(model.prompt_encoder, "text_embed_dim", 0) == 0:
+        raise ValueError("prompting.p_text > 0 needs a model with the text token (model.text_embed_dim > 0)")
 
     for r0 in range(0, R_all, chunk):  # chunks of rows (all images together), not single masks
         idx = rows[r0 : r0 + chunk]  # (R,)
@@ -149,8 +155,19 @@ def simulate(
         gt = masks.reshape(B * N, S, S).index_select(0, idx)  # (R, S, S)
         target = target_all.reshape(B * N, *target_all.shape[-2:]).index_select(0, idx)
         v = valid.reshape(B * N).index_select(0, idx)  # (R,) all True unless none is
+        text = has_text = None
+        if use_text:
+            text = batch["clip"].reshape(B * N, -1).index_select(0, idx).to(embeddings.dtype)  # (R, D)
+            has_text = batch["has_clip"].reshape(B * N).index_select(0, idx)
         prompts = initial_prompts(
-            gt, boxes.reshape(B * N, 4).index_select(0, idx), v, size_hw.index_select(0, img), cfg, generator
+            gt,
+            boxes.reshape(B * N, 4).index_select(0, idx),
+            v,
+            size_hw.index_select(0, img),
+            cfg,
+            generator,
+            text,
+            has_text,
         )
         multi = (~prompts.is_box) if cfg.multimask else None
         mask_in, pred = None, None
@@ -158,7 +175,7 @@ def simulate(
             if kind == POINT:
                 where = None if region is None else region.index_select(0, img)
                 prompts.add(*error_points(pred, target, v, S, where, generator))
-            coords, labels = prompts.tokens()
+            coords, labels, *txt = prompts.tokens()
             ambiguous = t < first_point  # still a single point (or a box)
             args = (
                 model,
@@ -167,6 +184,7 @@ def simulate(
                 pe,
                 coords,
                 labels,
+                txt[0] if txt else None,
                 mask_in,
                 target,
                 region,

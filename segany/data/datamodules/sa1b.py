@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from typing import Iterator, Optional
 
 import numpy as np
 
 from segany.data.datamodules.base import StreamDataModule
 from segany.data.faults import FaultCounter, SampleFault
+from segany.data.formats import clip_sidecar
 from segany.data.sample import Record, SampleConfig
 from segany.data.streams.dataset import StreamDataset
 from segany.data.streams.reader import ShardSample, read_pairs
@@ -89,18 +91,48 @@ def sa1b_record(pair: ShardSample) -> Record:
 
 
 class SA1BStream(StreamDataset):
-    def __init__(self, urls: list, cfg: SampleConfig, *, interleave: int = 4, resampled: bool = True, **kw):
+    def __init__(
+        self,
+        urls: list,
+        cfg: SampleConfig,
+        *,
+        interleave: int = 4,
+        resampled: bool = True,
+        clip_sidecar: Optional[str] = None,
+        **kw,
+    ):
         super().__init__(cfg, **kw)
         self.urls = list(urls)
         self.interleave = max(1, int(interleave))
         self.resampled = bool(resampled)
+        self.clip_sidecar = clip_sidecar  # suffix of the CLIP embedding files beside the shards; None: off
+        self._clip_cache: dict = {}  # shard url -> (ids, embeddings) or None (no sidecar)
 
-    @staticmethod
-    def _records(pairs, faults: FaultCounter) -> Iterator[tuple[Record, int]]:
+    def _clip_table(self, url: str):
+        """The CLIP sidecar of shard `url` (segany.data.formats.clip_sidecar), None when absent
+        (its masks then have no text prompt; logged once). Kept for the shards open at once."""
+        if url not in self._clip_cache:
+            if len(self._clip_cache) > 2 * self.interleave:
+                self._clip_cache.pop(next(iter(self._clip_cache)))
+            path = clip_sidecar.sidecar_path(url, self.clip_sidecar)
+            if os.path.isfile(path):
+                ids, emb, _ = clip_sidecar.read(path)
+                self._clip_cache[url] = (ids, emb)
+            else:
+                log.warning("no CLIP sidecar %s: the masks of %s get no text prompt", path, url)
+                self._clip_cache[url] = None
+        return self._clip_cache[url]
+
+    def _records(self, pairs, faults: FaultCounter) -> Iterator[tuple[Record, int]]:
         """(record, byte offset just after it) of each pair whose json is usable."""
         for pair in pairs:
             try:
-                yield sa1b_record(pair), pair.next_offset
+                rec = sa1b_record(pair)
+                if self.clip_sidecar:
+                    table = self._clip_table(pair.url)
+                    if table is not None:
+                        rec.clip = clip_sidecar.lookup(*table, rec.ids)
+                yield rec, pair.next_offset
             except SampleFault as f:
                 faults.add(f.kind, pair.url, pair.key, f.message)
             except Exception as exc:  # noqa: BLE001 - never let one sample end the run
@@ -167,9 +199,11 @@ class SA1BDataModule(StreamDataModule):
         interleave: int = 4,
         resampled: bool = True,
         check_shards: bool = True,
+        clip_sidecar: Optional[str] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.clip_sidecar = clip_sidecar or None
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.train_num_shards = train_num_shards
@@ -207,6 +241,7 @@ class SA1BDataModule(StreamDataModule):
             self.cfg,
             interleave=self.interleave,
             resampled=self.resampled,
+            clip_sidecar=self.clip_sidecar,
             **self._stream_kwargs(train),
         )
 
