@@ -204,7 +204,10 @@ def test_predictor_state_errors(random_models, image):
 def test_generator_signature_matches_official():
     ours = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
     ref = inspect.signature(official.SamAutomaticMaskGenerator.__init__).parameters
-    assert list(ours) == list(ref)
+    # the release's parameters, in its order; segany's extras only after them, keyword-only
+    assert list(ours)[: len(ref)] == list(ref)
+    assert list(ours)[len(ref) :] == ["precision"] and ours["precision"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert ours["precision"].default == "fp32"
     for name in ref:
         if name not in ("self", "model"):
             assert ours[name].default == ref[name].default, name
