@@ -269,7 +269,11 @@ class SamAutomaticMaskGenerator:
             pred.transform.apply_coords(points, crop_size), dtype=torch.float, device=pred.device
         )  # (B, 2) input frame
         in_labels = torch.ones(len(in_points), dtype=torch.int, device=pred.device)  # (B,)
-        low_res, iou = pred.predict_low_res(in_points[:, None, :], in_labels[:, None], multimask_output=True)
+        # masks only for the points with an output above the IoU threshold (the others are never used)
+        min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
+        low_res, iou = pred.predict_low_res(
+            in_points[:, None, :], in_labels[:, None], multimask_output=True, min_iou=min_iou
+        )
         k = low_res.shape[1]  # low_res (B, 3, 4h, 4w) crop frame; iou (B, 3)
         low_res = low_res.flatten(0, 1)  # (B*3, 4h, 4w); row i*3+j = mask j of point i
         iou = iou.flatten(0, 1)  # (B*3,)

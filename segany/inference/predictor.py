@@ -12,6 +12,7 @@ from typing import Any, ContextManager, Optional, Tuple
 import numpy as np
 import torch
 
+from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.transforms import ResizeLongestSide
 
 PRECISIONS = ("fp32", "bf16")
@@ -175,9 +176,13 @@ class SamPredictor:
         boxes: Optional[torch.Tensor] = None,
         mask_input: Optional[torch.Tensor] = None,
         multimask_output: bool = True,
+        min_iou: Optional[float] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``predict_torch`` without the upsampling: low-res logits (N, C, 4h, 4w) and iou
-        predictions (N, C), float32 in either precision."""
+        predictions (N, C), float32 in either precision.
+
+        min_iou: with segany's decoder and one image, the logits of the prompts none of whose C
+        predicted IoUs exceeds it are not computed (NaN); the automatic mask generator drops them."""
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         points = None
@@ -188,7 +193,7 @@ class SamPredictor:
         with autocast_context(self.precision, self.device):
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
             # sparse: (N, T, 256); dense: (N, 256, h, w)
-            low_res, iou = self._decode(sparse, dense, multimask_output)  # (N, C, 4h, 4w), (N, C)
+            low_res, iou = self._decode(sparse, dense, multimask_output, min_iou)  # (N, C, 4h, 4w), (N, C)
         return low_res.float(), iou.float()
 
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
@@ -196,13 +201,20 @@ class SamPredictor:
         return self.model.postprocess_masks(low_res, self.input_size, self.original_size)
 
     def _decode(
-        self, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool
+        self, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool, min_iou: Optional[float] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run the mask decoder; with B > 1 images, each image gets its own N/B rows."""
         image_pe = self.model.prompt_encoder.get_dense_pe()  # (1, 256, h, w)
         n_images = self.features.shape[0]
+        decoder = self.model.mask_decoder
+        if n_images == 1 and min_iou is not None and isinstance(decoder, MaskDecoder):
+            sel = slice(1, None) if multimask_output else slice(0, 1)
+            masks, iou = decoder.predict_masks(
+                self.features, image_pe, sparse, dense, keep=lambda iou_all: (iou_all[:, sel] > min_iou).any(1)
+            )
+            return masks[:, sel], iou[:, sel]
         if n_images == 1:
-            return self.model.mask_decoder(
+            return decoder(
                 image_embeddings=self.features,
                 image_pe=image_pe,
                 sparse_prompt_embeddings=sparse,
@@ -213,7 +225,7 @@ class SamPredictor:
             raise ValueError(f"{sparse.shape[0]} prompt rows cannot be split over {n_images} images")
         rows = sparse.shape[0] // n_images
         outs = [
-            self.model.mask_decoder(
+            decoder(
                 image_embeddings=self.features[b : b + 1],
                 image_pe=image_pe,
                 sparse_prompt_embeddings=sparse[b * rows : (b + 1) * rows],
