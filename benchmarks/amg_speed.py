@@ -7,7 +7,8 @@ layers with 16x16 and 8x8 grids, 100 px small-region cleanup). Weights: --ckpt (
 .pth of --variant), else random-init weights of --variant (seed 0) written to a temporary file
 and loaded by both. Random weights predict low IoUs, so at the default thresholds few or no
 masks survive: the timing then measures decode + filtering, not mask encoding; pass a trained
---ckpt for a mask-agreement figure with many masks.
+--ckpt, or lower thresholds (--pred-iou-thresh, --stability-score-thresh), for a mask-agreement
+figure with many masks.
 
 Prints per setting: median seconds per image of each implementation, the time ratio, images
 per hour, the mask agreement with the release (same record count, identical masks, mean IoU of
@@ -157,6 +158,8 @@ def main() -> None:
     p.add_argument("--max-side", type=int, default=None, help="downscale photos to this long side (default: as is)")
     p.add_argument("--setting", default="default", choices=["default", "sa1b", "both"])
     p.add_argument("--points-per-side", type=int, default=None, help="override the grid (both settings)")
+    p.add_argument("--pred-iou-thresh", type=float, default=None, help="override (both settings)")
+    p.add_argument("--stability-score-thresh", type=float, default=None, help="override (both settings)")
     p.add_argument("--runs", type=int, default=1, help="timed runs per image and implementation")
     p.add_argument("--bf16", action="store_true", help="also time segany with precision=bf16")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -185,8 +188,9 @@ def main() -> None:
     results = {}
     for name in names:
         kw = dict(settings[name], output_mode="uncompressed_rle")
-        if args.points_per_side:
-            kw["points_per_side"] = args.points_per_side
+        for key in ("points_per_side", "pred_iou_thresh", "stability_score_thresh"):
+            if getattr(args, key) is not None:
+                kw[key] = getattr(args, key)
         gens = {
             "release": official.SamAutomaticMaskGenerator(ref_model, **kw),
             "segany": segany.SamAutomaticMaskGenerator(our_model, **kw),
