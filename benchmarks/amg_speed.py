@@ -205,7 +205,13 @@ def main() -> None:
                 for impl in impls:  # alternated: release, segany, segany bf16, release, ...
                     t0 = time.perf_counter()
                     with torch.inference_mode():
-                        recs = gens[impl].generate(img)
+                        try:
+                            recs = gens[impl].generate(img)
+                        except IndexError:  # the release's crop NMS indexes an empty (0,) tensor
+                            raise SystemExit(
+                                f"[{name}] {impl} failed on {fname}: no mask survived in any crop (the release "
+                                "cannot run its crop NMS on nothing); use trained weights or lower thresholds"
+                            ) from None
                     per[impl].append(time.perf_counter() - t0)
                     out = _rles(recs)
                     if impl == "release":
