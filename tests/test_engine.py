@@ -246,3 +246,20 @@ def test_train_annotate_retrain_loop(tmp_path, monkeypatch):
         after["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"],
     )
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_precision_flag_reaches_the_mask_generator(blob):
+    """--precision bf16: the annotators' generator runs its predictor in bf16 (default fp32)."""
+    from segany.engine.cli import build_annotator, parser
+
+    for stage, precision in (("auto", "bf16"), ("semi", "fp32")):
+        extra = ["--precision", precision] if precision != "fp32" else []
+        args = parser().parse_args([stage, "--input", "IN", "--out", "OUT", *extra])
+        annotator = build_annotator(args, blob)
+        assert annotator.settings["precision"] == precision
+    auto = build_annotator(parser().parse_args(["auto", "--input", "IN", "--out", "OUT", "--precision", "bf16"]), blob)
+    assert auto.generator.predictor.precision == "bf16"
+    masks = auto(make_test_image(96, 128), image_id=1)  # runs end to end under autocast
+    assert isinstance(masks, list)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["auto", "--input", "IN", "--out", "OUT", "--precision", "fp16"])

@@ -117,3 +117,16 @@ def test_sweep_dir_tabulates_every_run(tmp_path):
     assert "| 0 | `optim.lr=1e-3` |" in md and "`model.drop_path_rate=0.1`" in md
     with pytest.raises(FileNotFoundError, match="no run directory"):
         _evaluate(_cfg(tmp_path, f"sweep_dir={sweep / 'no_ckpt'}"))
+
+
+def test_bf16_precision_runs_every_task_close_to_fp32(tmp_path):
+    """precision=bf16: every task runs under autocast (CPU here), the points result stays near fp32's."""
+    common = ["clicks=[1]", "max_images=1", "proposals.points_per_side=4", "edges.points_per_side=4"]
+    common += ["edges.n_thresholds=9", "noc.max_clicks=2"]
+    fp32 = _evaluate(_cfg(tmp_path, "task=points", f"output_dir={tmp_path}/fp32", *common))
+    bf16 = _evaluate(_cfg(tmp_path, "task=all", "precision=bf16", f"output_dir={tmp_path}/bf16", *common))
+    assert bf16["miou@1"] == pytest.approx(fp32["miou@1"], abs=0.05)
+    for sec, key in (("noc", "miou@2"), ("proposals", "AR@1000"), ("instances", "AP"), ("edges", "ODS")):
+        assert 0 <= bf16[sec]["datasets"]["synthetic"][key] <= 1, sec
+    with pytest.raises(ValueError, match="precision"):
+        _evaluate(_cfg(tmp_path, "task=points", "precision=fp16", f"output_dir={tmp_path}/bad", *common))

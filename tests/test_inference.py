@@ -3,11 +3,13 @@ official segment_anything package: the official model with fixed random weights,
 its state_dict loaded into segany's vit_tiny, both pipelines compared (fp32, 1e-4)."""
 
 import inspect
+from pathlib import Path
 
 import numpy as np
 import pytest
 import segment_anything as official
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segany.inference import SamAutomaticMaskGenerator, SamPredictor
@@ -204,7 +206,10 @@ def test_predictor_state_errors(random_models, image):
 def test_generator_signature_matches_official():
     ours = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
     ref = inspect.signature(official.SamAutomaticMaskGenerator.__init__).parameters
-    assert list(ours) == list(ref)
+    # the release's parameters, in its order; segany's extras only after them, keyword-only
+    assert list(ours)[: len(ref)] == list(ref)
+    assert list(ours)[len(ref) :] == ["precision"] and ours["precision"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert ours["precision"].default == "fp32"
     for name in ref:
         if name not in ("self", "model"):
             assert ours[name].default == ref[name].default, name
@@ -307,3 +312,39 @@ def test_generator_argument_errors(blob_models):
         SamAutomaticMaskGenerator(model, points_per_side=8, point_grids=[np.zeros((1, 2))])
     with pytest.raises(ValueError):
         SamAutomaticMaskGenerator(model, output_mode="polygon")
+
+
+PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "dog.jpg"
+
+
+@pytest.mark.skipif(not PHOTO.is_file(), reason="needs ../shared/data/photos")
+def test_generate_parity_on_a_real_photo(blob_models):
+    """A real photo (crops, small-region cleanup, COCO RLE): the low-res-until-NMS pipeline
+    keeps the release's masks, bit for bit."""
+    ref_model, our_model = blob_models
+    photo = np.asarray(Image.open(PHOTO).convert("RGB").resize((300, 200), Image.BILINEAR))
+    kw = AMG_CASES["coco_rle_crops_small_regions"]
+    ref_recs = official.SamAutomaticMaskGenerator(ref_model, **kw).generate(photo)
+    our_recs = SamAutomaticMaskGenerator(our_model, **kw).generate(photo)
+    assert len(ref_recs) >= 50
+    _compare_records(ref_recs, our_recs, "coco_rle")
+    identical = sum(o["segmentation"] == r["segmentation"] for o, r in zip(our_recs, ref_recs))
+    assert identical >= 0.98 * len(ref_recs), (identical, len(ref_recs))
+
+
+def test_bf16_predictor_agrees_with_fp32(blob_models, image):
+    """precision="bf16": autocast on the model's device type; outputs stay float32, masks agree."""
+    model = blob_models[1]
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        pred = SamPredictor(model, precision=precision)
+        pred.set_image(image)
+        assert pred.get_image_embedding().dtype == torch.float32
+        outs[precision] = pred.predict(point_coords=np.array([[60.0, 70.0]]), point_labels=np.array([1]))
+    (m32, i32, _), (m16, i16, l16) = outs["fp32"], outs["bf16"]
+    assert i16.dtype == l16.dtype == np.float32 and m16.dtype == bool
+    iou = (m16 & m32).sum((1, 2)) / (m16 | m32).sum((1, 2))
+    assert iou.min() > 0.97, iou
+    _close(i16, i32, atol=0.02)
+    with pytest.raises(ValueError, match="precision"):
+        SamPredictor(model, precision="fp16")

@@ -372,3 +372,47 @@ def test_training_switches_reach_the_modules():
     emb = model.encode_image(x)
     emb.sum().backward()
     assert model.image_encoder.blocks[0].attn.qkv.weight.grad is not None
+
+
+POSTPROCESS_CASES = [
+    (256, 64, (171, 256), (200, 300)),
+    (1024, 256, (683, 1024), (1200, 1800)),
+    (1024, 256, (1024, 577), (1077, 607)),
+]
+
+
+@pytest.mark.parametrize("img_size,low,input_size,orig", POSTPROCESS_CASES)
+def test_postprocess_masks_is_the_release_formula_bit_for_bit(pair, img_size, low, input_size, orig):
+    """Only the kept region is upsampled: the numbers must be identical, not just close."""
+    ours = pair[1]
+    logits = torch.randn(2, 3, low, low) * 4
+    want = F.interpolate(logits, (img_size, img_size), mode="bilinear", align_corners=False)
+    want = F.interpolate(want[..., : input_size[0], : input_size[1]], orig, mode="bilinear", align_corners=False)
+    saved = ours.image_encoder.img_size
+    try:
+        ours.image_encoder.img_size = img_size  # postprocess_masks reads only the size
+        got = ours.postprocess_masks(logits, input_size, orig)
+    finally:
+        ours.image_encoder.img_size = saved
+    assert torch.equal(got, want)
+
+
+def test_decoder_shared_image_rows_and_keep(pair):
+    """One image and one dense embedding for all rows (the transformer takes the image tokens
+    once) equals every row with its own copy; keep= computes masks only for the kept rows."""
+    _, ours, _ = pair
+    dec, pe_enc = ours.mask_decoder, ours.prompt_encoder
+    torch.manual_seed(0)
+    emb = torch.randn(1, 256, 16, 16)
+    pts = (torch.rand(5, 2, 2) * 256, torch.tensor([[1, 0], [1, 1], [1, -1], [0, 1], [1, 1]]))
+    with torch.no_grad():
+        sparse, dense = pe_enc(points=pts, boxes=None, masks=None)
+        assert dense.stride(0) == 0  # the expanded no-mask embedding: the shared path
+        shared = dec.predict_masks(emb, pe_enc.get_dense_pe(), sparse, dense)
+        copied = dec.predict_masks(emb, pe_enc.get_dense_pe(), sparse, dense.contiguous() + 0.0)
+        torch.testing.assert_close(shared, copied, rtol=1e-5, atol=1e-5)
+        keep = torch.tensor([True, False, True, False, False])
+        masks, iou = dec.predict_masks(emb, pe_enc.get_dense_pe(), sparse, dense, keep=lambda iou_all: keep)
+    torch.testing.assert_close(iou, shared[1])
+    torch.testing.assert_close(masks[keep], shared[0][keep])
+    assert masks[~keep].isnan().all()

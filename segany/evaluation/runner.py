@@ -19,6 +19,7 @@ from segany.evaluation import report
 from segany.evaluation.distributed import fingerprint, gather_parts, write_part
 from segany.evaluation.registry import TASKS, task_names
 from segany.evaluation.sources import build_datamodule, dataset_configs, dataset_label
+from segany.inference.predictor import autocast_context
 from segany.modeling.load import load_model
 from segany.utils.dist import pick_device, topology
 
@@ -52,7 +53,9 @@ def evaluate(cfg: DictConfig) -> dict:
     model.to(device).eval()
     datasets = dataset_configs(cfg)
     fp = fingerprint(cfg, cfg.ckpt_path)
-    return run_tasks(cfg, model, what, device, output_dir(cfg, datasets), datasets, rank, world, fp)
+    # bf16: every task's encoder / decoder calls under torch.autocast; weights and outputs stay fp32
+    with autocast_context(cfg.get("precision", "fp32"), device):
+        return run_tasks(cfg, model, what, device, output_dir(cfg, datasets), datasets, rank, world, fp)
 
 
 def _datamodule(cfg: DictConfig, dname: str, node, task, model, skipped: dict):

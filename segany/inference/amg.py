@@ -5,16 +5,23 @@ constructor options, same ``generate`` output records.
 
 Pipeline per crop (layer 0 = the whole image, then 2x2, 4x4, ... crops):
   embed crop -> prompt a point grid in batches (3 masks per point) -> drop masks with
-  low predicted IoU or stability, or touching an inner crop edge -> RLE-encode ->
-  box NMS inside the crop.
+  low predicted IoU (before any upsampling) -> stability score and box from the upsampled
+  logits, chunk by chunk -> drop unstable masks and those touching an inner crop edge ->
+  box NMS inside the crop -> upsample, threshold and RLE-encode the survivors only.
 Across crops: box NMS preferring masks from smaller crops. Optionally remove small
 holes/islands (OpenCV) and re-run NMS.
+
+The release upsamples every decoded mask to the image size, thresholds and RLE-encodes all
+that pass the filters, then runs NMS. Here the masks stay low-res (4h x 4w logits) until
+the crop's NMS; every number that decides a mask's fate (predicted IoU, stability score,
+box) is computed from the same upsampled logits as the release's, so the kept masks and
+their records are the release's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +30,7 @@ from torchvision.ops import batched_nms, box_area
 from segany.inference.amg_utils import (
     area_from_rle,
     batch_iterator,
+    batched_logits_to_box,
     batched_mask_to_box,
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
@@ -40,6 +48,8 @@ from segany.inference.amg_utils import (
 from segany.inference.predictor import SamPredictor
 
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+# full-resolution logits are made chunk by chunk: at most this many bytes of them at once
+_UPSAMPLE_BUDGET_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -75,17 +85,6 @@ class _Proposals:
             **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(_Proposals) if f.name != "rles"},
         )
 
-    @staticmethod
-    def empty() -> "_Proposals":
-        return _Proposals(
-            rles=[],
-            boxes=torch.zeros((0, 4), dtype=torch.long),
-            iou_preds=torch.zeros(0),
-            points=torch.zeros((0, 2), dtype=torch.float64),
-            stability_score=torch.zeros(0),
-            crop_boxes=torch.zeros((0, 4), dtype=torch.long),
-        )
-
 
 class SamAutomaticMaskGenerator:
     """Generate masks for a whole image by prompting SAM with a grid of points.
@@ -105,6 +104,8 @@ class SamAutomaticMaskGenerator:
       point_grids: explicit per-layer grids, each (P, 2) in [0, 1] xy.
       min_mask_region_area: if > 0, remove holes/islands smaller than this (OpenCV).
       output_mode: "binary_mask" | "uncompressed_rle" | "coco_rle" (pycocotools).
+      precision (keyword, segany only): "fp32" (the release's masks) or "bf16" (encoder and
+        decoder under torch.autocast to bfloat16, on the model's device type).
     """
 
     def __init__(
@@ -123,6 +124,8 @@ class SamAutomaticMaskGenerator:
         point_grids: Optional[List[np.ndarray]] = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        *,
+        precision: str = "fp32",
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
@@ -142,7 +145,7 @@ class SamAutomaticMaskGenerator:
         if min_mask_region_area > 0:
             import cv2  # type: ignore # noqa: F401
 
-        self.predictor = SamPredictor(model)
+        self.predictor = SamPredictor(model, precision=precision)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -227,62 +230,86 @@ class SamAutomaticMaskGenerator:
             self._process_batch(batch, crop_size, crop_box, orig_size)
             for (batch,) in batch_iterator(self.points_per_batch, points)
         ]
+        cand = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # candidates of the whole crop
+        # duplicates within the crop: NMS on the boxes of the full-resolution masks
+        keep = batched_nms(
+            cand["boxes"].float(), cand["iou_preds"], torch.zeros_like(cand["boxes"][:, 0]), self.box_nms_thresh
+        )
+        # only the survivors are upsampled once more, thresholded and run-length encoded
+        rles = self._encode(cand["low_res"][keep], crop_box, orig_size)
         self.predictor.reset_image()
+        n = len(keep)
+        return _Proposals(
+            rles=rles,
+            boxes=uncrop_boxes_xyxy(cand["boxes"][keep], crop_box),
+            iou_preds=cand["iou_preds"][keep],
+            points=uncrop_points(cand["points"][keep.cpu()], crop_box),
+            stability_score=cand["stability_score"][keep],
+            crop_boxes=torch.tensor([crop_box], dtype=torch.long).expand(n, 4).clone(),
+        )
 
-        props = _Proposals.cat(parts) if parts else _Proposals.empty()
-        if len(props):
-            one_class = torch.zeros_like(props.boxes[:, 0])
-            props = props.take(batched_nms(props.boxes.float(), props.iou_preds, one_class, self.box_nms_thresh))
-        props.boxes = uncrop_boxes_xyxy(props.boxes, crop_box)
-        props.points = uncrop_points(props.points, crop_box)
-        props.crop_boxes = torch.tensor([crop_box], dtype=torch.long).expand(len(props), 4).clone()
-        return props
+    def _chunks(self, n: int) -> Iterator[slice]:
+        """Slices of up to n masks whose full-resolution logits fit the upsampling budget."""
+        h, w = self.predictor.original_size
+        step = max(1, _UPSAMPLE_BUDGET_BYTES // (4 * (h * w + self.predictor.model.image_encoder.img_size**2)))
+        return (slice(s, s + step) for s in range(0, n, step))
 
     def _process_batch(
         self, points: np.ndarray, crop_size: Tuple[int, ...], crop_box: List[int], orig_size: Tuple[int, ...]
-    ) -> _Proposals:
-        """Decode one batch of grid points (B, 2) (crop frame px) into filtered proposals."""
+    ) -> Dict[str, torch.Tensor]:
+        """Decode one batch of grid points (B, 2) (crop frame px) into the candidates that pass
+        the filters, with their masks still as low-res logits (K, 4h, 4w).
+
+        The numbers are the release's: the predicted-IoU filter needs no mask, so only its
+        survivors are upsampled (the release upsamples all 3B); the stability score and the box
+        come from the upsampled logits, chunk by chunk, without keeping the full-size masks."""
         orig_h, orig_w = orig_size
         pred = self.predictor
         in_points = torch.as_tensor(
             pred.transform.apply_coords(points, crop_size), dtype=torch.float, device=pred.device
         )  # (B, 2) input frame
         in_labels = torch.ones(len(in_points), dtype=torch.int, device=pred.device)  # (B,)
-        logits, iou, _ = pred.predict_torch(
-            in_points[:, None, :], in_labels[:, None], multimask_output=True, return_logits=True
-        )  # logits (B, 3, h, w) crop frame; iou (B, 3)
-        k = logits.shape[1]
-        logits = logits.flatten(0, 1)  # (B*3, h, w); row i*3+j = mask j of point i
+        # masks only for the points with an output above the IoU threshold (the others are never used)
+        min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
+        low_res, iou = pred.predict_low_res(
+            in_points[:, None, :], in_labels[:, None], multimask_output=True, min_iou=min_iou
+        )
+        k = low_res.shape[1]  # low_res (B, 3, 4h, 4w) crop frame; iou (B, 3)
+        low_res = low_res.flatten(0, 1)  # (B*3, 4h, 4w); row i*3+j = mask j of point i
         iou = iou.flatten(0, 1)  # (B*3,)
         pts = torch.as_tensor(points).repeat_interleave(k, dim=0)  # (B*3, 2) float64
 
-        # quality filters; the stability score is only computed for IoU survivors
         keep = torch.arange(len(iou), device=iou.device)
         if self.pred_iou_thresh > 0.0:
-            keep = keep[iou[keep] > self.pred_iou_thresh]
-        stability = calculate_stability_score(
-            logits[keep], pred.model.mask_threshold, self.stability_score_offset
-        )  # (K,)
-        if self.stability_score_thresh > 0.0:
-            ok = stability >= self.stability_score_thresh
-            keep, stability = keep[ok], stability[ok]
+            keep = keep[iou > self.pred_iou_thresh]
+        thresh, offset = pred.model.mask_threshold, self.stability_score_offset
+        stability, boxes = [], []
+        for sl in self._chunks(len(keep)):
+            logits = pred.upsample(low_res[keep[sl], None])[:, 0]  # (c, H, W) crop frame
+            stability.append(calculate_stability_score(logits, thresh, offset))
+            boxes.append(batched_logits_to_box(logits, thresh))
+        stability = torch.cat(stability) if stability else iou.new_zeros(0)  # (K,)
+        boxes = torch.cat(boxes) if boxes else torch.zeros((0, 4), dtype=torch.long, device=iou.device)  # (K, 4)
+        ok = stability >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else None
+        if ok is not None:
+            keep, stability, boxes = keep[ok], stability[ok], boxes[ok]
+        ok = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])  # (K,)
+        keep, stability, boxes = keep[ok], stability[ok], boxes[ok]
+        return {
+            "low_res": low_res[keep],
+            "boxes": boxes,
+            "iou_preds": iou[keep],
+            "points": pts[keep.cpu()],
+            "stability_score": stability,
+        }
 
-        masks = logits[keep] > pred.model.mask_threshold  # (K, h, w) bool
-        boxes = batched_mask_to_box(masks)  # (K, 4) crop frame
-        inner = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])  # (K,)
-        if not bool(inner.all()):
-            keep, stability, masks, boxes = keep[inner], stability[inner], masks[inner], boxes[inner]
-
-        masks = uncrop_masks(masks, crop_box, orig_h, orig_w)  # (K, H, W) image frame
-        keep_cpu = keep.cpu()
-        return _Proposals(
-            rles=mask_to_rle_pytorch(masks),
-            boxes=boxes,
-            iou_preds=iou[keep],
-            points=pts[keep_cpu],
-            stability_score=stability,
-            crop_boxes=torch.zeros((len(keep), 4), dtype=torch.long),  # set per crop
-        )
+    def _encode(self, low_res: torch.Tensor, crop_box: List[int], orig_size: Tuple[int, ...]) -> List[Dict[str, Any]]:
+        """Low-res logits (K, 4h, 4w) of the current crop -> K uncompressed RLEs in the image frame."""
+        rles: List[Dict[str, Any]] = []
+        for sl in self._chunks(len(low_res)):
+            masks = self.predictor.upsample(low_res[sl, None])[:, 0] > self.predictor.model.mask_threshold
+            rles += mask_to_rle_pytorch(uncrop_masks(masks, crop_box, *orig_size))  # (c, H, W) image frame
+        return rles
 
     @staticmethod
     def postprocess_small_regions(props: _Proposals, min_area: int, nms_thresh: float) -> _Proposals:

@@ -128,11 +128,23 @@ def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
 
     masks: (..., H, W) bool -> (..., 4) int64; ``[0, 0, 0, 0]`` for an empty mask.
     """
-    h, w = masks.shape[-2:]
-    rows = masks.any(dim=-1).to(torch.uint8)  # (..., H) row has a pixel
-    cols = masks.any(dim=-2).to(torch.uint8)  # (..., W)
     if masks.numel() == 0:
         return torch.zeros((*masks.shape[:-2], 4), dtype=torch.long, device=masks.device)
+    return _box_from_occupancy(masks.any(dim=-1), masks.any(dim=-2))
+
+
+def batched_logits_to_box(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``batched_mask_to_box(logits > threshold)`` without the (..., H, W) bool masks: a row
+    holds a mask pixel iff its maximum logit is above the threshold. (..., H, W) -> (..., 4)."""
+    if logits.numel() == 0:
+        return torch.zeros((*logits.shape[:-2], 4), dtype=torch.long, device=logits.device)
+    return _box_from_occupancy(logits.amax(dim=-1) > threshold, logits.amax(dim=-2) > threshold)
+
+
+def _box_from_occupancy(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """rows (..., H), cols (..., W) bool (row/column holds a mask pixel) -> (..., 4) int64 xyxy."""
+    h, w = rows.shape[-1], cols.shape[-1]
+    rows, cols = rows.to(torch.uint8), cols.to(torch.uint8)
     # argmax returns the first maximal index: first occupied row/col from each side
     top = rows.argmax(dim=-1)
     bottom = (h - 1) - rows.flip(-1).argmax(dim=-1)

@@ -6,12 +6,27 @@ methods, arguments and return values).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import contextlib
+from typing import Any, ContextManager, Optional, Tuple
 
 import numpy as np
 import torch
 
+from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.transforms import ResizeLongestSide
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast_context(precision: str, device: torch.device) -> ContextManager:
+    """The compute precision of inference on ``device``: "fp32" (the release's numbers) or
+    "bf16" (``torch.autocast`` to bfloat16 on the device's own type, CPU or CUDA; weights and
+    outputs stay fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 class SamPredictor:
@@ -19,6 +34,8 @@ class SamPredictor:
 
     Arguments:
       sam_model: a ``Sam`` (``segany.build_sam(...)`` or the official one).
+      precision: "fp32" (default, the release's numbers) or "bf16" (encoder and decoder under
+        ``torch.autocast`` to bfloat16; every output stays float32).
 
     ``set_torch_image`` also accepts a batch of B same-size images; ``predict_torch``
     then takes ``B*M`` prompt rows, rows ``b*M .. b*M+M-1`` belonging to image ``b``.
@@ -28,9 +45,11 @@ class SamPredictor:
     ``text_embed_dim`` = the CLIP width.
     """
 
-    def __init__(self, sam_model: Any, clip: Any = None) -> None:
+    def __init__(self, sam_model: Any, clip: Any = None, precision: str = "fp32") -> None:
+        autocast_context(precision, torch.device("cpu"))  # validates the spelling
         self.model = sam_model
         self.clip = clip
+        self.precision = precision
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
         self.reset_image()
 
@@ -68,7 +87,8 @@ class SamPredictor:
         self.original_size = tuple(original_image_size)
         self.input_size = tuple(transformed_image.shape[-2:])
         x = self.model.preprocess(transformed_image)  # (B, 3, S, S) normalised, padded
-        self.features = self.model.image_encoder(x)  # (B, 256, S/16, S/16)
+        with autocast_context(self.precision, self.device):
+            self.features = self.model.image_encoder(x).float()  # (B, 256, S/16, S/16)
         self.is_image_set = True
 
     def get_image_embedding(self) -> torch.Tensor:
@@ -155,6 +175,28 @@ class SamPredictor:
         Returns masks (N, C, H, W) (bool unless ``return_logits``), iou predictions
         (N, C) and low-res logits (N, C, 4h, 4w).
         """
+        low_res, iou = self.predict_low_res(point_coords, point_labels, boxes, mask_input, multimask_output, text=text)
+        masks = self.upsample(low_res)  # (N, C, H, W)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res
+
+    @torch.no_grad()
+    def predict_low_res(
+        self,
+        point_coords: Optional[torch.Tensor],
+        point_labels: Optional[torch.Tensor],
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+        min_iou: Optional[float] = None,
+        text: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``predict_torch`` without the upsampling: low-res logits (N, C, 4h, 4w) and iou
+        predictions (N, C), float32 in either precision.
+
+        min_iou: with segany's decoder and one image, the logits of the prompts none of whose C
+        predicted IoUs exceeds it are not computed (NaN); the automatic mask generator drops them."""
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         points = None
@@ -162,26 +204,32 @@ class SamPredictor:
             if point_coords.dtype == torch.float64:  # the release accepts float64 coords
                 point_coords = point_coords.float()
             points = (point_coords, point_labels)
-        if text is None:
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        else:
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input, text=text)
-        # sparse: (N, T, 256); dense: (N, 256, h, w)
-        low_res, iou = self._decode(sparse, dense, multimask_output)  # (N, C, 4h, 4w), (N, C)
+        extra = {} if text is None else {"text": text}  # a model without the text token takes no text=
+        with autocast_context(self.precision, self.device):
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input, **extra)
+            # sparse: (N, T, 256); dense: (N, 256, h, w)
+            low_res, iou = self._decode(sparse, dense, multimask_output, min_iou)  # (N, C, 4h, 4w), (N, C)
+        return low_res.float(), iou.float()
 
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)  # (N, C, H, W)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
-        return masks, iou, low_res
+    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-res logits (..., C, 4h, 4w) of the current image -> logits (..., C, H, W) at its size."""
+        return self.model.postprocess_masks(low_res, self.input_size, self.original_size)
 
     def _decode(
-        self, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool
+        self, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool, min_iou: Optional[float] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run the mask decoder; with B > 1 images, each image gets its own N/B rows."""
         image_pe = self.model.prompt_encoder.get_dense_pe()  # (1, 256, h, w)
         n_images = self.features.shape[0]
+        decoder = self.model.mask_decoder
+        if n_images == 1 and min_iou is not None and isinstance(decoder, MaskDecoder):
+            sel = slice(1, None) if multimask_output else slice(0, 1)
+            masks, iou = decoder.predict_masks(
+                self.features, image_pe, sparse, dense, keep=lambda iou_all: (iou_all[:, sel] > min_iou).any(1)
+            )
+            return masks[:, sel], iou[:, sel]
         if n_images == 1:
-            return self.model.mask_decoder(
+            return decoder(
                 image_embeddings=self.features,
                 image_pe=image_pe,
                 sparse_prompt_embeddings=sparse,
@@ -192,7 +240,7 @@ class SamPredictor:
             raise ValueError(f"{sparse.shape[0]} prompt rows cannot be split over {n_images} images")
         rows = sparse.shape[0] // n_images
         outs = [
-            self.model.mask_decoder(
+            decoder(
                 image_embeddings=self.features[b : b + 1],
                 image_pe=image_pe,
                 sparse_prompt_embeddings=sparse[b * rows : (b + 1) * rows],

@@ -14,7 +14,7 @@ final (N, 4, 4h, 4w) logits are rearranged into an image. Same parameters (the r
 1.6x faster in training (no layout conversions between the convolutions and the GELUs).
 """
 
-from typing import Tuple, Type
+from typing import Callable, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -73,8 +73,13 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,  # (1, C, h, w)
         sparse_prompt_embeddings: torch.Tensor,  # (N, T, C), N = B*M
         dense_prompt_embeddings: torch.Tensor,  # (N, C, h, w)
+        keep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """All mask tokens -> masks (N, 4, 4h, 4w), iou_pred (N, 4)."""
+        """All mask tokens -> masks (N, 4, 4h, 4w), iou_pred (N, 4).
+
+        keep: iou_pred (N, 4) -> (N,) bool. When given, the masks (the upscaling, a quarter of
+        the decoder's work) are computed only for the kept rows, the others are NaN: a filter
+        on the predicted IoU (the automatic mask generator's first one) needs no mask."""
         n = sparse_prompt_embeddings.shape[0]
         b, _, h, w = image_embeddings.shape
         if n % b != 0:
@@ -85,18 +90,28 @@ class MaskDecoder(nn.Module):
             dim=1,
         )  # (N, 5+T, C)
 
-        # every prompt row gets its own copy of its image's embedding (the transformer updates it)
-        src = image_embeddings if n == b else image_embeddings.repeat_interleave(n // b, dim=0)
-        src = src + dense_prompt_embeddings  # (N, C, h, w)
+        dense = dense_prompt_embeddings
+        if b == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
+            # one image and one dense embedding for every row (no mask prompts: the release's
+            # no_mask_embed, expanded): the rows share their image tokens until the first
+            # image -> token attention, so the transformer takes them once, (1, C, h, w)
+            src = image_embeddings + dense[:1]
+        else:
+            # every prompt row gets its own copy of its image's embedding (the transformer updates it)
+            src = image_embeddings if n == b else image_embeddings.repeat_interleave(n // b, dim=0)
+            src = src + dense  # (N, C, h, w)
         hs, src = self.transformer(src, image_pe, tokens)  # (N, 5+T, C), (N, hw, C)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # (N, 4, C)
-
+        iou_pred = self.iou_prediction_head(hs[:, 0])  # (N, 4)
+        rows = None if keep is None else keep(iou_pred).nonzero()[:, 0]  # (R,)
+        if rows is not None:
+            hs, src = hs[rows], src[rows]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # (N|R, 4, C)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )  # (N, 4, C/8)
-        masks = self.upscale_masks(src, hyper_in, h, w)  # (N, 4, 4h, 4w)
-        iou_pred = self.iou_prediction_head(iou_token_out)
+        )  # (N|R, 4, C/8)
+        masks = self.upscale_masks(src, hyper_in, h, w)  # (N|R, 4, 4h, 4w)
+        if rows is not None:
+            masks = masks.new_full((n, *masks.shape[1:]), float("nan")).index_copy_(0, rows, masks)
         return masks, iou_pred
 
     def upscale_masks(self, src: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:

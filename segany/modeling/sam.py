@@ -64,8 +64,20 @@ class Sam(nn.Module):
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: Tuple[int, ...], original_size: Tuple[int, ...]
     ) -> torch.Tensor:
-        """(B, K, 4h, 4w) low-res logits -> (B, K, H, W) logits at the original image size."""
-        masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        """(B, K, 4h, 4w) low-res logits -> (B, K, H, W) logits at the original image size.
+
+        The release upsamples to img_size x img_size and then crops to ``input_size``; here only
+        the low-res rows/columns that the kept region reads are upsampled (plus one of margin, so
+        no kept pixel sees the clamped border), at the same integer scale: the same numbers, bit
+        for bit, without computing the padding."""
+        lh, lw = masks.shape[-2:]
+        if self.img_size % lh == 0 and self.img_size % lw == 0:
+            sh, sw = self.img_size // lh, self.img_size // lw
+            rows, cols = min(lh, -(-input_size[0] // sh) + 1), min(lw, -(-input_size[1] // sw) + 1)
+            masks = masks[..., :rows, :cols]
+            masks = F.interpolate(masks, (rows * sh, cols * sw), mode="bilinear", align_corners=False)
+        else:
+            masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 

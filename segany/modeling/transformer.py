@@ -29,10 +29,21 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (Bq, Nq, C), k / v (Bk, Nk, C); one of Bq, Bk may be 1 and is shared by every row of
+        the other (the mask decoder's first layer: one image's tokens for all prompts)."""
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        bq, bk = q.shape[0], k.shape[0]
+        if bk == 1 and bq > 1:  # shared keys: the rows' queries attend as one longer query sequence
+            _, h, n, c = q.shape
+            out = F.scaled_dot_product_attention(q.transpose(0, 1).reshape(1, h, bq * n, c), k, v, dropout_p=p)
+            out = out.view(h, bq, n, c).transpose(0, 1)  # (Bq, heads, Nq, c)
+        else:
+            if bq == 1 and bk > 1:  # shared queries, per-row keys
+                q = q.expand(bk, -1, -1, -1)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 
@@ -64,7 +75,8 @@ class TwoWayAttentionBlock(nn.Module):
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        # queries (N, T, C) prompt tokens; keys (N, HW, C) image tokens; key_pe broadcasts (1|N, HW, C)
+        # queries (N, T, C) prompt tokens; keys (1|N, HW, C) image tokens (1: shared by every row,
+        # becomes N after the image -> token attention); key_pe broadcasts (1|N, HW, C)
         if self.skip_first_layer_pe:  # layer 0: the tokens *are* their PE, no residual
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -113,8 +125,8 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """image_embedding (N, C, h, w), image_pe (1|N, C, h, w), point_embedding (N, T, C)
-        -> tokens (N, T, C), image tokens (N, hw, C)."""
+        """image_embedding (1|N, C, h, w), image_pe (1|N, C, h, w), point_embedding (N, T, C)
+        -> tokens (N, T, C), image tokens (N, hw, C). One image embedding is shared by the N rows."""
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
@@ -122,4 +134,4 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, key_pe)
         q, k = queries + point_embedding, keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
-        return queries, keys
+        return queries, keys.expand(queries.shape[0], -1, -1)
