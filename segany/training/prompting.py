@@ -65,7 +65,7 @@ class PromptConfig:
     multimask: bool = True  # 3 outputs (min-loss) while the prompt is a single point
     feed_back_mask: bool = True  # previous logits as mask prompt from round 1
     detach_feedback: bool = True
-    resolution: str = "low"  # targets, IoU targets and clicks at "low" S/4 or "full" S (SAM 2)
+    resolution: str = "full"  # targets, IoU targets and clicks at "full" S (SAM 2) or "low" S/4
     ignore_padding: bool = False  # loss, IoU targets and clicks inside the image only (as evaluation)
     checkpoint_rounds: bool = False
     mask_chunk: Optional[int] = None
