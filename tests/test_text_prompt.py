@@ -233,6 +233,11 @@ def test_text_token_layout_and_embedding():
         off(points=pts, boxes=None, masks=None, text=text)
     with pytest.raises(ValueError, match=r"\(2, 8\)"):
         pe(points=None, boxes=None, masks=None, text=torch.randn(2, 5))
+    text_labels = (torch.zeros(2, 2, 2), torch.tensor([[TEXT, PAD]] * 2))  # TEXT tokens, no embeddings
+    with pytest.raises(ValueError, match="label 4"):
+        off(points=None, boxes=None, masks=None, tokens=text_labels)
+    with pytest.raises(ValueError, match="label 4"):
+        pe(points=None, boxes=None, masks=None, tokens=text_labels)
 
 
 def _predict_all(predictor, image):

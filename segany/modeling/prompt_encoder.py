@@ -119,10 +119,15 @@ class PromptEncoder(nn.Module):
         """(N, P, 2) pixel coords + (N, P) labels in {-1, 0, 1, 2, 3, 4} (+ text (N, D) CLIP
         embeddings, used where a row has a TEXT label) -> (N, P, C) tokens."""
         is_text = labels == TEXT
-        if self.text_embed_dim == 0 and (text is not None or bool(is_text.any())):
+        if self.text_embed_dim == 0 and text is not None:
             raise ValueError("PromptEncoder: a text prompt was given but the model has no text token: text_embed_dim=0")
-        if text is None and bool(is_text.any()):
-            raise ValueError("PromptEncoder: TEXT tokens need the text embeddings (tokens=(coords, labels, text))")
+        # TEXT labels without embeddings: checked on the CPU only, where it costs no device sync
+        # (the training rounds call this every round; on meta tensors it cannot be evaluated)
+        if text is None and labels.device.type == "cpu" and bool(is_text.any()):
+            raise ValueError(
+                "PromptEncoder: TEXT tokens (label 4) need the text embeddings (tokens=(coords, labels, text))"
+                + ("" if self.text_embed_dim else " and a model with text_embed_dim > 0")
+            )
         pe = self.pe_layer.forward_with_coords(coords + 0.5, self.input_image_size)  # pixel centres
         is_point = ((labels != PAD) & ~is_text).unsqueeze(-1)
         out = torch.where(is_point, pe, torch.zeros_like(pe)) + self.label_table()[labels.long() + 1]
