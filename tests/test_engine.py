@@ -258,8 +258,6 @@ def test_precision_flag_reaches_the_mask_generator(blob):
         annotator = build_annotator(args, blob)
         assert annotator.settings["precision"] == precision
     auto = build_annotator(parser().parse_args(["auto", "--input", "IN", "--out", "OUT", "--precision", "bf16"]), blob)
-    assert auto.generator.predictor.precision == "bf16"
-    masks = auto(make_test_image(96, 128), image_id=1)  # runs end to end under autocast
-    assert isinstance(masks, list)
+    assert auto.generator.predictor.precision == "bf16"  # bf16 outputs: tests/test_inference.py
     with pytest.raises(SystemExit):
         parser().parse_args(["auto", "--input", "IN", "--out", "OUT", "--precision", "fp16"])
