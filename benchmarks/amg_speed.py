@@ -40,19 +40,14 @@ PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 
 
 def architecture(variant: str, ckpt):
-    """segany's architecture numbers: `variant`'s, or those of the `<ckpt>.json` that
-    `python -m segany.export` writes beside a non-standard .pth."""
-    from dataclasses import replace
+    """segany's architecture numbers: those `ckpt` stores (its run config, the `.json` beside an
+    exported .pth, or its tensor shapes: the loader's own `read_checkpoint` + `config_for`),
+    else `variant`'s."""
+    from segany.modeling.build import config_for
+    from segany.modeling.reader import read_checkpoint
 
-    from segany.modeling.variants import VARIANTS
-
-    c = VARIANTS[variant]
-    sidecar = Path(ckpt).with_suffix(".json") if ckpt else None
-    if sidecar is not None and sidecar.is_file():
-        stored = {k: v for k, v in json.loads(sidecar.read_text()).items() if not k.startswith("_")}
-        stored["global_attn_indexes"] = tuple(stored.get("global_attn_indexes", c.global_attn_indexes))
-        c = replace(c, **stored)
-    return c
+    ck = read_checkpoint(ckpt) if ckpt else None
+    return config_for(ck, None if ck is not None and ck.model_config else variant, {})
 
 
 def official_sam(c):
