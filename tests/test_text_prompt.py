@@ -390,3 +390,62 @@ def test_text_tasks_are_outside_task_all():
     assert {"crop_prompts", "text"} <= set(TASKS)
     assert not {"crop_prompts", "text"} & set(task_names(OmegaConf.create({"task": "all"})))
     assert task_names(OmegaConf.create({"task": "text"})) == ["text"]
+
+
+def test_text_task_scores_hand_made_masks():
+    """task=text's metrics on hand-made masks from a stand-in predictor: IoUs by hand, mask AP by
+    COCO's 101-point rule (1 TP then 1 FP for 2 instances: 51/101 at every threshold)."""
+    from omegaconf import OmegaConf
+    from pycocotools import mask as mask_utils
+
+    from segany.evaluation.sources import EvalImage
+    from segany.evaluation.text import TextTask
+
+    def box(r0, r1, c0, c1):
+        m = np.zeros((20, 20), bool)
+        m[r0:r1, c0:c1] = True
+        return m
+
+    def ann(i, m, cat):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode()
+        return {
+            "id": i,
+            "segmentation": rle,
+            "area": float(m.sum()),
+            "bbox": [0, 0, 1, 1],
+            "iscrowd": 0,
+            "category_id": cat,
+        }
+
+    A, B, C = box(0, 10, 0, 10), box(10, 20, 10, 20), box(5, 15, 5, 15)
+    empty = np.zeros((20, 20), bool)
+    answers = {  # (image id, phrase) -> 3 masks and their predicted IoUs
+        (1, "a photo of a cat."): ([A, empty, box(0, 5, 0, 10)], [0.9, 0.1, 0.5]),  # top = A: IoU 1
+        (1, "a photo of a dog."): ([box(10, 15, 10, 20), B, empty], [0.8, 0.7, 0.1]),  # top: IoU 0.5, oracle 1
+        (2, "a photo of a cat."): ([box(5, 15, 10, 20), empty, empty], [0.6, 0.2, 0.1]),  # IoU 50/150
+    }
+
+    class Stub:  # SamPredictor's predict(text=) on the current image
+        def set_image(self, image):
+            self.id = int(image[0, 0, 0])
+
+        def predict(self, text):
+            masks, pred = answers[(self.id, text)]
+            return np.stack(masks), np.array(pred), None
+
+    task = TextTask(OmegaConf.create({"text": {"template": "a photo of a {}."}}), None, "cpu", "")
+    task.predictor, task.names = Stub(), {1: "cat", 2: "dog"}
+    images = [
+        EvalImage("1", 1, np.full((20, 20, 3), 1, np.uint8), [ann(1, A, 1), ann(2, B, 2)]),
+        EvalImage("2", 2, np.full((20, 20, 3), 2, np.uint8), [ann(3, C, 1)]),
+    ]
+    m = task.merge([task.part_images("toy", images)])
+    assert m["num_pairs"] == 3 and m["num_images"] == 2
+    assert m["miou"] == pytest.approx((1 + 0.5 + 1 / 3) / 3)
+    assert m["miou_oracle"] == pytest.approx((1 + 1 + 1 / 3) / 3)
+    assert m["hit@0.5"] == pytest.approx(2 / 3)
+    cat = 51 / 101  # 'cat': every IoU threshold; 'dog': IoU 0.5 is a TP at 0.50 only
+    assert m["AP50"] == pytest.approx((cat + 1) / 2)
+    assert m["AP75"] == pytest.approx(cat / 2)
+    assert m["AP"] == pytest.approx((cat + 0.1) / 2)

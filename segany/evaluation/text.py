@@ -13,8 +13,11 @@ task=text          the inference-time prompt, on COCO/LVIS-format data: for each
                    confident of the 3 masks is scored, at the original resolution, by its IoU with
                    the best-matching instance of that category. Metrics: miou (mean over
                    image-category pairs), the share of pairs with IoU >= 0.5 (hit@0.5), and the
-                   oracle (best of the 3 masks). Category names: the json's `categories`
-                   (text.categories overrides: {id: name}).
+                   oracle (best of the 3 masks), and mask AP by COCOeval (pycocotools) with
+                   that mask as the category's one detection in the image, scored by its
+                   predicted IoU: AP/AP50/AP75 over the queried categories only (a category
+                   absent from an image is not queried, so no false positive comes from one).
+                   Category names: the json's `categories` (text.categories overrides: {id: name}).
 
 Both are outside task=all (they need a text model).
 """
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from segany.evaluation.coco_metrics import coco_ground_truth, mask_ap
 from segany.evaluation.metrics import mask_iou
 from segany.evaluation.protocol import _full, _inside
 from segany.evaluation.registry import EvalTask, ImageTask, register
@@ -158,6 +162,7 @@ class TextTask(ImageTask):
 
     def part_images(self, dataset: str, images) -> dict:
         ious, oracle, n_images = [], [], 0
+        out = {"images": [], "gt": [], "dets": []}  # for COCOeval (segany.evaluation.coco_metrics)
         template = str(self.cfg.text.template)
         for ev in images:
             n_images += 1
@@ -167,6 +172,9 @@ class TextTask(ImageTask):
                     by_cat.setdefault(int(a["category_id"]), []).append(a["segmentation"])
             if not by_cat:
                 continue
+            h, w = ev.size
+            out["images"].append({"id": ev.image_id, "height": h, "width": w})
+            out["gt"] += [dict(a, image_id=ev.image_id) for a in ev.anns]
             self.predictor.set_image(ev.image)
             for cat, segs in sorted(by_cat.items()):
                 if cat not in self.names:
@@ -175,16 +183,25 @@ class TextTask(ImageTask):
                 rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
                 gts = [dict(s, counts=s["counts"].encode()) if isinstance(s["counts"], str) else s for s in segs]
                 best = np.asarray(mask_utils.iou(rles, gts, [0] * len(gts))).reshape(3, len(gts)).max(1)  # (3,)
-                ious.append(float(best[int(np.argmax(pred))]))
+                top = int(np.argmax(pred))
+                ious.append(float(best[top]))
                 oracle.append(float(best.max()))
-        return {"iou": ious, "iou_oracle": oracle, "num_images": n_images}
+                seg = dict(rles[top], counts=rles[top]["counts"].decode())
+                out["dets"].append(
+                    {"image_id": ev.image_id, "category_id": cat, "score": float(pred[top]), "segmentation": seg}
+                )
+        return {"iou": ious, "iou_oracle": oracle, "num_images": n_images, **out}
 
     def merge(self, parts: list) -> dict:
         iou = [v for p in parts for v in p["iou"]]
+        images = [i for p in parts for i in p["images"]]
+        dets = [d for p in parts for d in p["dets"]]
+        ap = mask_ap(coco_ground_truth(images, [a for p in parts for a in p["gt"]]), dets) if images else {}
         return {
             "miou": _mean(iou),
             "miou_oracle": _mean([v for p in parts for v in p["iou_oracle"]]),
             "hit@0.5": _mean([float(v >= 0.5) for v in iou]),
+            **{k: ap.get(k, float("nan")) for k in ("AP", "AP50", "AP75")},
             "num_pairs": len(iou),
             "num_images": int(sum(p["num_images"] for p in parts)),
         }
@@ -194,9 +211,10 @@ class TextTask(ImageTask):
             f"Per image and category present, the phrase '{self.cfg.text.template}' with the category name, "
             "CLIP-encoded, prompts the model alone; the most confident of 3 masks is scored by its IoU with the "
             "best-matching instance of that category (original resolution): miou over image-category pairs, "
-            "hit@0.5 the share with IoU >= 0.5, miou_oracle the best of the 3 masks."
+            "hit@0.5 the share with IoU >= 0.5, miou_oracle the best of the 3 masks; mask AP (COCOeval) with that "
+            "mask as the category's detection, over the queried categories."
         )
 
     @classmethod
     def columns(cls, section: dict) -> list:
-        return ["miou", "hit@0.5", "miou_oracle", "num_pairs"]
+        return ["miou", "hit@0.5", "miou_oracle", "AP", "AP50", "num_pairs"]
