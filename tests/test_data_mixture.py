@@ -191,3 +191,34 @@ def test_bad_per_source_sample_key_names_the_source(shards):
     dm = mixture(shards, {"manual": {"max_masks": 0}})
     with pytest.raises(ValueError, match="data.sources.manual: max_masks must be >= 1"):
         dm.setup("fit")
+
+
+def test_mixture_delivers_each_sources_clip_embeddings(tmp_path):
+    """data.clip_sidecar reaches every source: hand-made sidecars whose rows encode the annotation
+    id beside source 'a''s shards; source 'b' has none (its masks get no text prompt)."""
+    import glob
+    import json
+
+    from segany.data.faults import FaultCounter
+    from segany.data.formats import clip_sidecar
+    from segany.data.streams.reader import read_pairs
+
+    shards = {name: write_source(tmp_path, name, 2, 3) for name in ("a", "b")}
+    for shard in sorted(glob.glob(str(tmp_path / "a_*.tar"))):
+        anns = [x for p in read_pairs(shard, 0, FaultCounter(5)) for x in json.loads(p.json)["annotations"]]
+        ids = np.array([x["id"] for x in anns], np.int64)
+        clip_sidecar.write(clip_sidecar.sidecar_path(shard), ids, np.stack([ids % 1000, ids // 1000], 1), {})
+    dm = mixture(shards, {"a": {}, "b": {}}, epoch_length=6, batch_size=4, clip_sidecar=".clip.npz")
+    dm.setup("fit")
+    seen = {"a": 0, "b": 0}
+    for batch in dm.train_dataloader():
+        for key, ids, valid, has, emb in zip(
+            batch["image_id"], batch["mask_ids"], batch["valid"], batch["has_clip"], batch["clip"]
+        ):
+            src = key.rstrip("0123456789")
+            seen[src] += 1
+            assert has[valid].all() if src == "a" else not has.any()
+            for i, e in zip(ids[valid], emb[valid]):
+                want = (int(i) % 1000, int(i) // 1000) if src == "a" else (0, 0)
+                assert (int(e[0]), int(e[1])) == want
+    assert seen["a"] > 0 and seen["b"] > 0

@@ -268,6 +268,7 @@ class SA1BMixtureDataModule(SA1BDataModule):
                     self._source_cfg(src),
                     interleave=self.interleave,
                     resampled=self.resampled,
+                    clip_sidecar=self.clip_sidecar,  # text prompt: <shard>.clip.npz beside each source's shards
                     train=True,
                     batch_size=self.batch_size,
                     epoch_length=self.epoch_length,
