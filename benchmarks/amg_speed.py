@@ -8,7 +8,9 @@ layers with 16x16 and 8x8 grids, 100 px small-region cleanup). Weights: --ckpt (
 and loaded by both. Random weights predict low IoUs, so at the default thresholds few or no
 masks survive: the timing then measures decode + filtering, not mask encoding; pass a trained
 --ckpt, or lower thresholds (--pred-iou-thresh, --stability-score-thresh), for a mask-agreement
-figure with many masks.
+figure with many masks. The release raises an IndexError at the SA-1B setting when no mask
+survives in any crop (its final crop NMS indexes an empty tensor, after all crops are done): such a
+run is timed to the error, counted as no masks and reported (release_crashed_empty).
 
 Prints per setting: median seconds per image of each implementation, the time ratio, images
 per hour, the mask agreement with the release (same record count, identical masks, mean IoU of
@@ -194,6 +196,7 @@ def main() -> None:
             gens["segany_bf16"] = segany.SamAutomaticMaskGenerator(our_model, **kw, precision="bf16")
         times = {i: [] for i in impls}
         agree, bf16_iou = [], []
+        crashed = 0  # release runs that raised on an empty crop NMS (timed, counted as no masks)
         for fname, img in photos:
             per = {i: [] for i in impls}
             for _ in range(args.runs):
@@ -202,11 +205,14 @@ def main() -> None:
                     with torch.inference_mode():
                         try:
                             recs = gens[impl].generate(img)
-                        except IndexError:  # the release's crop NMS indexes an empty (0,) tensor
-                            raise SystemExit(
-                                f"[{name}] {impl} failed on {fname}: no mask survived in any crop (the release "
-                                "cannot run its crop NMS on nothing); use trained weights or lower thresholds"
-                            ) from None
+                        except IndexError:
+                            # the release with crops, when no mask survives in any crop: its final crop
+                            # NMS indexes an empty (0,) tensor. Every crop was processed by then, so the
+                            # time counts, and its answer would have been no mask
+                            if impl != "release" or len(gens[impl].point_grids) < 2:
+                                raise
+                            recs = []
+                            crashed += 1
                     per[impl].append(time.perf_counter() - t0)
                     out = _rles(recs)
                     if impl == "release":
@@ -238,6 +244,7 @@ def main() -> None:
             "masks_segany": sum(a["n_ours"] for a in agree),
             "masks_identical": sum(a["identical"] for a in agree),
             "mean_iou_vs_release": round(float(np.mean([a["mean_iou"] for a in agree])), 5),
+            "release_crashed_empty": crashed,
         }
         if args.bf16:
             res["bf16_time_ratio_vs_release"] = round(mean["segany_bf16"] / mean["release"], 3)
@@ -250,6 +257,7 @@ def main() -> None:
             f"{res['images_per_hour']['segany']:.0f} vs {res['images_per_hour']['release']:.0f} images/hour); "
             f"masks {res['masks_segany']} vs {res['masks_release']}, {res['masks_identical']} identical, "
             f"mean IoU {res['mean_iou_vs_release']:.4f}"
+            + (f"; the release raised on an empty crop NMS in {crashed} run(s) (timed, no masks)" if crashed else "")
             + (
                 f"; bf16 ratio {res['bf16_time_ratio_vs_release']:.3f}, best-match IoU vs fp32 "
                 f"{res['bf16_mean_best_iou_vs_fp32']:.4f}"

@@ -126,6 +126,18 @@ def test_stability_score_hand():
     torch.testing.assert_close(s, torch.tensor([10 / 12, 0.0]))
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 4, 33, 97), (0, 10, 10), (2, 128, 2), (1, 300, 200)])
+def test_count_true_matches_numpy(shape):
+    """uint8 run sums then int32: the exact count, whether or not H*W is a multiple of the run,
+    and past 255 per run row (all-True masks)."""
+    masks = torch.from_numpy(np.random.default_rng(0).random(shape) > 0.3)
+    expected = masks.numpy().sum(axis=(-2, -1))
+    np.testing.assert_array_equal(U.count_true(masks).numpy(), expected)
+    assert U.count_true(masks).dtype == torch.int32
+    full = torch.ones(2, 1000, 999, dtype=torch.bool)
+    assert U.count_true(full).tolist() == [999000, 999000]
+
+
 def test_batched_mask_to_box_bruteforce():
     masks = _random_masks()
     boxes = U.batched_mask_to_box(torch.from_numpy(masks))

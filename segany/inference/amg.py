@@ -48,8 +48,10 @@ from segany.inference.amg_utils import (
 from segany.inference.predictor import SamPredictor
 
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-# full-resolution logits are made chunk by chunk: at most this many bytes of them at once
-_UPSAMPLE_BUDGET_BYTES = 256 * 2**20
+# full-resolution logits are made chunk by chunk: at most this many bytes of them at once. Small on
+# purpose: buffers under the C allocator's mmap threshold (32 MiB) are reused, larger ones are mapped
+# and page-faulted afresh on every call (2x slower upsampling, thresholding and counting, measured)
+_UPSAMPLE_BUDGET_BYTES = 16 * 2**20
 
 
 @dataclass

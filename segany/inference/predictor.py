@@ -16,6 +16,8 @@ from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.transforms import ResizeLongestSide
 
 PRECISIONS = ("fp32", "bf16")
+# prompt rows per mask-decoder call: this many bytes of one (rows, hw, C) float32 activation
+_DECODE_CHUNK_BYTES = 16 * 2**20
 
 
 def autocast_context(precision: str, device: torch.device) -> ContextManager:
@@ -222,11 +224,19 @@ class SamPredictor:
         image_pe = self.model.prompt_encoder.get_dense_pe()  # (1, 256, h, w)
         n_images = self.features.shape[0]
         decoder = self.model.mask_decoder
-        if n_images == 1 and min_iou is not None and isinstance(decoder, MaskDecoder):
+        if n_images == 1 and isinstance(decoder, MaskDecoder) and sparse.shape[0] > 1:
+            # rows are independent: decode a few at a time, so that each (rows, hw, C) activation stays
+            # small enough for the allocator to reuse its memory (large buffers are mapped and
+            # page-faulted afresh on every allocation, which costs as much as the arithmetic here)
+            hw_c = self.features[0].numel()
+            step = max(1, _DECODE_CHUNK_BYTES // (4 * hw_c))
             sel = slice(1, None) if multimask_output else slice(0, 1)
-            masks, iou = decoder.predict_masks(
-                self.features, image_pe, sparse, dense, keep=lambda iou_all: (iou_all[:, sel] > min_iou).any(1)
-            )
+            keep = None if min_iou is None else (lambda iou_all: (iou_all[:, sel] > min_iou).any(1))
+            outs = [
+                decoder.predict_masks(self.features, image_pe, sparse[i : i + step], dense[i : i + step], keep=keep)
+                for i in range(0, sparse.shape[0], step)
+            ]
+            masks, iou = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
             return masks[:, sel], iou[:, sel]
         if n_images == 1:
             return decoder(

@@ -31,11 +31,18 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (Bq, Nq, C), k / v (Bk, Nk, C); one of Bq, Bk may be 1 and is shared by every row of
         the other (the mask decoder's first layer: one image's tokens for all prompts)."""
+        p = self.dropout if self.training else 0.0
+        bq, bk = q.shape[0], k.shape[0]
+        head_dim = self.internal_dim // self.num_heads
+        # few prompt tokens against many image tokens, one image per row: the projections of the
+        # many are folded into the few (see _tokens_to_image / _image_to_tokens)
+        if p == 0.0 and bk > 1 and bq in (1, bk) and k.shape[1] < head_dim and q.shape[1] > k.shape[1]:
+            return self._image_to_tokens(q, k, v)
+        if p == 0.0 and bq > 1 and bk == bq and q.shape[1] < head_dim and k.shape[1] > q.shape[1]:
+            return self._tokens_to_image(q, k, v)
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
-        p = self.dropout if self.training else 0.0
-        bq, bk = q.shape[0], k.shape[0]
         if bk == 1 and bq > 1:  # shared keys: the rows' queries attend as one longer query sequence
             _, h, n, c = q.shape
             out = F.scaled_dot_product_attention(q.transpose(0, 1).reshape(1, h, bq * n, c), k, v, dropout_p=p)
@@ -46,6 +53,50 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+
+    def _tokens_to_image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The same attention for T few queries (B, T, C) over M many keys / values (B, M, C), T < head dim.
+
+        The k / v projections of the M image tokens (2 x M*C*C/r multiply-adds per row) are not
+        computed: with W_k, W_v the head's slices, softmax(q_h (k W_k^T + b_k)^T) (v W_v^T + b_v) =
+        softmax((q_h W_k) k^T) (v) W_v^T + b_v, since q_h . b_k is the same for every key (softmax
+        ignores it) and each softmax row sums to 1; cost 2 x heads*T*M*C instead."""
+        b, t, c = q.shape
+        h = self.num_heads
+        d = self.internal_dim // h
+        qh = self.q_proj(q).view(b, t, h, d) * d**-0.5  # (B, T, h, d), scaled as in SDPA
+        qk = torch.einsum("bthd,hdc->bhtc", qh, self.k_proj.weight.view(h, d, c)).reshape(b, h * t, c)
+        attn = torch.bmm(qk, k.transpose(1, 2)).softmax(-1)  # (B, h*T, M)
+        av = torch.bmm(attn, v).view(b, h, t, c)  # (B, h, T, C) attention-weighted raw values
+        out = torch.einsum("bhtc,hdc->bthd", av, self.v_proj.weight.view(h, d, c)).reshape(b, t, h * d)
+        return self.out_proj(out + self.v_proj.bias)
+
+    def _image_to_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The same attention for M many queries (1|B, M, C) over T few keys / values (B, T, C), T < head dim.
+
+        The out projection is folded into the values, sum_h A_h (V_h W_o,h^T) + b_o with A (B, M, h*T),
+        and, when the queries are per row, the q projection into the keys, (x W_q^T + b_q) K_h^T =
+        x (W_q,h^T K_h^T) + b_q,h K_h^T: 2 x heads*T*M*C multiply-adds per row instead of 2 x M*C*C/r.
+        A query set shared by every row (1, M, C) is projected once."""
+        b, t, c = k.shape
+        h = self.num_heads
+        d = self.internal_dim // h
+        m = q.shape[1]
+        kh = self.k_proj(k).view(b, t, h, d) * d**-0.5  # (B, T, h, d), scaled as in SDPA
+        vh = self.v_proj(v).view(b, t, h, d)
+        # softmax rows sum to 1 per head: b_o / h on each of the h*T value rows adds b_o once
+        u = torch.einsum("bthd,chd->bhtc", vh, self.out_proj.weight.view(c, h, d)).reshape(b, h * t, c)
+        u = u + self.out_proj.bias / h  # (B, h*T, C)
+        # scores laid out (B, h*T, M): the softmax over T then runs along contiguous M-rows
+        if q.shape[0] == 1:
+            qh = self.q_proj(q[0]).view(m, h, d)  # shared by the rows
+            scores = torch.einsum("bthd,mhd->bhtm", kh, qh).reshape(b, h * t, m)
+        else:
+            wq = torch.einsum("bthd,hdc->bhtc", kh, self.q_proj.weight.view(h, d, c)).reshape(b, h * t, c)
+            bias = torch.einsum("hd,bthd->bht", self.q_proj.bias.view(h, d), kh).reshape(b, h * t, 1)
+            scores = torch.baddbmm(bias, wq, q.transpose(1, 2))  # (B, h*T, M)
+        attn = scores.view(b, h, t, m).softmax(2).view(b, h * t, m)
+        return torch.bmm(attn.transpose(1, 2), u)  # (B, M, C)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -127,8 +178,10 @@ class TwoWayTransformer(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """image_embedding (1|N, C, h, w), image_pe (1|N, C, h, w), point_embedding (N, T, C)
         -> tokens (N, T, C), image tokens (N, hw, C). One image embedding is shared by the N rows."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        # token-major and contiguous: the residual sums and LayerNorms then run on (N, hw, C) rows
+        # (a channel-major view would make every later sum channel-major and each LayerNorm copy)
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
