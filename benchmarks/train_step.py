@@ -19,18 +19,21 @@ meta device: exact shapes and dtypes, no compute, so ViT-H is counted directly.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 import torch.fx.experimental._config  # noqa: F401  (meta_nonzero_assume_all_nonzero, see memory())
 from torch.utils.flop_counter import FlopCounterMode
 
-import segany
-from segany.testing.toy import toy_batch
-from segany.training import simulation as sim
-from segany.training.losses import SamLoss
-from segany.training.prompting import PromptConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's segany
+import segany  # noqa: E402
+from segany.testing.toy import toy_batch  # noqa: E402
+from segany.training import simulation as sim  # noqa: E402
+from segany.training.losses import SamLoss  # noqa: E402
+from segany.training.prompting import PromptConfig  # noqa: E402
 
 GB = 1024**3
 

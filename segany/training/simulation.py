@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from segany.evaluation.metrics import mask_iou
+from segany.evaluation.metrics import iou_from_counts
 from segany.training.losses import SamLoss
 from segany.training.prompting import POINT, PromptConfig, error_points, initial_prompts, round_schedule
 
@@ -102,12 +102,13 @@ def _unit(
     out = loss_fn(logits, cand_iou, target, valid, inside)
     # the mask with the highest predicted IoU is fed back and defines the error region
     top = cand_iou.detach().argmax(dim=1)  # (R,)
-    feedback = cand[torch.arange(cand.shape[0], device=cand.device), top][:, None]  # (R, 1, 4h, 4w)
-    chosen = logits.detach()[torch.arange(cand.shape[0], device=cand.device), top]  # (R, H, W)
+    rows = torch.arange(cand.shape[0], device=cand.device)
+    feedback = cand[rows, top][:, None]  # (R, 1, 4h, 4w)
+    pred = logits.detach()[rows, top] > 0  # (R, H, W)
     if inside is not None:
-        chosen = chosen.masked_fill(~inside, -1.0)
-    pred = chosen > 0
-    chosen_iou = mask_iou(chosen[:, None], target[:, None])[:, 0]
+        pred &= inside
+    # its IoU with the target, from the loss's pixel counts (1 when both are empty, as mask_iou)
+    chosen_iou = iou_from_counts(out["inter"][rows, top], out["union"][rows, top], empty=1.0)
     return out["loss"].sum(), feedback, pred, chosen_iou, out["loss"].detach()
 
 
