@@ -127,8 +127,9 @@ class TwoWayTransformer(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """image_embedding (1|N, C, h, w), image_pe (1|N, C, h, w), point_embedding (N, T, C)
         -> tokens (N, T, C), image tokens (N, hw, C). One image embedding is shared by the N rows."""
+        # (N, hw, C) rows; contiguous without a copy when the input is channels-last
         keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
