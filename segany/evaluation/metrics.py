@@ -13,6 +13,9 @@ def mask_iou(logits: Tensor, targets: Tensor, threshold: float = 0.0, empty: flo
     with the target; ``empty`` when both are empty. No gradient (a count ratio)."""
     pred = (logits > threshold).flatten(-2)
     t = targets.flatten(-2) > 0.5
-    inter = (pred & t).sum(-1).float()
-    union = (pred | t).sum(-1).float()
+    return iou_from_counts((pred & t).sum(-1).float(), (pred | t).sum(-1).float(), empty)
+
+
+def iou_from_counts(inter: Tensor, union: Tensor, empty: float = 1.0) -> Tensor:
+    """Pixel counts -> IoU = inter / union, ``empty`` where the union is empty."""
     return torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(union, empty))

@@ -10,7 +10,37 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer_sam import VisionTransformerSAM
+from timm.models.vision_transformer_sam import Attention, VisionTransformerSAM, get_rel_pos
+
+
+class RelPosAttention(Attention):
+    """timm's SAM attention; when gradients are needed, the decomposed rel-pos bias is added in
+    place to the scores instead of being materialised as an SDPA mask.
+
+    With a bias that requires grad, ``scaled_dot_product_attention`` on the CPU falls back to its
+    math path, and timm builds that bias as a (B*heads, N, N) tensor in a permuted layout that
+    its reshape copies: at 1024 px (N = 4096 in the global blocks) two extra 805 MB passes, plus
+    the math path's all-masked-row checks (isneginf / all / where), about a quarter of the
+    encoder's training time. Here the same math: scores = (q * scale) k^T, + rel_h + rel_w
+    broadcast in place, softmax, @ v. Without gradients (inference) timm's forward runs (the
+    fused kernel takes the constant mask)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.use_rel_pos and torch.is_grad_enabled()):
+            return super().forward(x)
+        B, H, W, _ = x.shape
+        N = H * W
+        qkv = self.qkv(x.reshape(B, N, -1)).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.num_heads, N, -1).unbind(0)  # (B*heads, N, c) each
+        q, k = self.q_norm(q), self.k_norm(k)
+        r_q = q.reshape(-1, H, W, q.shape[-1])
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(H, H, self.rel_pos_h))  # (B*heads, H, W, H)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(W, W, self.rel_pos_w))  # (B*heads, H, W, W)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).view(-1, H, W, H, W)  # (B*heads, N, N) scores
+        attn = (attn + rel_h[..., None]).add_(rel_w[..., None, :]).view(-1, N, N)
+        x = self.attn_drop(attn.softmax(dim=-1)) @ v  # (B*heads, N, c)
+        x = x.view(B, self.num_heads, N, -1).transpose(1, 2).reshape(B, N, -1)
+        return self.proj_drop(self.proj(x)).view(B, H, W, -1)
 
 
 class ImageEncoderViT(VisionTransformerSAM):
@@ -50,6 +80,8 @@ class ImageEncoderViT(VisionTransformerSAM):
             global_pool="",
             **timm_kwargs,
         )
+        for blk in self.blocks:  # same parameters, see RelPosAttention
+            blk.attn.__class__ = RelPosAttention
         self.img_size = img_size
         self.out_chans = out_chans
         self.set_grad_checkpointing(grad_checkpointing)

@@ -178,8 +178,8 @@ class TwoWayTransformer(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """image_embedding (1|N, C, h, w), image_pe (1|N, C, h, w), point_embedding (N, T, C)
         -> tokens (N, T, C), image tokens (N, hw, C). One image embedding is shared by the N rows."""
-        # token-major and contiguous: the residual sums and LayerNorms then run on (N, hw, C) rows
-        # (a channel-major view would make every later sum channel-major and each LayerNorm copy)
+        # token-major (N, hw, C) rows: the residual sums and LayerNorms then run on contiguous rows;
+        # no copy when the input is channels-last (the training rounds), one copy otherwise
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from segany.evaluation.metrics import mask_iou
+from segany.evaluation.metrics import iou_from_counts
 from segany.training.losses import SamLoss
 from segany.training.prompting import POINT, PromptConfig, error_points, initial_prompts, round_schedule
 
@@ -71,7 +71,9 @@ def _unit(
 ):
     """One round for one chunk of rows (the checkpointed function).
 
-    emb (B, C, h, w), img (R,) the image of each row, pe (1, C, h, w), coords (R, P, 2),
+    emb (B, C, h, w) (channels-last: the decoder's image tokens are then contiguous rows, as is
+    the dense prompt embedding; ``emb[img]`` keeps the layout), img (R,) the image of each row,
+    pe (1, C, h, w), coords (R, P, 2),
     labels (R, P) laid out by Prompts.tokens, text (R, D) CLIP embeddings of its TEXT tokens or None,
     mask_in (R, 1, 4h, 4w) or None, target (R, H, W)
     bool at the loss resolution, region (B, H, W) bool where the loss counts (None: everywhere),
@@ -84,7 +86,7 @@ def _unit(
     sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=mask_in, tokens=tokens)
     # each row's own image embedding, gathered inside the unit (recomputed, not stored, with
     # checkpoint_rounds: (R, C, h, w) is 64x an image's embedding)
-    masks, iou = model.mask_decoder.predict_masks(emb.index_select(0, img), pe, sparse, dense)
+    masks, iou = model.mask_decoder.predict_masks(emb[img], pe, sparse, dense)
     # masks (R, 4, 4h, 4w), iou (R, 4)
     if multi_rows is None:
         cand, cand_iou = masks[:, :1], iou[:, :1]  # (R, 1, ...)
@@ -102,12 +104,13 @@ def _unit(
     out = loss_fn(logits, cand_iou, target, valid, inside)
     # the mask with the highest predicted IoU is fed back and defines the error region
     top = cand_iou.detach().argmax(dim=1)  # (R,)
-    feedback = cand[torch.arange(cand.shape[0], device=cand.device), top][:, None]  # (R, 1, 4h, 4w)
-    chosen = logits.detach()[torch.arange(cand.shape[0], device=cand.device), top]  # (R, H, W)
+    rows = torch.arange(cand.shape[0], device=cand.device)
+    feedback = cand[rows, top][:, None]  # (R, 1, 4h, 4w)
+    pred = logits.detach()[rows, top] > 0  # (R, H, W)
     if inside is not None:
-        chosen = chosen.masked_fill(~inside, -1.0)
-    pred = chosen > 0
-    chosen_iou = mask_iou(chosen[:, None], target[:, None])[:, 0]
+        pred &= inside
+    # its IoU with the target, from the loss's pixel counts (1 when both are empty, as mask_iou)
+    chosen_iou = iou_from_counts(out["inter"][rows, top], out["union"][rows, top], empty=1.0)
     return out["loss"].sum(), feedback, pred, chosen_iou, out["loss"].detach()
 
 
@@ -133,6 +136,7 @@ def simulate(
     region = image_region(batch, cfg.resolution) if cfg.ignore_padding else None  # (B, H, W)
     size_hw = batch["input_size"].to(masks.device)  # (B, 2)
     pe = model.prompt_encoder.get_dense_pe()
+    emb_cl = embeddings.contiguous(memory_format=torch.channels_last)  # (B, C, h, w), see _unit
     # the rows to decode: valid pairs only (all rows if none is valid, so that every rank
     # still runs the decoder and its gradient hooks fire; those rows add zero loss)
     rows = valid.reshape(-1).nonzero().squeeze(1)  # (R,) flat b*N + n
@@ -179,7 +183,7 @@ def simulate(
             ambiguous = t < first_point  # still a single point (or a box)
             args = (
                 model,
-                embeddings,
+                emb_cl,
                 img,
                 pe,
                 coords,
