@@ -136,3 +136,43 @@ def test_invalid_rows_give_zero_loss_and_zero_gradient():
     out["loss"].sum().backward()
     assert (logits.grad[1:] == 0).all() and (iou_pred.grad[1:] == 0).all()
     assert logits.grad[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk", [None, 700])  # 700 elements: several chunks per row, rows split
+@pytest.mark.parametrize("with_inside", [False, True])
+def test_fused_mask_terms_value_and_gradient_match_autograd_of_torchvision(monkeypatch, chunk, with_inside):
+    """The fused focal + dice pass has a hand-written backward: its values and its gradient
+    w.r.t. the logits against autograd through torchvision's focal loss and a plain dice, with
+    padding pixels counting in no term, across chunk boundaries."""
+    from segany.training import losses
+
+    if chunk is not None:
+        monkeypatch.setattr(losses, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+    R, K, H, W = 3, 3, 13, 17
+    x = (torch.randn(R, K, H, W, generator=g, dtype=torch.float64) * 4).float()
+    t = torch.rand(R, 1, H, W, generator=g) > 0.6
+    inside = torch.ones(R, 1, H, W, dtype=torch.bool)
+    if with_inside:
+        inside[0, :, 9:] = False  # padding below
+        inside[1, :, :, 11:] = False  # padding right
+    t = t & inside
+    gf, gd = torch.randn(R, K, generator=g), torch.randn(R, K, generator=g)  # upstream gradients
+
+    ours_x = x.clone().requires_grad_()
+    terms = losses.mask_terms(ours_x, t, inside=inside if with_inside else None)
+    (terms["focal"] * gf + terms["dice"] * gd).sum().backward()
+
+    ref_x = x.double().clone().requires_grad_()
+    tf, ins = t.double().expand(R, K, H, W), inside.double().expand(R, K, H, W)
+    focal = (tv_focal(ref_x, tf, reduction="none") * ins).sum((-2, -1)) / ins.sum((-2, -1))
+    p = ref_x.sigmoid() * ins
+    dice = 1 - (2 * (p * tf).sum((-2, -1)) + 1) / (p.sum((-2, -1)) + tf.sum((-2, -1)) + 1)
+    (focal * gf + dice * gd).sum().backward()
+
+    assert torch.allclose(terms["focal"].double(), focal, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(terms["dice"].double(), dice, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(ours_x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-8)
+    pred = (x > 0) & inside
+    assert torch.equal(terms["inter"], (pred & t).sum((-2, -1)).float())
+    assert torch.equal(terms["union"], (pred | t).sum((-2, -1)).float())
