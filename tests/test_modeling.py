@@ -418,3 +418,20 @@ def test_decoder_shared_image_rows_and_keep(pair):
     torch.testing.assert_close(iou, shared[1])
     torch.testing.assert_close(masks[keep], shared[0][keep])
     assert masks[~keep].isnan().all()
+
+
+def test_every_decoder_parameter_gets_a_gradient_in_training():
+    """Training differentiates every mask-decoder parameter (DDP refuses unused parameters, and an
+    FSDP checkpoint has no optimiser state for one); inference's folded attention (no grad) skips
+    k_proj.bias, whose gradient is zero in exact arithmetic, so it must not run with gradients."""
+    torch.manual_seed(0)
+    model = segany.build_sam("vit_tiny")
+    emb = torch.randn(2, model.prompt_encoder.embed_dim, 16, 16)
+    pts = torch.rand(2, 3, 1, 2) * 200
+    masks, iou = model.decode(emb, pts, torch.ones(2, 3, 1, dtype=torch.long), multimask_output=None)
+    (masks.mean() + iou.mean()).backward()
+    missing = [n for n, p in model.mask_decoder.named_parameters() if p.grad is None]
+    assert not missing, missing
+    with torch.no_grad():  # the folded inference path gives the same outputs
+        m2, i2 = model.decode(emb, pts, torch.ones(2, 3, 1, dtype=torch.long), multimask_output=None)
+    assert torch.allclose(m2, masks, atol=1e-4) and torch.allclose(i2, iou, atol=1e-5)

@@ -35,10 +35,13 @@ class Attention(nn.Module):
         bq, bk = q.shape[0], k.shape[0]
         head_dim = self.internal_dim // self.num_heads
         # few prompt tokens against many image tokens, one image per row: the projections of the
-        # many are folded into the few (see _tokens_to_image / _image_to_tokens)
-        if p == 0.0 and bk > 1 and bq in (1, bk) and k.shape[1] < head_dim and q.shape[1] > k.shape[1]:
+        # many are folded into the few (see _tokens_to_image / _image_to_tokens). Inference only:
+        # the folded form never uses k_proj.bias (softmax ignores it), and a parameter without a
+        # gradient breaks DDP (unused parameter) and FSDP checkpoints (no optimiser state for it)
+        fold = p == 0.0 and not torch.is_grad_enabled()
+        if fold and bk > 1 and bq in (1, bk) and k.shape[1] < head_dim and q.shape[1] > k.shape[1]:
             return self._image_to_tokens(q, k, v)
-        if p == 0.0 and bq > 1 and bk == bq and q.shape[1] < head_dim and k.shape[1] > q.shape[1]:
+        if fold and bq > 1 and bk == bq and q.shape[1] < head_dim and k.shape[1] > q.shape[1]:
             return self._tokens_to_image(q, k, v)
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
