@@ -100,26 +100,25 @@ class Built:
         )
 
 
-def _box_fraction(p) -> float:
-    """fraction of 4000 rows whose first prompt is a box"""
-    g = torch.Generator().manual_seed(0)
-    masks = torch.zeros(4000, 32, 32, dtype=torch.bool)
-    masks[:, 8:24, 8:24] = True
-    boxes = torch.tensor([8.0, 8.0, 23.0, 23.0]).expand(4000, 4)
-    size = torch.tensor([[32, 32]]).expand(4000, 2)
-    pr = initial_prompts(masks, boxes, torch.ones(4000, dtype=torch.bool), size, p, g)
-    return float(pr.is_box.float().mean())
-
-
-def _text_fraction(p) -> float:
-    """fraction of 4000 rows, all with a CLIP embedding, whose first prompt is the text token"""
+def _round0(p, text: bool):
+    """round-0 prompts of 4000 rows, a 16 x 16 square mask each (text: all with a CLIP embedding)"""
     g = torch.Generator().manual_seed(0)
     masks = torch.zeros(4000, 32, 32, dtype=torch.bool)
     masks[:, 8:24, 8:24] = True
     boxes = torch.tensor([8.0, 8.0, 23.0, 23.0]).expand(4000, 4)
     size = torch.tensor([[32, 32]]).expand(4000, 2)
     yes = torch.ones(4000, dtype=torch.bool)
-    pr = initial_prompts(masks, boxes, yes, size, p, g, torch.zeros(4000, 8), yes)
+    return initial_prompts(masks, boxes, yes, size, p, g, *((torch.zeros(4000, 8), yes) if text else ()))
+
+
+def _box_fraction(p) -> float:
+    """fraction of the rows whose first prompt is a box"""
+    return float(_round0(p, text=False).is_box.float().mean())
+
+
+def _text_fraction(p) -> float:
+    """fraction of the rows, all with a CLIP embedding, whose first prompt is the text token"""
+    pr = _round0(p, text=True)
     return 0.0 if pr.is_text is None else float(pr.is_text.float().mean())
 
 

@@ -27,16 +27,12 @@ from typing import Callable, Iterator, Optional
 from webdataset import TarWriter
 
 from segany.data.faults import FaultCounter
-from segany.data.formats.sa1b import image_json
+from segany.data.formats.sa1b import image_ext, image_json
 from segany.data.streams.reader import read_pairs
 from segany.utils.io import TMP_MARK, atomic_write, atomic_write_json
 
 LOCK_NAME = ".lock"
 SEEN_NAME = "semi_seen.json"  # keys of the images the semi stage has already run on
-
-
-def image_ext(data: bytes) -> str:
-    return "png" if data[:4] == b"\x89PNG" else "jpg"
 
 
 class ShardStore:

@@ -65,8 +65,7 @@ def run_jobs(jobs: list, write: Callable, out_dir: str, slot: int = 0, n_slots: 
         for k, v in stats.items():
             totals[k] = totals.get(k, 0) + v
         totals["done"] += 1
-        stem = name[: -len(".tar")] if name.endswith(".tar") else os.path.splitext(name)[0]
-        with open(os.path.join(out_dir, f"{stem}.stats.json"), "w") as f:
+        with open(os.path.join(out_dir, f"{os.path.splitext(name)[0]}.stats.json"), "w") as f:
             json.dump(dict(stats, seconds=round(time.time() - t0, 1)), f)
         log.info("wrote %s: %s (%.1f s)", path, stats, time.time() - t0)
     return totals

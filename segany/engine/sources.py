@@ -45,6 +45,7 @@ def _folder_items(paths: list, first: int) -> Iterator[Item]:
 def _shard_items(url: str) -> Iterator[Item]:
     from segany.data.decode import numeric_id
     from segany.data.faults import FaultCounter
+    from segany.data.formats.sa1b import image_ext
     from segany.data.streams.reader import read_pairs
 
     faults = FaultCounter(20, where="engine input")
@@ -54,10 +55,9 @@ def _shard_items(url: str) -> Iterator[Item]:
         except ValueError as exc:
             raise ValueError(f"{url}: {pair.key}.json is not valid JSON: {exc}") from None
         image_id = (meta.get("image") or {}).get("image_id")
-        ext = "png" if pair.image[:4] == b"\x89PNG" else "jpg"
         yield Item(
             os.path.basename(pair.key),
-            ext,
+            image_ext(pair.image),
             pair.image,
             int(image_id) if isinstance(image_id, int) else numeric_id(pair.key),
             meta,

@@ -45,13 +45,9 @@ from segany.inference.amg_utils import (
     uncrop_masks,
     uncrop_points,
 )
-from segany.inference.predictor import SamPredictor
+from segany.inference.predictor import CHUNK_BYTES, SamPredictor
 
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-# full-resolution logits are made chunk by chunk: at most this many bytes of them at once. Small on
-# purpose: buffers under the C allocator's mmap threshold (32 MiB) are reused, larger ones are mapped
-# and page-faulted afresh on every call (2x slower upsampling, thresholding and counting, measured)
-_UPSAMPLE_BUDGET_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -253,7 +249,7 @@ class SamAutomaticMaskGenerator:
     def _chunks(self, n: int) -> Iterator[slice]:
         """Slices of up to n masks whose full-resolution logits fit the upsampling budget."""
         h, w = self.predictor.original_size
-        step = max(1, _UPSAMPLE_BUDGET_BYTES // (4 * (h * w + self.predictor.model.image_encoder.img_size**2)))
+        step = max(1, CHUNK_BYTES // (4 * (h * w + self.predictor.model.image_encoder.img_size**2)))
         return (slice(s, s + step) for s in range(0, n, step))
 
     def _process_batch(

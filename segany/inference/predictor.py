@@ -16,8 +16,11 @@ from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.transforms import ResizeLongestSide
 
 PRECISIONS = ("fp32", "bf16")
-# prompt rows per mask-decoder call: this many bytes of one (rows, hw, C) float32 activation
-_DECODE_CHUNK_BYTES = 16 * 2**20
+# work is cut into chunks of at most this many bytes (here: one (rows, hw, C) float32 decoder
+# activation; the mask generator: its upsampled logits). Small on purpose: buffers under the C
+# allocator's mmap threshold (32 MiB) are reused, larger ones are mapped and page-faulted afresh on
+# every call (2x slower upsampling, thresholding and counting, measured)
+CHUNK_BYTES = 16 * 2**20
 
 
 def autocast_context(precision: str, device: torch.device) -> ContextManager:
@@ -229,7 +232,7 @@ class SamPredictor:
             # small enough for the allocator to reuse its memory (large buffers are mapped and
             # page-faulted afresh on every allocation, which costs as much as the arithmetic here)
             hw_c = self.features[0].numel()
-            step = max(1, _DECODE_CHUNK_BYTES // (4 * hw_c))
+            step = max(1, CHUNK_BYTES // (4 * hw_c))
             sel = slice(1, None) if multimask_output else slice(0, 1)
             keep = None if min_iou is None else (lambda iou_all: (iou_all[:, sel] > min_iou).any(1))
             outs = [

@@ -144,9 +144,7 @@ class PromptEncoder(nn.Module):
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
         return self.mask_downscaling(masks)  # (N, 1, 4h, 4w) -> (N, C, h, w)
 
-    def _get_batch_size(self, points, boxes, masks, text=None) -> int:
-        if text is not None:
-            return text.shape[0]
+    def _get_batch_size(self, points, boxes, masks) -> int:
         if points is not None:
             return points[0].shape[0]
         if boxes is not None:

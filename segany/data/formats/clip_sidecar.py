@@ -23,8 +23,7 @@ SUFFIX = ".clip.npz"
 
 def sidecar_path(shard: str, suffix: str = SUFFIX) -> str:
     """`dir/train-000000.tar` -> `dir/train-000000.clip.npz`."""
-    stem = shard[: -len(".tar")] if shard.endswith(".tar") else os.path.splitext(shard)[0]
-    return stem + suffix
+    return os.path.splitext(shard)[0] + suffix
 
 
 def write(f: Union[str, IO], ids: np.ndarray, embeddings: np.ndarray, meta: dict) -> None:

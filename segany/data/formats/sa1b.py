@@ -68,6 +68,11 @@ def annotation(ann_id: int, segmentation: Union[np.ndarray, dict], bbox=None, ar
     return ann
 
 
+def image_ext(data: bytes) -> str:
+    """The member extension of encoded image bytes in a shard: "png" (PNG signature) or "jpg"."""
+    return "png" if data[:4] == b"\x89PNG" else "jpg"
+
+
 def image_json(image_id: int, height: int, width: int, file_name: str, annotations: list) -> dict:
     """The json of one image: its record and its annotations (built by `annotation`)."""
     return {
