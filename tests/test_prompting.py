@@ -1,5 +1,7 @@
 """Prompt simulation: sampled points, labels, round schedule, box noise."""
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from segany.training.prompting import (
     MASK,
     POINT,
     PromptConfig,
+    chessboard_distance,
     error_points,
     initial_prompts,
     noisy_boxes,
@@ -144,6 +147,62 @@ def test_error_points_choose_fn_and_fp_in_proportion():
     pred[:, :, 7] = True  # 8 FP pixels (column 7)
     _, labels = error_points(pred, gt, torch.ones(R, dtype=torch.bool), 8)
     assert abs((labels == POS).float().mean().item() - 0.75) < 0.03
+
+
+def test_chessboard_distance_matches_opencv():
+    """OpenCV's chessboard transform (DIST_C) of the region padded by one background pixel (the
+    image border counts as outside, as in RITM's clicker), capped at max_dist."""
+    g = torch.Generator().manual_seed(0)
+    # blobs: thresholded smoothed noise, so that regions have interiors of several pixels
+    noise = torch.nn.functional.avg_pool2d(torch.rand(6, 1, 40, 48, generator=g), 7, 1, 3)[:, 0]
+    region = noise > noise.flatten(1).median(1).values[:, None, None]
+    for cap in (3, 32):
+        ours = chessboard_distance(region, cap)
+        for r in range(len(region)):
+            pad = np.pad(region[r].numpy().astype(np.uint8), 1)
+            ref = cv2.distanceTransform(pad, cv2.DIST_C, 3)[1:-1, 1:-1]
+            assert np.array_equal(ours[r].numpy(), np.minimum(ref, cap)), (r, cap)
+
+
+def test_interior_clicks_avoid_boundary_slivers():
+    """A 2 px false-negative sliver along the mask's edge and a 6 x 6 false-negative hole: the
+    uniform rule clicks the sliver in proportion to its area, the interior rule (RITM's) only the
+    hole's inner half (chessboard distance > 3 / 2: its 4 x 4 core)."""
+    R, H = 2000, 24
+    gt = torch.zeros(R, H, H, dtype=torch.bool)
+    gt[:, 2:22, 2:22] = True
+    pred = gt.clone()
+    pred[:, 2:22, 2:4] = False  # sliver: 40 px
+    pred[:, 10:16, 10:16] = False  # hole: 36 px
+    valid = torch.ones(R, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    core = torch.zeros(H, H, dtype=torch.bool)
+    core[11:15, 11:15] = True
+    coords, labels = error_points(pred, gt, valid, H, generator=g, rule="interior")
+    assert (labels == POS).all() and _at(core.expand(R, H, H), coords[:, 0], H, H).all()
+    sliver = torch.zeros(H, H, dtype=torch.bool)
+    sliver[2:22, 2:4] = True
+    coords, _ = error_points(pred, gt, valid, H, generator=g, rule="uniform")
+    share = _at(sliver.expand(R, H, H), coords[:, 0], H, H).float().mean().item()
+    assert abs(share - 40 / 76) < 0.04
+
+
+def test_interior_clicks_pick_the_deeper_error_kind():
+    """RITM: positive iff the false negatives reach strictly deeper than the false positives."""
+    R, H = 200, 20
+    gt = torch.zeros(R, H, H, dtype=torch.bool)
+    gt[:, 0:10, :] = True
+    pred = torch.zeros(R, H, H, dtype=torch.bool)
+    pred[:, 0:10, 0:3] = True  # FN: 10 x 17 (depth 5); FP: the band below
+    pred[:, 11:20, :] = True  # FP: 9 x 20 (depth 5): a tie, so a negative click
+    _, labels = error_points(pred, gt, torch.ones(R, dtype=torch.bool), H, rule="interior")
+    assert (labels == NEG).all()
+    pred[:, 11:20, :] = False
+    pred[:, 11:13, :] = True  # FP: 2 px deep now, the FN wins
+    _, labels = error_points(pred, gt, torch.ones(R, dtype=torch.bool), H, rule="interior")
+    assert (labels == POS).all()
+    with pytest.raises(ValueError, match="click_rule"):
+        PromptConfig(click_rule="center")
 
 
 def test_default_schedule_has_11_rounds_with_two_mask_rounds():

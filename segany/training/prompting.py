@@ -6,10 +6,12 @@ Per mask, ``num_rounds`` predictions (11 by default):
                (std 10% of the side, capped at 20 px; paper), 50/50; or, for a share
                ``p_text`` of the masks that have one, the CLIP embedding of a crop around the
                mask as a text token (paper §7.5, appendix D.5: text-to-mask);
-  point rounds one new point uniform in the error region of the previous prediction
-               (false negative -> positive label 1, false positive -> negative label 0); a
-               prediction without error gets a negative point in the background (SAM 2's
-               rule), so every row keeps the same token layout as at inference;
+  point rounds one new point in the error region of the previous prediction (false negative
+               -> positive label 1, false positive -> negative label 0): uniform over it
+               (``click_rule="uniform"``, paper and SAM 2), or uniform over the interior of the
+               larger error region (``"interior"``, RITM's training clicker); a prediction
+               without error gets a negative point in the background (SAM 2's rule), so every
+               row keeps the same token layout as at inference;
   mask rounds  no new point; only the previous logits as the mask prompt. One at a random
                position among the point rounds, one last.
 
@@ -70,6 +72,9 @@ class PromptConfig:
     checkpoint_rounds: bool = False
     mask_chunk: Optional[int] = None
     p_text: float = 0.0  # round 0: share of the masks with a CLIP embedding prompted by it (text-to-mask)
+    click_rule: str = "uniform"  # corrective clicks: "uniform" over the error region (paper, SAM 2) |
+    # "interior": uniform over the inner half of the larger error region (RITM); see error_points
+    click_max_dist: int = 32  # "interior": distances are counted up to this many pixels (the loop's bound)
 
     def __post_init__(self):
         def bad(key, why):
@@ -91,6 +96,10 @@ class PromptConfig:
             bad("box_noise", "'gaussian' (paper) or 'uniform' (SAM 2)")
         if self.mask_chunk is not None and self.mask_chunk < 1:
             bad("mask_chunk", "None or >= 1")
+        if self.click_rule not in ("uniform", "interior"):
+            bad("click_rule", "'uniform' (paper, SAM 2) or 'interior' (RITM)")
+        if self.click_max_dist < 1:
+            bad("click_max_dist", "must be >= 1")
 
     @property
     def num_rounds(self) -> int:
@@ -241,6 +250,30 @@ def initial_prompts(
     return Prompts(point, label, box, is_box, point.new_zeros(R, 0, 2), label.new_zeros(R, 0), text, is_text)
 
 
+def chessboard_distance(region: Tensor, max_dist: int) -> Tensor:
+    """(R, H, W) bool -> (R, H, W) float: each region pixel's chessboard (L-inf) distance to the
+    nearest pixel outside the region or the image (1 on its boundary, 0 outside), counted up to
+    max_dist. Repeated 3x3 erosions (separable: a row AND then a column AND of the neighbours, on
+    bool tensors), vectorised over rows and on the tensors' device: an exact Euclidean transform
+    (RITM's cv2.distanceTransform) has no batched torch op; the L-inf distance is within a factor
+    sqrt(2) of it, enough to tell a region's interior from its boundary slivers."""
+    x = region.clone()
+    d = x.to(torch.int16)
+    for _ in range(max_dist - 1):
+        if not bool(x.any()):
+            break
+        y = x.clone()  # erosion; the image border counts as outside
+        y[:, :, 1:] &= x[:, :, :-1]
+        y[:, :, :-1] &= x[:, :, 1:]
+        y[:, :, 0] = y[:, :, -1] = False
+        x = y.clone()
+        x[:, 1:] &= y[:, :-1]
+        x[:, :-1] &= y[:, 1:]
+        x[:, 0] = x[:, -1] = False
+        d += x
+    return d.float()
+
+
 def error_points(
     pred: Tensor,
     gt: Tensor,
@@ -248,15 +281,22 @@ def error_points(
     img_size: int,
     region: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    rule: str = "uniform",
+    max_dist: int = 32,
 ):
-    """One corrective click per row, uniform over the error region.
+    """One corrective click per row in the error region.
 
     pred, gt (R, H, W) bool at the click resolution; valid (R,); region (R, H, W) bool, where
     clicks may fall (the image content; None: everywhere).
+    rule "uniform": uniform over the error region (the paper: "uniformly from the error region";
+    SAM 2's ``sample_random_points_from_errors``). rule "interior": RITM's training clicker
+    (isegm ``get_next_points``): the error kind whose region reaches deeper (max distance to its
+    boundary, here chessboard_distance up to max_dist) is clicked, uniformly among its pixels
+    deeper than half that maximum; clicks then avoid the 1-2 px slivers along a boundary.
     Returns coords (R, 1, 2) float in the input frame and labels (R, 1) long: POS where the
     pixel is a false negative, NEG where a false positive. A row without error gets a NEG click
     uniform in the background (or a POS one in the mask when there is no background): SAM 2's
-    rule (``sam2_utils.sample_random_points_from_errors``), which keeps every row's token count.
+    rule, which keeps every row's token count.
     Invalid rows get PAD. The label is the GT at the clicked pixel.
     """
     if region is not None:
@@ -265,6 +305,14 @@ def error_points(
     err = gt ^ pred
     R = gt.shape[0]
     has = lambda m: m.view(R, -1).any(dim=1)[:, None, None]  # noqa: E731
+    if rule == "interior":
+        d_fn = chessboard_distance(gt & ~pred, max_dist)
+        d_fp = chessboard_distance(pred & ~gt, max_dist)
+        m_fn, m_fp = d_fn.amax((1, 2)), d_fp.amax((1, 2))  # (R,)
+        d = torch.where((m_fn > m_fp)[:, None, None], d_fn, d_fp)  # RITM: positive iff fn reaches strictly deeper
+        err = d > torch.maximum(m_fn, m_fp)[:, None, None] / 2
+    elif rule != "uniform":
+        raise ValueError(f"click rule {rule!r}: 'uniform' or 'interior'")
     cand = torch.where(has(err), err, torch.where(has(bg), bg, gt))
     yx, found = sample_uniform(cand, generator)
     H, W = gt.shape[-2:]

@@ -178,7 +178,7 @@ def simulate(
         for t, kind in enumerate(schedule):
             if kind == POINT:
                 where = None if region is None else region.index_select(0, img)
-                prompts.add(*error_points(pred, target, v, S, where, generator))
+                prompts.add(*error_points(pred, target, v, S, where, generator, cfg.click_rule, cfg.click_max_dist))
             coords, labels, *txt = prompts.tokens()
             ambiguous = t < first_point  # still a single point (or a box)
             args = (
