@@ -5,6 +5,7 @@ to a .pth that the official `segment_anything` model loads and runs with the sam
 segany's; the directory itself is read by build_sam / SamPredictor and evaluated by
 evaluate.py with no model overrides."""
 
+import csv
 import json
 import os
 import subprocess
@@ -29,7 +30,6 @@ SMALL = [
     "data.num_workers=0",
     "trainer.limit_val_batches=1",
     "trainer.devices=2",
-    "trainer.check_val_every_n_epoch=100",
     "callbacks.checkpoint.every_n_train_steps=2",
     "prompting.point_rounds=1",
     "prompting.mask_rounds=1",
@@ -58,8 +58,23 @@ def _train(root, *args):
 
 def test_ddp_two_processes_bf16(tmp_path):
     _train(
-        tmp_path, "strategy=ddp", "trainer.precision=bf16-mixed", "trainer.max_steps=2", "optim.fused=false"
-    )  # Lightning clips no fused-optimiser gradients under mixed precision
+        tmp_path,
+        "strategy=ddp",
+        "trainer.precision=bf16-mixed",
+        "trainer.max_steps=2",
+        "optim.fused=false",  # Lightning clips no fused-optimiser gradients under mixed precision
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.val_check_interval=2",  # one validation, after step 2: one image per rank
+    )
+    # the per-round means are over both ranks' masks, 3 in each rank's image (data.max_masks): the
+    # last round's is then the mean of the ranks' own means, as Lightning's synced val/iou_last
+    metrics = (tmp_path / "demo" / "logs" / "metrics.csv").read_text().splitlines()
+    (row,) = [r for r in csv.DictReader(metrics) if r.get("val/iou_last")]
+    assert float(row["val_round/masks"]) == 2 * 3
+    assert float(row["val_round/iou_02"]) == pytest.approx(float(row["val/iou_last"]), rel=1e-5)
+    assert {f"val_round/{k}_{t:02d}" for k in ("iou", "loss") for t in range(3)} <= row.keys()
+    assert (tmp_path / "demo" / "round_iou.png").stat().st_size > 0
+    assert [p.name for p in (tmp_path / "demo" / "logs" / "val_images").iterdir()] == ["step0000002_0.png"]  # rank 0's
     ckpt = torch.load(tmp_path / "demo" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     # both ranks' data positions travel in the checkpoint (each resumes its own stream)
@@ -80,6 +95,7 @@ def test_ddp_two_processes_bf16(tmp_path):
 )
 def test_fsdp_two_processes_checkpoint_resume_export(tmp_path, param_dtype):
     fsdp = [
+        "trainer.check_val_every_n_epoch=100",
         "strategy=fsdp",
         "trainer.strategy.data_parallel_size=2",
         "trainer.precision=32-true",

@@ -4,11 +4,15 @@ training_step = image encoder once per image -> ``simulate`` (all prompting roun
 masks, see simulation.py) -> loss / (valid masks across all ranks).
 validation_step = the same simulation without gradients, plus the single-point protocol of
 segany.evaluation at a few click counts, and a few images with their predicted masks.
+At the end of each validation: the mean IoU and loss per round (``val_round/*``) and their
+plot, with training's since the previous validation, as <run dir>/round_iou.png.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from typing import Optional
 
@@ -22,13 +26,14 @@ from segany.evaluation.protocol import ClickProtocol, interactive_eval
 from segany.training.embedding_cache import EmbeddingCache
 from segany.training.losses import SamLoss
 from segany.training.optim import SamOptim
-from segany.training.prompting import PromptConfig
+from segany.training.prompting import INIT, MASK, POINT, PromptConfig
 from segany.training.schedule import WarmupStepDecay
 from segany.training.sharding import ShardingConfig, is_sharded
 from segany.training.simulation import simulate
-from segany.training.visualize import draw_masks
+from segany.training.visualize import draw_masks, plot_rounds
 
 log = logging.getLogger(__name__)
+KIND_LABELS = {INIT: "init", POINT: "pt", MASK: "mask"}
 
 
 class SamModule(pl.LightningModule):
@@ -48,6 +53,13 @@ class SamModule(pl.LightningModule):
     the batch's ``image_id`` in training and ``val/<image_id>`` in validation.
     val_clicks: click counts of the single-point protocol logged in validation.
     val_images: how many validation images to draw per validation run.
+    Per-round curves: training and validation steps add their rounds' IoU / loss sums and
+    valid-mask counts (by round index: the mask rounds' positions vary between steps); each
+    validation end sums them over ranks, logs ``val_round/iou_XX``, ``val_round/loss_XX`` and
+    ``val_round/masks`` (the masks behind them), and draws both splits' mean IoU per round
+    (x labels: the rounds' kinds in rank 0's validation batches) to
+    <trainer.default_root_dir>/round_iou.png, with a copy per validation in
+    round_iou/step<global step>.png (a wandb logger gets it as ``val_round/plot``).
     sharding: a ShardingConfig, the FSDP2 settings (strategy=fsdp, configs/strategy/fsdp.yaml),
     applied in configure_model; None without FSDP.
     seed: every training step reseeds torch's RNGs from (seed, global step, rank), so the
@@ -102,6 +114,8 @@ class SamModule(pl.LightningModule):
             raise ValueError(f"seed={seed!r}: must be >= 0 (it seeds numpy's SeedSequence)")
         self._faults: dict = {}
         self._val_drawn = 0
+        self._rounds: dict = {}  # split -> (3, T) sums since the last validation end: IoU, loss, valid masks
+        self._val_kinds: list = []  # per round, the kinds it had in this validation's batches
         if embedding_cache is not None and not isinstance(embedding_cache, EmbeddingCache):
             raise TypeError(
                 f"module.embedding_cache: expected an EmbeddingCache (its node's _target_), got {type(embedding_cache)}"
@@ -160,6 +174,12 @@ class SamModule(pl.LightningModule):
             n = self.trainer.strategy.reduce(n, reduce_op="sum")
         return n
 
+    def _add_rounds(self, split: str, out: dict) -> None:
+        T = out["round_iou"].numel()
+        sums = torch.stack((out["round_iou"], out["round_loss"], out["n_valid"].float().expand(T))).detach()
+        prev = self._rounds.get(split)
+        self._rounds[split] = sums if prev is None else prev + sums
+
     # ---------------------------------------------------------------- steps
     def training_step(self, batch: dict, batch_idx: int):
         B = batch["image"].shape[0]
@@ -184,6 +204,7 @@ class SamModule(pl.LightningModule):
         if self._faults:
             self.log_dict({f"faults/{k}": float(v) for k, v in self._faults.items()}, on_step=True, batch_size=B)
         self._last_masks = int(out["n_valid"])
+        self._add_rounds("train", out)
         return loss
 
     def step_seed(self, step: int, stream: int = 0) -> int:
@@ -212,6 +233,8 @@ class SamModule(pl.LightningModule):
 
     def on_validation_epoch_start(self):
         self._val_drawn = 0
+        self._rounds.pop("val", None)
+        self._val_kinds = [set() for _ in range(self.prompting.num_rounds)]
         torch.manual_seed(self.step_seed(0, stream=1))  # the same validation prompts every time
 
     def validation_step(self, batch: dict, batch_idx: int):
@@ -220,6 +243,9 @@ class SamModule(pl.LightningModule):
         keys = None if batch.get("image_id") is None else [f"val/{k}" for k in batch["image_id"]]
         emb = self.embed(batch["image"], keys)
         out = simulate(self.model, emb, batch, self.prompting, self.loss_fn)
+        self._add_rounds("val", out)
+        for seen, kind in zip(self._val_kinds, out["schedule"]):
+            seen.add(kind)
         n = out["n_valid"].float().clamp(min=1)
         logs = {"val/loss": out["loss"] / n, "val/iou_last": out["round_iou"][-1] / n}
         ev = interactive_eval(self.model, batch, self.val_protocol, embeddings=emb)
@@ -230,6 +256,34 @@ class SamModule(pl.LightningModule):
         if self.val_images > self._val_drawn and self.global_rank == 0:
             self._log_images(batch, ev, self.val_images - self._val_drawn)
 
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking:  # Lightning drops its logs; training's sums carry on
+            self._rounds.pop("val", None)
+            return
+        zeros = torch.zeros(3, self.prompting.num_rounds, device=self.device)
+        sums = torch.stack([self._rounds.pop(split, zeros) for split in ("val", "train")])  # (2, 3, T)
+        if self.trainer.world_size > 1:  # every rank calls this, so the reduce always meets
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        (val_iou, val_loss), (train_iou, _) = (sums[:, :2] / sums[:, 2:].clamp(min=1)).tolist()
+        n_val, n_train = sums[:, 2, 0].tolist()
+        logs = {f"val_round/iou_{t:02d}": v for t, v in enumerate(val_iou)}
+        logs.update({f"val_round/loss_{t:02d}": v for t, v in enumerate(val_loss)})
+        logs["val_round/masks"] = n_val  # the valid masks of all ranks behind these means
+        # already global: sync_dist only averages equal values (and keeps Lightning from warning under DDP)
+        self.log_dict(logs, sync_dist=True)
+        if self.global_rank == 0 and n_val > 0:
+            kinds = ["/".join(sorted(KIND_LABELS.get(k, str(k)) for k in seen)) for seen in self._val_kinds]
+            self._plot_rounds(kinds, val_iou, train_iou if n_train > 0 else None, val_loss)
+
+    def _plot_rounds(self, kinds, val_iou, train_iou, val_loss):
+        step, root = self.global_step, self.trainer.default_root_dir
+        os.makedirs(os.path.join(root, "round_iou"), exist_ok=True)
+        path = os.path.join(root, "round_iou", f"step{step:07d}.png")
+        plot_rounds(path, kinds, val_iou, train_iou, val_loss, title=f"step {step}")
+        shutil.copyfile(path, os.path.join(root, "round_iou.png"))
+        if hasattr(self.logger, "log_image"):  # WandbLogger
+            self.logger.log_image(key="val_round/plot", images=[path], step=step)
+
     def _log_images(self, batch, ev, k):
         images = draw_masks(batch, ev["pred_first"], ev["clicks_first"], max_images=k)
         self._val_drawn += len(images)
@@ -238,12 +292,11 @@ class SamModule(pl.LightningModule):
         logger = self.logger
         if hasattr(logger, "log_image"):  # WandbLogger
             logger.log_image(key="val/predictions", images=list(images), step=self.global_step)
-        elif self.trainer is not None and self.trainer.log_dir:
-            import os
-
+        elif self.trainer is not None:
             import cv2
 
-            d = os.path.join(self.trainer.log_dir, "val_images")
+            # the logger's directory as trainer.log_dir has it, without its broadcast: only rank 0 is here
+            d = os.path.join(getattr(logger, "log_dir", None) or self.trainer.default_root_dir, "val_images")
             os.makedirs(d, exist_ok=True)
             for i, im in enumerate(images):
                 cv2.imwrite(

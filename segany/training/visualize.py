@@ -1,4 +1,4 @@
-"""Validation images: predicted masks drawn over the input image."""
+"""Validation figures: predicted masks drawn over the input image; mean IoU per prompting round."""
 
 from __future__ import annotations
 
@@ -36,3 +36,32 @@ def draw_masks(batch: dict, pred: torch.Tensor, clicks: torch.Tensor, max_images
             cv2.circle(img, (x, y), 3, (0, 0, 0), 1)
         out.append(np.ascontiguousarray(img.astype(np.uint8)))
     return out
+
+
+def plot_rounds(path: str, kinds, val_iou, train_iou=None, val_loss=None, title: str = ""):
+    """Mean IoU against the prompting round, saved as a png at path; -> the Figure.
+    kinds: a tick label per round (e.g. "init", "pt", "mask"); val_iou, train_iou (optional),
+    val_loss (optional, on a second axis): a value per round. Matplotlib's object API with
+    no pyplot: no global figure state and no backend switch in the training process."""
+    from matplotlib.figure import Figure
+
+    x = list(range(len(val_iou)))
+    fig = Figure(figsize=(max(5.0, 0.45 * len(x) + 1.5), 3.6))
+    ax = fig.subplots()
+    lines = ax.plot(x, list(val_iou), marker="o", label="val IoU")
+    if train_iou is not None:
+        lines += ax.plot(x, list(train_iou), marker="s", ls="--", label="train IoU (since last val)")
+    ax.set_xticks(x, list(kinds), fontsize=8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean IoU")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    if val_loss is not None:
+        ax2 = ax.twinx()
+        lines += ax2.plot(x, list(val_loss), color="gray", ls=":", marker=".", label="val loss")
+        ax2.set_ylabel("loss")
+    ax.set_title(title, fontsize=9, loc="right")
+    fig.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))  # the legend above the axes
+    fig.savefig(path, dpi=100)
+    return fig
