@@ -261,6 +261,18 @@ def test_feedback_gradient_switch(tiny):
         assert g is not None and g.abs().sum() > 0
 
 
+def test_later_round_weight_scales_the_rounds_after_the_first(tiny):
+    """loss = round 0's loss + w x the later rounds' (the per-round sums are unweighted)."""
+    batch = toy_batch(1, 2, 256, generator=torch.Generator().manual_seed(3))
+    for w in (1.0, 0.25):
+        cfg = PromptConfig(point_rounds=2, mask_rounds=1, later_round_weight=w)
+        out = _run(tiny, batch, cfg, seed=11, grad=False)
+        rl = out["round_loss"]
+        assert torch.allclose(out["loss"], rl[0] + w * rl[1:].sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match="later_round_weight"):
+        PromptConfig(later_round_weight=-1.0)
+
+
 def test_full_resolution_losses(tiny):
     batch = toy_batch(1, 2, 256)
     out = _run(tiny, batch, PromptConfig(point_rounds=1, mask_rounds=0, resolution="full"), grad=False)

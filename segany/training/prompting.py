@@ -75,6 +75,7 @@ class PromptConfig:
     click_rule: str = "uniform"  # corrective clicks: "uniform" over the error region (paper, SAM 2) |
     # "interior": uniform over the inner half of the larger error region (RITM); see error_points
     click_max_dist: int = 32  # "interior": distances are counted up to this many pixels (the loop's bound)
+    later_round_weight: float = 1.0  # loss weight of each round after round 0 (1: every round alike, as SAM 2 sums)
 
     def __post_init__(self):
         def bad(key, why):
@@ -98,6 +99,8 @@ class PromptConfig:
             bad("mask_chunk", "None or >= 1")
         if self.click_rule not in ("uniform", "interior"):
             bad("click_rule", "'uniform' (paper, SAM 2) or 'interior' (RITM)")
+        if self.later_round_weight < 0:
+            bad("later_round_weight", "must be >= 0")
         if self.click_max_dist < 1:
             bad("click_max_dist", "must be >= 1")
 

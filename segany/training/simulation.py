@@ -125,7 +125,8 @@ def simulate(
 ) -> dict:
     """Run all rounds on a batch. embeddings (B, 256, h, w) from the image encoder.
 
-    Returns {"loss": sum over rounds and valid masks (scalar, the caller normalises),
+    Returns {"loss": sum over rounds (after round 0 times cfg.later_round_weight) and valid masks
+    (scalar, the caller normalises),
     "round_loss": (T,) summed per round, "round_iou": (T,) IoU of the highest-predicted-IoU
     mask summed over valid masks per round, "n_valid": number of valid masks, "schedule"}.
     """
@@ -200,7 +201,7 @@ def simulate(
                 loss, fb, pred, iou, row_loss = checkpoint(_unit, *args, use_reentrant=False)
             else:
                 loss, fb, pred, iou, row_loss = _unit(*args)
-            total = total + loss
+            total = total + (loss if t == 0 else cfg.later_round_weight * loss)
             round_loss[t] += row_loss.sum()
             round_iou[t] += torch.where(v, iou, 0.0).sum()
             if cfg.feed_back_mask:
