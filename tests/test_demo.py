@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MIN_GAIN_AT_5 = 0.05  # mIoU@5 - mIoU@1 of the full demo: 0.077 measured (experiments/interactive.md)
+MIN_GAIN_AT_5 = 0.05  # mIoU@5 - mIoU@1 of the full demo: 0.077 measured (experiments/demo_interactive.md)
 MIN_MIOU_1 = 0.40  # 0.455 measured
 
 
@@ -50,7 +50,7 @@ def test_full_demo_learns(tmp_path):
     untrained = json.loads((tmp_path / "eval" / "untrained-synthetic" / "metrics.json").read_text())
     curve = [trained[f"miou@{k}"] for k in (1, 2, 3, 5, 9)]
     print(f"demo: {minutes:.1f} min, mIoU@1,2,3,5,9 {[round(v, 3) for v in curve]}, untrained {untrained['miou@1']:.3f}")
-    # the demo's interactive curve (experiments/interactive.md): clicks help, to click 9
+    # the demo's interactive curve (experiments/demo_interactive.md): clicks help, to click 9
     assert trained["miou@5"] >= trained["miou@1"] + MIN_GAIN_AT_5, curve
     assert all(b >= a - 0.005 for a, b in zip(curve, curve[1:])), curve
     assert trained["miou@1"] >= MIN_MIOU_1
