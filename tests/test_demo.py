@@ -49,7 +49,8 @@ def test_full_demo_learns(tmp_path):
     _run("evaluate.py", f"paths.root_dir={tmp_path}", timeout=900)
     untrained = json.loads((tmp_path / "eval" / "untrained-synthetic" / "metrics.json").read_text())
     curve = [trained[f"miou@{k}"] for k in (1, 2, 3, 5, 9)]
-    print(f"demo: {minutes:.1f} min, mIoU@1,2,3,5,9 {[round(v, 3) for v in curve]}, untrained {untrained['miou@1']:.3f}")
+    rounded = [round(v, 3) for v in curve]
+    print(f"demo: {minutes:.1f} min, mIoU@1,2,3,5,9 {rounded}, untrained {untrained['miou@1']:.3f}")
     # the demo's interactive curve (experiments/demo_interactive.md): clicks help, to click 9
     assert trained["miou@5"] >= trained["miou@1"] + MIN_GAIN_AT_5, curve
     assert all(b >= a - 0.005 for a, b in zip(curve, curve[1:])), curve

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from segany.evaluation.clicks import Clicker, center_click
-from segany.evaluation.noc import iou_outside, noc_metrics, object_ious
+from segany.evaluation.noc import SamSegmenter, iou_outside, noc_metrics, object_ious
 
 # real DAVIS-345 (RITM's packaging) in ../shared/data beside the checkout (SEGANY_SHARED_DATA overrides)
 SHARED = Path(os.environ.get("SEGANY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -191,7 +191,7 @@ def test_object_ious_prompts_like_the_release_and_scores_known_answers():
         ([full], [0.5]),
     ]
     p = ScriptedPredictor(answers)
-    ious = object_ious(p, gt, np.zeros_like(gt), max_clicks=3)
+    ious = object_ious(SamSegmenter(p), gt, np.zeros_like(gt), max_clicks=3)
     assert ious == pytest.approx([0.5, 100 / 110, 1.0])
     assert noc_metrics(np.array([ious]), [0.85, 0.9, 0.95], 3)["NoC@90"] == 2
     (c1, l1, m1, mm1), (c2, l2, m2, mm2), (c3, l3, m3, mm3) = p.calls

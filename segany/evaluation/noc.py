@@ -29,6 +29,7 @@ import torch
 from segany.data.decode import decode_mask
 from segany.evaluation import report
 from segany.evaluation.clicks import Clicker
+from segany.evaluation.grabcut import GrabCutSegmenter
 from segany.evaluation.registry import ImageTask, register
 from segany.evaluation.sources import EvalImage
 from segany.inference import SamPredictor
@@ -42,25 +43,46 @@ def iou_outside(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray) -> float:
     return inter / union if union else 1.0
 
 
-@torch.no_grad()
-def object_ious(predictor, gt: np.ndarray, ignore: np.ndarray, max_clicks: int) -> list:
-    """IoU after each of max_clicks clicks on one object of the predictor's current image."""
-    clicker = Clicker(gt, ignore)
-    pred, low, ious = None, None, []
-    for k in range(max_clicks):
-        clicker.click(pred)
-        yx = np.array([c[:2] for c in clicker.clicks], np.float32)
-        labels = np.array([c[2] for c in clicker.clicks], np.int64)
-        masks, scores, lows = predictor.predict(yx[:, ::-1], labels, mask_input=low, multimask_output=k == 0)
+class SamSegmenter:
+    """SamPredictor as a segmenter of object_ious: all clicks so far, the previous click's low-res
+    logits of the chosen mask as mask_input (the state), multimask_output on click 1 only."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.predictor.set_image(image)
+
+    def reset_image(self) -> None:
+        self.predictor.reset_image()
+
+    def predict(self, clicks: Sequence, low=None) -> tuple:
+        """clicks [(y, x, label)], low (1, 4h, 4w) logits or None -> ((H, W) bool mask, its logits)."""
+        yx = np.array([c[:2] for c in clicks], np.float32)
+        labels = np.array([c[2] for c in clicks], np.int64)
+        multi = len(clicks) == 1
+        masks, scores, lows = self.predictor.predict(yx[:, ::-1], labels, mask_input=low, multimask_output=multi)
         best = int(scores.argmax())
-        pred, low = masks[best], lows[best][None]  # (H, W) bool, (1, 4h, 4w) logits
+        return masks[best], lows[best][None]
+
+
+@torch.no_grad()
+def object_ious(segmenter, gt: np.ndarray, ignore: np.ndarray, max_clicks: int) -> list:
+    """IoU after each of max_clicks clicks on one object of the segmenter's current image; the
+    segmenter's predict(clicks, state) -> (prediction, state) gets state None at click 1."""
+    clicker = Clicker(gt, ignore)
+    pred, state, ious = None, None, []
+    for _ in range(max_clicks):
+        clicker.click(pred)
+        pred, state = segmenter.predict(clicker.clicks, state)
         ious.append(iou_outside(pred, gt, ignore))
     return ious
 
 
-def noc_part(predictor, images: Iterable[EvalImage], max_clicks: int) -> dict:
-    """{"ious": [[IoU after click 1..max_clicks] per object], "keys": [image key per object], "num_images"}."""
-    out = {"ious": [], "keys": [], "num_images": 0}
+def noc_part(segmenters: dict, images: Iterable[EvalImage], max_clicks: int) -> dict:
+    """Every segmenter (name -> segmenter) on the same objects -> {"ious": {name: [[IoU after
+    click 1..max_clicks] per object]}, "keys": [image key per object], "num_images"}."""
+    out = {"ious": {name: [] for name in segmenters}, "keys": [], "num_images": 0}
     for ev in images:
         objects = [a for a in ev.anns if not a.get("iscrowd", 0)]
         ignore = np.zeros(ev.size, bool)
@@ -70,11 +92,13 @@ def noc_part(predictor, images: Iterable[EvalImage], max_clicks: int) -> dict:
         out["num_images"] += 1
         if not objects:
             continue
-        predictor.set_image(ev.image)
-        for a in objects:
-            out["ious"].append(object_ious(predictor, decode_mask(a["segmentation"]), ignore, max_clicks))
-            out["keys"].append(ev.key)
-    predictor.reset_image()
+        gts = [decode_mask(a["segmentation"]) for a in objects]
+        for name, seg in segmenters.items():
+            seg.set_image(ev.image)
+            out["ious"][name] += [object_ious(seg, gt, ignore, max_clicks) for gt in gts]
+        out["keys"] += [ev.key] * len(objects)
+    for seg in segmenters.values():
+        seg.reset_image()
     return out
 
 
@@ -95,7 +119,8 @@ def noc_metrics(ious: np.ndarray, thresholds: Sequence[float], max_clicks: int) 
 
 
 def plot_noc(out_dir: str, section: dict, max_clicks: int) -> str:
-    """mIoU vs clicks per dataset (and their mean) -> noc_miou_vs_clicks.png in out_dir."""
+    """mIoU vs clicks per dataset (and their mean), and one curve per reference method (its mean
+    over datasets, section["references"]) -> noc_miou_vs_clicks.png in out_dir."""
     plt = report._pyplot()
     ks = list(range(1, max_clicks + 1))
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -103,6 +128,8 @@ def plot_noc(out_dir: str, section: dict, max_clicks: int) -> str:
         ax.plot(ks, [m[f"miou@{k}"] for k in ks], marker=".", label=name)
     if len(section["datasets"]) > 1:
         ax.plot(ks, [section["mean"][f"miou@{k}"] for k in ks], "k--", label="mean")
+    for name, ref in section.get("references", {}).items():
+        ax.plot(ks, [ref["mean"][f"miou@{k}"] for k in ks], "-.", marker="x", markersize=3, label=name)
     ax.set_xlabel("number of clicks")
     ax.set_ylabel("mIoU")
     ax.set_xticks([k for k in ks if k == 1 or k % 5 == 0])
@@ -110,9 +137,23 @@ def plot_noc(out_dir: str, section: dict, max_clicks: int) -> str:
     return report._finish(plt, fig, ax, out_dir, "noc_miou_vs_clicks.png")
 
 
+BASELINES = ("grabcut", "untrained")  # noc.baselines: the reference methods
+
+
+def _summary(per_dataset: dict) -> dict:
+    """dataset -> metrics ==> {"datasets", "mean"}: floats averaged over datasets, counts summed."""
+    first = next(iter(per_dataset.values()))
+    mean = {k: sum(d[k] for d in per_dataset.values()) / len(per_dataset) for k in first if isinstance(first[k], float)}
+    mean.update({k: int(sum(d[k] for d in per_dataset.values())) for k in first if k.startswith(("NoF@", "num_"))})
+    return {"datasets": per_dataset, "mean": mean}
+
+
 @register("noc")
 class NocTask(ImageTask):
-    """cfg.noc: max_clicks, iou_thresholds; cfg.max_images bounds the images per dataset."""
+    """cfg.noc: max_clicks, iou_thresholds, baselines (grabcut: cfg.noc.grabcut; untrained: the
+    model's architecture, freshly initialised); cfg.max_images bounds the images per dataset."""
+
+    references: dict = {}  # method -> {"datasets", "mean"}, set by report
 
     def _settings(self) -> tuple:
         p = self.cfg.noc
@@ -124,34 +165,60 @@ class NocTask(ImageTask):
             raise ValueError(f"noc.iou_thresholds={thresholds}: IoUs in (0, 1]")
         return max_clicks, thresholds
 
+    def _baselines(self) -> dict:
+        """noc.baselines -> name -> segmenter, checked."""
+        names = list(self.cfg.noc.get("baselines") or [])
+        bad = [n for n in names if n not in BASELINES] + [n for i, n in enumerate(names) if n in names[:i]]
+        if bad:
+            raise ValueError(f"noc.baselines={names}: {bad[0]!r} is unknown or repeated; choose from {list(BASELINES)}")
+        out = {}
+        for name in names:
+            if name == "grabcut":
+                out[name] = GrabCutSegmenter(**(self.cfg.noc.get("grabcut") or {}), seed=self.cfg.seed)
+            else:
+                out[name] = SamSegmenter(SamPredictor(self.untrained_model()))
+        return out
+
     def part_images(self, dataset: str, images: Iterable[EvalImage]) -> dict:
-        return noc_part(SamPredictor(self.model), images, self._settings()[0])
+        segmenters = {"model": SamSegmenter(SamPredictor(self.model)), **self._baselines()}
+        return noc_part(segmenters, images, self._settings()[0])
 
     def merge(self, parts: list) -> dict:
         max_clicks, thresholds = self._settings()
-        ious = [r for p in parts for r in p["ious"]]
-        out = noc_metrics(np.array(ious).reshape(-1, max_clicks), thresholds, max_clicks)
-        out["num_images"] = int(sum(p["num_images"] for p in parts))
-        return out
+
+        def metrics(name: str) -> dict:
+            ious = [r for p in parts for r in p["ious"][name]]
+            out = noc_metrics(np.array(ious).reshape(-1, max_clicks), thresholds, max_clicks)
+            out["num_images"] = int(sum(p["num_images"] for p in parts))
+            return out
+
+        out = metrics("model")
+        refs = {name: metrics(name) for name in parts[0]["ious"] if name != "model"}
+        return dict(out, references=refs) if refs else out
 
     def report(self, per_dataset: dict) -> dict:
-        sec = super().report(per_dataset)
-        for k in list(next(iter(per_dataset.values()))):  # counts: summed over datasets
-            if k.startswith("NoF@") or k.startswith("num_"):
-                sec["mean"][k] = int(sum(d[k] for d in per_dataset.values()))
+        model = {d: {k: v for k, v in m.items() if k != "references"} for d, m in per_dataset.items()}
+        names = list(next(iter(per_dataset.values())).get("references", {}))
+        self.references = {n: _summary({d: m["references"][n] for d, m in per_dataset.items()}) for n in names}
+        sec = super().report(model)
+        sec["mean"] = _summary(model)["mean"]
+        if self.references:
+            sec["references"] = self.references
         return sec
 
     def description(self) -> str:
         max_clicks, thresholds = self._settings()
         ts = "/".join(str(round(100 * t)) for t in thresholds)
+        refs = list(self.cfg.noc.get("baselines") or [])
         return (
             f"RITM's interactive benchmark: NoC@{ts} (clicks to reach the IoU, {max_clicks} when never), "
             f"NoF (objects at {max_clicks}), mIoU after k clicks; RITM's clicker, previous low-res logits "
             "as mask prompt, multimask on click 1 only; IoU at the image's resolution outside the ignore region."
+            + (f" Reference rows on the same objects: {', '.join(refs)}." if refs else "")
         )
 
     def figures(self, section: dict) -> list:
-        return [plot_noc(self.out_dir, section, self._settings()[0])]
+        return [plot_noc(self.out_dir, dict(section, references=self.references), self._settings()[0])]
 
     @classmethod
     def columns(cls, section: dict) -> list:

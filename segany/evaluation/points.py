@@ -12,12 +12,15 @@ from segany.evaluation.registry import EvalTask, register
 
 
 @torch.no_grad()
-def points_part(model, dm, protocol: ClickProtocol, device, rank: int = 0, world: int = 1, max_batches=None) -> dict:
+def points_part(
+    model, dm, protocol: ClickProtocol, device, rank: int = 0, world: int = 1, max_batches=None, references=None
+) -> dict:
     """Per-mask IoUs of this rank's share of the datamodule's validation split and the masks'
     areas in original-image pixels (protocol.original_areas): {"iou": {"k": [...]},
-    "iou_oracle": {"k": [...]}, "area": [...], "num_images": n} (json-safe keys). A crowd region
-    (COCO iscrowd=1, a RITM set's ignore band) is never a target: a datamodule that would batch
-    them as masks (include_crowd=true) is refused."""
+    "iou_oracle": {"k": [...]}, "area": [...], "num_images": n} (json-safe keys), and with
+    references (name -> model, run on the same batches) their {"iou", "iou_oracle"} under
+    "references". A crowd region (COCO iscrowd=1, a RITM set's ignore band) is never a target:
+    a datamodule that would batch them as masks (include_crowd=true) is refused."""
     if getattr(getattr(dm.val_dataset, "cfg", None), "include_crowd", False):
         raise ValueError(
             f"points: {type(dm).__name__} has include_crowd=true, which makes crowd regions (groups of objects, "
@@ -25,31 +28,39 @@ def points_part(model, dm, protocol: ClickProtocol, device, rank: int = 0, world
         )
     loader = dm.val_dataloader()
     dm.val_dataset.set_topology(rank, world)  # the loader iterates the dataset lazily
-    per_mask = {"iou": {str(k): [] for k in protocol.clicks}, "iou_oracle": {str(k): [] for k in protocol.clicks}}
+    models = {"model": model, **(references or {})}
+    per_mask = {n: {key: {str(k): [] for k in protocol.clicks} for key in ("iou", "iou_oracle")} for n in models}
     areas, images = [], 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        res = interactive_eval(model, batch, protocol)
-        for key in per_mask:
-            for k in protocol.clicks:
-                per_mask[key][str(k)] += res[key][k]
+        for name, m in models.items():
+            res = interactive_eval(m, batch, protocol)
+            for key in ("iou", "iou_oracle"):
+                for k in protocol.clicks:
+                    per_mask[name][key][str(k)] += res[key][k]
         areas += original_areas(batch)[batch["valid"]].tolist()  # the order of res's lists
         images += batch["image"].shape[0]
-    return dict(per_mask, area=areas, num_images=images)
+    out = dict(per_mask.pop("model"), area=areas, num_images=images)
+    return dict(out, references=per_mask) if per_mask else out
 
 
 def points_merge(parts: list) -> dict:
     """Rank parts of one dataset -> {miou@k, miou_oracle@k, num_masks, num_images}, and per
-    area bin (miou@k_small, ..., num_masks_small, ...) when the parts carry areas."""
+    area bin (miou@k_small, ..., num_masks_small, ...) when the parts carry areas; the parts'
+    references (points_part) the same under "references": {name: metrics}."""
     keys = list(parts[0]["iou"])
     merged = {name: {int(k): [v for p in parts for v in p[name][k]] for k in keys} for name in ("iou", "iou_oracle")}
     if all("area" in p for p in parts):
         merged["area"] = [a for p in parts for a in p["area"]]
     out = summarize(merged)
     out["num_images"] = int(sum(p["num_images"] for p in parts))
-    return out
+    refs = {
+        n: points_merge([{**p["references"][n], **{k: p[k] for k in ("area", "num_images") if k in p}} for p in parts])
+        for n in parts[0].get("references", {})
+    }
+    return dict(out, references=refs) if refs else out
 
 
 def mean_over_datasets(per_dataset: dict) -> dict:
@@ -85,14 +96,27 @@ class PointsTask(EvalTask):
             seed=cfg.seed,
         )
 
+    def references(self) -> dict:
+        """cfg.baselines -> name -> model: [untrained] (the model's architecture, freshly initialised)."""
+        names = list(self.cfg.get("baselines") or [])
+        if names not in ([], ["untrained"]):
+            raise ValueError(f"baselines={names}: the points task has one, untrained (grabcut: noc.baselines)")
+        return {n: self.untrained_model() for n in names}
+
     def part(self, dataset: str, dm, rank: int, world: int) -> dict:
-        return points_part(self.model, dm, self.protocol(), self.device, rank, world, self.cfg.max_batches)
+        refs = self.references()
+        return points_part(self.model, dm, self.protocol(), self.device, rank, world, self.cfg.max_batches, refs)
 
     def merge(self, parts: list) -> dict:
         return points_merge(parts)
 
     def report(self, per_dataset: dict) -> dict:
         cfg = self.cfg
+        refs = {}  # name -> dataset -> metrics
+        for d, m in per_dataset.items():
+            for n, r in m.get("references", {}).items():
+                refs.setdefault(n, {})[d] = r
+        per_dataset = {d: {k: v for k, v in m.items() if k != "references"} for d, m in per_dataset.items()}
         sec = {
             "datasets": per_dataset,
             "mean": mean_over_datasets(per_dataset),
@@ -107,6 +131,8 @@ class PointsTask(EvalTask):
             "By size: COCO's area bins (small < 32^2, medium < 96^2, large) of the GT mask's area in "
             "original-image pixels (input-frame area x original / input size).",
         }
+        if refs:
+            sec["references"] = {n: {"datasets": r, "mean": mean_over_datasets(r)} for n, r in refs.items()}
         sec["figures"] = [report.plot_points(self.out_dir, sec)]
         return sec
 

@@ -53,6 +53,16 @@ class EvalTask:
 
     def __init__(self, cfg: DictConfig, model, device, out_dir: str):
         self.cfg, self.model, self.device, self.out_dir = cfg, model, device, out_dir
+        self._untrained = None
+
+    def untrained_model(self):
+        """The model's architecture freshly initialised with cfg.seed (evaluate.py's untrained
+        baseline, modeling.load.untrained_like), on the device, in eval mode; built once per task."""
+        if self._untrained is None:
+            from segany.modeling.load import untrained_like
+
+            self._untrained = untrained_like(self.model, self.cfg.seed).to(self.device).eval()
+        return self._untrained
 
     def part(self, dataset: str, dm, rank: int, world: int) -> dict:
         """This rank's share of the set-up datamodule's validation split -> a json-safe payload."""

@@ -45,8 +45,17 @@ def table(rows: dict, columns) -> str:
     return "\n".join(lines)
 
 
+def _rows(sec: dict, suffix: str = "") -> dict:
+    """A section's (or a reference method's) rows: each dataset, and their mean when several."""
+    rows = {f"{d}{suffix}": m for d, m in sec["datasets"].items()}
+    if len(sec["datasets"]) > 1:
+        rows[f"**mean**{suffix}"] = sec["mean"]
+    return rows
+
+
 def write_markdown(out_dir: str, metrics: dict, columns: dict) -> str:
-    """results.md: a table per task section in metrics.json (a row per dataset and their mean),
+    """results.md: a table per task section in metrics.json (a row per dataset and their mean;
+    with reference methods, section["references"], rows "<dataset> (model)", "<dataset> (<method>)"),
     after the list of datasets skipped as not on disk; columns: task name -> its columns(section)
     (in the order of the tables)."""
     suite = f" on the {metrics['suite']} suite" if metrics.get("suite") else ""
@@ -57,9 +66,9 @@ def write_markdown(out_dir: str, metrics: dict, columns: dict) -> str:
         if task not in metrics:
             continue
         sec = metrics[task]
-        rows = dict(sec["datasets"])
-        if len(rows) > 1:
-            rows["**mean**"] = sec["mean"]
+        rows = _rows(sec, " (model)" if sec.get("references") else "")
+        for method, ref in sec.get("references", {}).items():  # a row per reference method and dataset
+            rows.update(_rows(ref, f" ({method})"))
         parts += [f"## {task}", "", sec.get("description", ""), "", table(rows, cols_of(sec)), ""]
         for fig in sec.get("figures", []):
             parts += [f"![{task}]({fig})", ""]
@@ -97,6 +106,8 @@ def plot_points(out_dir: str, section: dict) -> str:
     if len(section["datasets"]) > 1:
         ax.plot(ks, [section["mean"][f"miou@{k}"] for k in ks], "k--", marker="s", label="mean")
     ax.plot(ks, [section["mean"][f"miou_oracle@{k}"] for k in ks], ":", color="gray", label="oracle (mean)")
+    for name, ref in section.get("references", {}).items():  # reference methods: their mean over datasets
+        ax.plot(ks, [ref["mean"][f"miou@{k}"] for k in ks], "-.", marker="x", label=name)
     ax.set_xlabel("number of points")
     ax.set_ylabel("mIoU")
     ax.set_xticks(ks)

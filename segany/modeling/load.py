@@ -38,3 +38,14 @@ def load_model(
         model = instantiate(model_cfg, checkpoint=None, encoder_init=None, lora=None)  # LoRA weights come merged
     load_weights(model, ck.state_dict, ck.path)
     return model, ck.description
+
+
+def untrained_like(model, seed: int = 0):
+    """A freshly initialised Sam of `model`'s architecture (the SamConfig build_sam / assemble keep
+    as model.config: the checkpoint's stored or inferred one), seeded as load_model's untrained
+    baseline: for a model of config C, the weights load_model(None, <C's model config>, seed) gives."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ValueError(f"{type(model).__name__} carries no .config (built outside build_sam): no untrained twin")
+    torch.manual_seed(seed)
+    return assemble(cfg)
