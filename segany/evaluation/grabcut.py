@@ -4,8 +4,9 @@ the model (noc.object_ious: same clicker, objects, ignore region and IoU).
 
 After each click the label map given to ``cv2.grabCut(..., GC_INIT_WITH_MASK)`` is
 
-- the previous prediction as "probably foreground" (GC_PR_FGD), the rest "probably background"
-  (GC_PR_BGD); at click 1, or with ``init=none`` at every click, everything GC_PR_BGD;
+- everything "probably background" (GC_PR_BGD) with ``init=none``; with ``init=previous`` the
+  previous prediction "probably foreground" (GC_PR_FGD) and the rest GC_PR_BGD (at click 1: none);
+- a disk of ``prior_radius`` px around each positive click GC_PR_FGD (0: none);
 - a disk of ``radius`` px around each positive click sure foreground (GC_FGD), around each
   negative click sure background (GC_BGD), drawn in click order; the clicked pixels themselves
   last, so that every click's own label holds whatever the disks overlap;
@@ -14,12 +15,21 @@ then ``iterations`` rounds of GMM fitting and min-cut; the prediction is GC_FGD 
 GMMs' k-means is seeded (cv2.setRNGSeed) before every call: the numbers are reproducible. A map
 with fewer than 5 pixels on one side (cv2.grabCut's k-means needs 5 per GMM) is returned as it is.
 
-``init=previous`` is the default: it is the better of the two on DAVIS. From a blank map each
-click GrabCut keeps little more than the seed disks (the background GMM explains the object too).
+The defaults (init=none, prior_radius=25) are the best of those tried on DAVIS-345 (radius 5,
+5 iterations, 20 clicks). On 6 images (every 57th): init=none NoC@85/90 15.7/17.0, init=previous
+18.3/18.8 (the previous mask drifts: mIoU@20 0.40 against 0.81); prior_radius 0/25/40/60 with
+init=none NoC@85 15.7/14.3/16.3/16.5. On 35 images (every 10th; the command in
+experiments/evaluation.md, "Reference rows"):
 
-Reference (RITM Table 2, f-BRS Table 1, from Xu et al. 2016): Graph cut on the GrabCut set,
-NoC@85 7.98, NoC@90 10.00. Measured here on DAVIS-345 (20 clicks, radius 5, 5 iterations), see
-noc_grabcut_davis below the class. About 1-2 s per click on one core at 854x480.
+| prior_radius | NoC@80 | NoC@85 | NoC@90 | NoF@90 | mIoU@1 | mIoU@5 | mIoU@10 | mIoU@20 |
+|---|---|---|---|---|---|---|---|---|
+| 25 | 12.37 | 14.54 | 16.49 | 23 / 35 | 0.380 | 0.569 | 0.603 | 0.664 |
+| 0 | 13.57 | 14.91 | 17.17 | 24 / 35 | 0.075 | 0.517 | 0.636 | 0.670 |
+
+Without the prior, click 1 leaves little more than the seed disk (the background GMM, fitted to
+the whole image, explains the object too). Reference: Graph cut (Boykov & Jolly 2001) on the
+GrabCut set, NoC@85 7.98, NoC@90 10.00, as RITM's and f-BRS's tables give it. About 1-2 s per
+click on one core at 854x480.
 """
 
 from __future__ import annotations
