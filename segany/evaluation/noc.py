@@ -30,7 +30,7 @@ from segany.data.decode import decode_mask
 from segany.evaluation import report
 from segany.evaluation.clicks import Clicker
 from segany.evaluation.grabcut import GrabCutSegmenter
-from segany.evaluation.registry import ImageTask, register
+from segany.evaluation.registry import ImageTask, float_means, register, split_references
 from segany.evaluation.sources import EvalImage
 from segany.inference import SamPredictor
 
@@ -143,7 +143,7 @@ BASELINES = ("grabcut", "untrained")  # noc.baselines: the reference methods
 def _summary(per_dataset: dict) -> dict:
     """dataset -> metrics ==> {"datasets", "mean"}: floats averaged over datasets, counts summed."""
     first = next(iter(per_dataset.values()))
-    mean = {k: sum(d[k] for d in per_dataset.values()) / len(per_dataset) for k in first if isinstance(first[k], float)}
+    mean = float_means(per_dataset)
     mean.update({k: int(sum(d[k] for d in per_dataset.values())) for k in first if k.startswith(("NoF@", "num_"))})
     return {"datasets": per_dataset, "mean": mean}
 
@@ -153,7 +153,9 @@ class NocTask(ImageTask):
     """cfg.noc: max_clicks, iou_thresholds, baselines (grabcut: cfg.noc.grabcut; untrained: the
     model's architecture, freshly initialised); cfg.max_images bounds the images per dataset."""
 
-    references: dict = {}  # method -> {"datasets", "mean"}, set by report
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.references: dict = {}  # method -> {"datasets", "mean"}, set by report for figures
 
     def _settings(self) -> tuple:
         p = self.cfg.noc
@@ -197,9 +199,8 @@ class NocTask(ImageTask):
         return dict(out, references=refs) if refs else out
 
     def report(self, per_dataset: dict) -> dict:
-        model = {d: {k: v for k, v in m.items() if k != "references"} for d, m in per_dataset.items()}
-        names = list(next(iter(per_dataset.values())).get("references", {}))
-        self.references = {n: _summary({d: m["references"][n] for d, m in per_dataset.items()}) for n in names}
+        model, refs = split_references(per_dataset)
+        self.references = {n: _summary(r) for n, r in refs.items()}
         sec = super().report(model)
         sec["mean"] = _summary(model)["mean"]
         if self.references:

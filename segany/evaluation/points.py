@@ -8,7 +8,7 @@ import torch
 
 from segany.evaluation import report
 from segany.evaluation.protocol import AREA_BINS, ClickProtocol, interactive_eval, original_areas, summarize
-from segany.evaluation.registry import EvalTask, register
+from segany.evaluation.registry import EvalTask, register, split_references
 
 
 @torch.no_grad()
@@ -112,11 +112,7 @@ class PointsTask(EvalTask):
 
     def report(self, per_dataset: dict) -> dict:
         cfg = self.cfg
-        refs = {}  # name -> dataset -> metrics
-        for d, m in per_dataset.items():
-            for n, r in m.get("references", {}).items():
-                refs.setdefault(n, {})[d] = r
-        per_dataset = {d: {k: v for k, v in m.items() if k != "references"} for d, m in per_dataset.items()}
+        per_dataset, refs = split_references(per_dataset)  # refs: name -> dataset -> metrics
         sec = {
             "datasets": per_dataset,
             "mean": mean_over_datasets(per_dataset),

@@ -43,6 +43,23 @@ def task_names(cfg: DictConfig) -> list:
     return names
 
 
+def float_means(per_dataset: dict) -> dict:
+    """dataset -> metrics ==> the unweighted mean over datasets of each float metric."""
+    first = next(iter(per_dataset.values()))
+    return {k: sum(d[k] for d in per_dataset.values()) / len(per_dataset) for k in first if isinstance(first[k], float)}
+
+
+def split_references(per_dataset: dict) -> tuple:
+    """dataset -> metrics with an optional "references" entry (method -> metrics, from merge) ==>
+    (dataset -> the model's metrics, method -> dataset -> that method's metrics)."""
+    model = {d: {k: v for k, v in m.items() if k != "references"} for d, m in per_dataset.items()}
+    refs: dict = {}
+    for d, m in per_dataset.items():
+        for name, r in m.get("references", {}).items():
+            refs.setdefault(name, {})[d] = r
+    return model, refs
+
+
 class EvalTask:
     """One task on one model: part (a rank's share of a dataset) -> merge (the ranks' parts of a
     dataset -> its metrics) -> report (all datasets -> the task's section of metrics.json)."""
@@ -75,10 +92,7 @@ class EvalTask:
     def report(self, per_dataset: dict) -> dict:
         """dataset -> metrics ==> the task's section: datasets, mean (unweighted over datasets, of
         the float metrics), settings (cfg.<task>), description, figures (files in out_dir)."""
-        first = next(iter(per_dataset.values()))
-        mean = {
-            k: sum(d[k] for d in per_dataset.values()) / len(per_dataset) for k in first if isinstance(first[k], float)
-        }
+        mean = float_means(per_dataset)
         sec = {"datasets": per_dataset, "mean": mean, "settings": OmegaConf.to_container(self.cfg[self.name])}
         sec["description"] = self.description()
         figures = self.figures(sec)
