@@ -7,8 +7,11 @@ Only parameters that require gradients are grouped: with LoRA (segany.modeling.l
 the adapters, each in its block's layer (lora=qkv sets layer_decay 1: one lr for all), with
 weight decay (2-d), plus the unfrozen prompt encoder / mask decoder.
 
-Trap (NOTES.md): timm's ``param_groups_layer_decay`` only sets ``lr_scale``, which torch
-and Lightning schedulers ignore. Here every group gets ``lr = base_lr * scale`` written in
+AdamW with layer-wise lr decay is the SAM paper's recipe (Kirillov et al. 2023, appendix A);
+the groups follow MAE's ``util/lr_decay.py`` (no weight decay on 1-d parameters). Why the lr
+is written into each group: timm's ``param_groups_layer_decay`` (``timm/optim/_param_groups.py``) only sets
+``lr_scale``, which only timm's own schedulers apply (``timm/scheduler/scheduler.py``); torch
+and Lightning schedulers ignore it. Here every group gets ``lr = base_lr * scale`` written in
 (``lr_scale`` is kept for reference) and the scheduler is a LambdaLR, which multiplies each
 group's own initial lr.
 """
