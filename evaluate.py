@@ -4,7 +4,7 @@
     task=proposals  the mask generator as object proposals: mask AR@10/100/1000 (COCOeval)
     task=instances  masks from a detector's boxes + one refinement pass: mask AP (COCOeval)
     task=edges      edge maps from a 16x16 point grid: ODS / OIS / AP / R50 (the BSDS500 benchmark)
-    task=all        the four
+    task=all        the five: points, noc (RITM's NoC@85/90, mIoU@1..20), proposals, instances, edges
 
 each on one dataset (`data=...`; only its validation split is read) or a list (`datasets`,
 name -> datamodule config), per dataset and averaged; writes metrics.json, results.md and plots
