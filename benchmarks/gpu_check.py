@@ -24,8 +24,8 @@ MFU = model FLOPs / step time / the device's bf16 dense peak (HFU with the execu
 peak comes from a table by device name, else from a measured bf16 matmul.
 
 --size tiny: vit_tiny at 256 px, 2 masks x 2 rounds, the mask generator on an 8 x 8 grid, for
-the CPU (tests/test_gpu_check.py). On the CPU everything runs in fp32 (trainer.precision=32-true,
-module.sharding.param_dtype=null) and the peak is a measured fp32 matmul: CPUs without bf16
+the CPU (tests/test_gpu_check.py). On the CPU everything runs in fp32 (precision=fp32, which
+FSDP's param_dtype follows) and the peak is a measured fp32 matmul: CPUs without bf16
 instructions emulate bf16 (a tiny step took 80 s instead of well under 1 s).
 """
 
@@ -96,7 +96,7 @@ def recipe(experiment: str, model: str | None, pr: int, mr: int, cpu: bool):
     if fsdp:  # one rank, whatever the launcher's environment says
         over += ["trainer.strategy.data_parallel_size=1"]
     if cpu:
-        over += ["trainer.precision=32-true"] + (["module.sharding.param_dtype=null"] if fsdp else [])
+        over += ["precision=fp32"]  # FSDP's param_dtype follows it (configs/strategy/fsdp.yaml)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose("train", overrides=over)
 

@@ -60,7 +60,7 @@ def test_ddp_two_processes_bf16(tmp_path):
     _train(
         tmp_path,
         "strategy=ddp",
-        "trainer.precision=bf16-mixed",
+        "precision=bf16",
         "trainer.max_steps=2",
         "optim.fused=false",  # Lightning clips no fused-optimiser gradients under mixed precision
         "trainer.check_val_every_n_epoch=null",
@@ -98,7 +98,7 @@ def test_fsdp_two_processes_checkpoint_resume_export(tmp_path, param_dtype):
         "trainer.check_val_every_n_epoch=100",
         "strategy=fsdp",
         "trainer.strategy.data_parallel_size=2",
-        "trainer.precision=32-true",
+        "precision=fp32",
         f"module.sharding.param_dtype={param_dtype}",
         "module.sharding.activation_checkpointing=true",
     ]

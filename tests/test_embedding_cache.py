@@ -48,7 +48,7 @@ def test_cached_training_gives_the_same_loss_and_gradients(tiny, tmp_path):
     from disk) gives bit-identical loss and gradients to the plain frozen-encoder path."""
     batch = toy_batch(2, 2, 256, generator=torch.Generator().manual_seed(1))
     plain = _module(tiny)
-    cached = _module(tiny, EmbeddingCache(enabled=True, dir=str(tmp_path), dtype="float32"))
+    cached = _module(tiny, EmbeddingCache(enabled=True, dir=str(tmp_path), dtype="fp32"))
     loss0, g0 = _step(plain, batch)
     assert set(g0) and not any(n.startswith("image_encoder.") for n in g0)
     for expected_hits in (0, 2):
@@ -104,7 +104,7 @@ def test_a_changed_encoder_weight_or_img_size_misses_the_cache(tiny, tmp_path):
     assert len(_entries(tmp_path)) == 4
     # img_size, storage dtype and the data's JPEG decoding each give another namespace
     names = {first.namespace(tiny.image_encoder, 256), first.namespace(tiny.image_encoder, 512)}
-    f32 = EmbeddingCache(enabled=True, dir=str(tmp_path), dtype="float32")
+    f32 = EmbeddingCache(enabled=True, dir=str(tmp_path), dtype="fp32")
     names.add(f32.namespace(tiny.image_encoder, 256))
     full_jpeg = EmbeddingCache(enabled=True, dir=str(tmp_path))
     full_jpeg.data_settings = {"fast_jpeg": False}

@@ -208,7 +208,7 @@ def test_strategy_configs_compose_and_instantiate(monkeypatch):
     assert s._data_parallel_size == 256 and s._tensor_parallel_size == 1 and s._save_distributed_checkpoint
     cfg = instantiate(fsdp.module.sharding)
     assert isinstance(cfg, ShardingConfig)
-    assert cfg.param_dtype == "bfloat16" and cfg.reduce_dtype == "float32" and cfg.activation_checkpointing
+    assert cfg.param_dtype == "bf16" and cfg.reduce_dtype == "float32" and cfg.activation_checkpointing
     assert fsdp.trainer.max_steps == 90000  # the experiment is untouched
     s = instantiate(ddp.trainer.strategy)
     assert isinstance(s, DDPStrategy) and ddp.module.sharding is None

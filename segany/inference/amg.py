@@ -102,8 +102,9 @@ class SamAutomaticMaskGenerator:
       point_grids: explicit per-layer grids, each (P, 2) in [0, 1] xy.
       min_mask_region_area: if > 0, remove holes/islands smaller than this (OpenCV).
       output_mode: "binary_mask" | "uncompressed_rle" | "coco_rle" (pycocotools).
-      precision (keyword, segany only): "fp32" (the release's masks) or "bf16" (encoder and
-        decoder under torch.autocast to bfloat16, on the model's device type).
+      precision (keyword, segany only): "fp32" (the release's masks), "bf16" (encoder and
+        decoder under torch.autocast to bfloat16, on the model's device type) or "auto" (bf16
+        where the device has bf16 units).
     """
 
     def __init__(

@@ -14,8 +14,8 @@ import torch
 
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.transforms import ResizeLongestSide
+from segany.utils.precision import check_precision, resolve_precision
 
-PRECISIONS = ("fp32", "bf16")
 # work is cut into chunks of at most this many bytes (here: one (rows, hw, C) float32 decoder
 # activation; the mask generator: its upsampled logits). Small on purpose: buffers under the C
 # allocator's mmap threshold (32 MiB) are reused, larger ones are mapped and page-faulted afresh on
@@ -24,12 +24,10 @@ CHUNK_BYTES = 16 * 2**20
 
 
 def autocast_context(precision: str, device: torch.device) -> ContextManager:
-    """The compute precision of inference on ``device``: "fp32" (the release's numbers) or
-    "bf16" (``torch.autocast`` to bfloat16 on the device's own type, CPU or CUDA; weights and
-    outputs stay fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
+    """The compute precision of inference on ``device``: "fp32" (the release's numbers), "bf16"
+    (``torch.autocast`` to bfloat16 on the device's own type, CPU or CUDA; weights and outputs
+    stay fp32) or "auto" (bf16 where the device has bf16 units: segany/utils/precision.py)."""
+    if resolve_precision(precision, device) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
@@ -39,8 +37,9 @@ class SamPredictor:
 
     Arguments:
       sam_model: a ``Sam`` (``segany.build_sam(...)`` or the official one).
-      precision: "fp32" (default, the release's numbers) or "bf16" (encoder and decoder under
-        ``torch.autocast`` to bfloat16; every output stays float32).
+      precision: "fp32" (default, the release's numbers), "bf16" (encoder and decoder under
+        ``torch.autocast`` to bfloat16; every output stays float32) or "auto" (bf16 where the
+        device has bf16 units).
 
     ``set_torch_image`` also accepts a batch of B same-size images; ``predict_torch``
     then takes ``B*M`` prompt rows, rows ``b*M .. b*M+M-1`` belonging to image ``b``.
@@ -51,7 +50,7 @@ class SamPredictor:
     """
 
     def __init__(self, sam_model: Any, clip: Any = None, precision: str = "fp32") -> None:
-        autocast_context(precision, torch.device("cpu"))  # validates the spelling
+        check_precision(precision)
         self.model = sam_model
         self.clip = clip
         self.precision = precision

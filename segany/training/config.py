@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from segany.utils.precision import check_precision
+
 REQUIRED = ("model", "data", "trainer", "optim", "prompting", "loss", "module", "paths")
 
 
@@ -23,12 +25,13 @@ def check_train_config(cfg: DictConfig) -> None:
     p = cfg.prompting
     if p.get("resolution") not in ("low", "full"):
         raise ValueError(f"config: prompting.resolution={p.get('resolution')!r}, expected 'low' or 'full'")
+    check_precision(cfg.get("precision", "auto"))
     precision = str(cfg.trainer.get("precision"))
     mixed = "mixed" in precision or precision in ("16", "bf16")  # Lightning's aliases of *-mixed
     if cfg.optim.get("fused") and cfg.trainer.get("gradient_clip_val") and mixed:
         # Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimiser
         raise ValueError(
-            f"config: optim.fused=true cannot be combined with trainer.precision={precision} and "
+            f"config: optim.fused=true cannot be combined with precision={cfg.get('precision')} ({precision}) and "
             f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val}; set optim.fused=false"
         )
     img = cfg.data.get("img_size")

@@ -56,7 +56,7 @@ from segany.utils.io import atomic_torch_save, atomic_write_json
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the precision words (segany/utils/precision.py)
 
 
 def encoder_digest(encoder: nn.Module) -> str:
@@ -98,9 +98,9 @@ def same_image(a: Tensor, b: Tensor) -> bool:
 class EmbeddingCache:
     """``module.embedding_cache`` (configs/module/sam.yaml). enabled: off by default;
     dir: the cache root (shared by runs: each encoder / pre-processing has its own namespace
-    below it); dtype: "bfloat16" (default; 2 MB per image at 1024 px) or "float32"."""
+    below it); dtype: "bf16" (default; 2 MB per image at 1024 px) or "fp32"."""
 
-    def __init__(self, enabled: bool = False, dir: Optional[str] = None, dtype: str = "bfloat16"):
+    def __init__(self, enabled: bool = False, dir: Optional[str] = None, dtype: str = "bf16"):
         self.enabled = bool(enabled)
         if dtype not in DTYPES:
             raise ValueError(f"module.embedding_cache.dtype={dtype!r}: one of {list(DTYPES)}")

@@ -61,7 +61,7 @@ def _dtype(d: DType) -> Optional[torch.dtype]:
     name = aliases.get(str(d).lower(), str(d).lower()).removeprefix("torch.")
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {d!r} (use e.g. 'bfloat16', 'float32' or null)")
+        raise ValueError(f"unknown dtype {d!r} (use 'bf16', 'fp32' or null)")
     return dtype
 
 
@@ -69,7 +69,7 @@ def shard_sam(
     model: nn.Module,
     *,
     mesh=None,
-    param_dtype: DType = "bfloat16",
+    param_dtype: DType = "bf16",
     reduce_dtype: DType = "float32",
     cpu_offload: bool = False,
     activation_checkpointing: bool = False,
@@ -112,7 +112,7 @@ class ShardingConfig:
     """The `module.sharding` config node (configs/strategy/fsdp.yaml); `apply` is what
     `configure_model` calls with the strategy's data-parallel mesh."""
 
-    param_dtype: Optional[str] = "bfloat16"
+    param_dtype: Optional[str] = "bf16"
     reduce_dtype: Optional[str] = "float32"
     cpu_offload: bool = False
     activation_checkpointing: bool = False
