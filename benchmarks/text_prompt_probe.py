@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from segany.data.decode import decode_mask, decode_rgb  # noqa: E402
+from segany.data.decode import decode_image, decode_mask  # noqa: E402
 from segany.data.faults import FaultCounter  # noqa: E402
 from segany.data.formats import clip_sidecar  # noqa: E402
 from segany.data.streams.reader import read_pairs  # noqa: E402
@@ -45,7 +45,7 @@ def masks_of(shard: str, suffix: str):
         for a in json.loads(p.json)["annotations"]:
             if int(a["id"]) not in row:
                 continue
-            img = decode_rgb(p.image, f"{shard}:{p.key}") if img is None else img
+            img = decode_image(p.image, f"{shard}:{p.key}") if img is None else img
             order.append(row[int(a["id"])])
             colours.append(img[decode_mask(a["segmentation"])].mean(0) / 255.0)
             image.append(n)

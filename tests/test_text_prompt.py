@@ -167,12 +167,12 @@ def test_precompute_job_writes_aligned_resumable_sidecars(scenes, tmp_path, clip
     ids, emb, meta = clip_sidecar.read(clip_sidecar.sidecar_path(str(root / first.name)))
     assert meta["min_area"] == 200 and meta["scale"] == [1.0, 2.0] and emb.shape[1] == 32
     # every mask with area >= 200 px, in order, and nothing else
-    from segany.data.decode import decode_mask, decode_rgb
+    from segany.data.decode import decode_image, decode_mask
 
     expected, crops = [], []
     rng = np.random.default_rng([0, zlib.crc32(first.name.encode())])
     for item in first.items():
-        image = decode_rgb(item.data, "t")
+        image = decode_image(item.data, "t")
         for a in item.meta["annotations"]:
             m = decode_mask(a["segmentation"])
             if m.sum() >= 200:

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from segany.data.decode import decode_rgb
+from segany.data.decode import decode_image
 from segany.engine.cli import load as load_engine_model
 from segany.engine.sources import plan_jobs
 from segany.inference import SamPredictor
@@ -85,7 +85,7 @@ class Images:
             item = next(islice(items, e.pos, None))
         finally:
             items.close()
-        value = (item, decode_rgb(item.data, f"{e.job.name}:{item.key}"))
+        value = (item, decode_image(item.data, f"{e.job.name}:{item.key}"))
         with self._lock:
             self._cache[i] = value
             while len(self._cache) > self._size:

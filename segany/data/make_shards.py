@@ -91,10 +91,10 @@ def _shard_image(data: bytes, h: int, w: int) -> tuple[str, bytes]:
     import cv2
     import numpy as np
 
+    from segany.data.decode import decode_image
     from segany.data.faults import SampleFault
-    from segany.data.transforms import decode_image
 
-    img = decode_image(data, h, w)  # the check training makes (bad_image when not h x w)
+    img = decode_image(data, bgr=True, size=(h, w))  # the check training makes (bad_image when not h x w)
     if data[:2] == b"\xff\xd8":
         return "jpg", data
     if data[:8] == b"\x89PNG\r\n\x1a\n":

@@ -30,9 +30,10 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from segany.data.decode import decode_image
 from segany.data.faults import SampleFault
 from segany.data.formats import rle
-from segany.data.transforms import decode_image, flip_boxes, lowres, normalize_pad, place_masks, plan, warp_image
+from segany.data.transforms import flip_boxes, lowres, normalize_pad, place_masks, plan, warp_image
 
 
 @dataclass
@@ -114,7 +115,8 @@ def make_sample(rec: Record, cfg: SampleConfig, rng: np.random.Generator) -> dic
         cand = np.sort(rng.choice(cand, cfg.max_masks, replace=False))
     geom = plan(rec.height, rec.width, cfg.img_size, rng, cfg.jitter, cfg.flip)
     data = rec.image() if callable(rec.image) else rec.image
-    img = decode_image(data, rec.height, rec.width, (geom.nh, geom.nw) if cfg.fast_jpeg else None)
+    need = (geom.nh, geom.nw) if cfg.fast_jpeg else None
+    img = decode_image(data, bgr=True, size=(rec.height, rec.width), need=need)
     rs = rle.resample(parsed, cand, rec.height, rec.width, geom.rows, geom.cols)
     kept = np.flatnonzero(rs.area > 0)
     if len(kept) == 0 and cfg.jitter is not None:  # the crop lost every mask: use the whole image

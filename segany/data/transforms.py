@@ -9,13 +9,11 @@ source pixel; boxes are computed from the transformed masks, so they are exact.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from segany.data.faults import SampleFault
 from segany.data.formats.rle import sample_grid
 from segany.modeling.constants import PIXEL_MEAN, PIXEL_STD
 from segany.modeling.transforms import get_preprocess_shape
@@ -63,44 +61,6 @@ def plan(h: int, w: int, size: int, rng: np.random.Generator, jitter=None, flip_
         x0 = int(rng.integers(0, max(nw - size, 0) + 1))
     flip = bool(flip_prob > 0 and rng.random() < flip_prob)
     return Geometry(h, w, nh, nw, y0, x0, min(size, nh - y0), min(size, nw - x0), flip, size)
-
-
-def _jpeg_complete(data: bytes) -> bool:
-    # A JPEG ends with the EOI marker FFD9, which cannot occur inside entropy-coded data.
-    return data.rfind(b"\xff\xd9", max(2, len(data) - 4096)) != -1
-
-
-_REDUCED = {
-    1: cv2.IMREAD_COLOR,
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
-}
-
-
-def decode_image(data: bytes, h: int, w: int, need: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode to (h', w', 3) uint8 BGR, pixels as stored (EXIF orientation ignored).
-    need=(nh, nw): a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling,
-    several times faster) as long as it stays at least that large."""
-    if not data:
-        raise SampleFault("bad_image", "empty image file")
-    is_jpeg = data[:2] == b"\xff\xd8"
-    if is_jpeg and not _jpeg_complete(data):
-        raise SampleFault("bad_image", "truncated JPEG (no end-of-image marker)")
-    f = 1
-    if is_jpeg and need is not None:
-        for cand in (8, 4, 2):
-            if math.ceil(h / cand) >= need[0] and math.ceil(w / cand) >= need[1]:
-                f = cand
-                break
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[f] | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None:
-        raise SampleFault("bad_image", "image does not decode")
-    if img.shape[:2] != (math.ceil(h / f), math.ceil(w / f)):
-        raise SampleFault(
-            "bad_image", f"image is {img.shape[0] * f}x{img.shape[1] * f} (scale 1/{f}), annotations say {h}x{w}"
-        )
-    return img
 
 
 def warp_image(img: np.ndarray, g: Geometry) -> np.ndarray:

@@ -31,7 +31,7 @@ import zlib
 import numpy as np
 
 from segany.data.clip_crops import PAPER_MIN_AREA, PAPER_P_ZERO_BACKGROUND, PAPER_SCALE, sample_crop
-from segany.data.decode import decode_mask, decode_rgb
+from segany.data.decode import decode_image, decode_mask
 from segany.data.formats import clip_sidecar
 from segany.engine.run import run_jobs
 from segany.engine.sources import plan_jobs
@@ -53,7 +53,7 @@ def shard_embeddings(job, clip, *, min_area: int, scale, p_zero_background: floa
             if int(mask.sum()) < min_area:
                 continue
             if image is None:
-                image = decode_rgb(item.data, f"{job.name}:{item.key}")
+                image = decode_image(item.data, f"{job.name}:{item.key}")
             crops.append(sample_crop(image, mask, rng, scale, p_zero_background))
             ids.append(int(ann["id"]))
             if len(crops) == batch_size:

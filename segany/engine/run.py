@@ -14,7 +14,7 @@ from typing import Callable
 
 from webdataset import TarWriter
 
-from segany.data.decode import decode_rgb
+from segany.data.decode import decode_image
 from segany.data.formats.sa1b import image_json
 from segany.utils.io import TMP_MARK, atomic_write
 
@@ -28,7 +28,7 @@ def write_shard(job, annotate: Callable, path: str) -> dict:
     with atomic_write(path, "wb") as f:
         writer = TarWriter(f, mtime=1.0)
         for item in job.items():
-            image = decode_rgb(item.data, f"{job.name}:{item.key}")
+            image = decode_image(item.data, f"{job.name}:{item.key}")
             anns = annotate(image, item.image_id, item.meta)
             stats["images"] += 1
             if not anns:

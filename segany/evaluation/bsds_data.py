@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from segany.data.decode import decode_rgb, numeric_id
+from segany.data.decode import decode_image, numeric_id
 from segany.evaluation.sources import EvalImage
 
 
@@ -74,7 +74,7 @@ class BSDS500:
         for i in ids:
             path = os.path.join(self.image_dir, f"{i}.jpg")
             with open(path, "rb") as f:
-                image = decode_rgb(f.read(), path)
+                image = decode_image(f.read(), path)
             gt_path = os.path.join(self.gt_dir, f"{i}.mat")
             gts = load_bsds_ground_truth(gt_path)
             if any(g.shape != image.shape[:2] for g in gts):

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pycocotools import mask as mask_utils
 
-from segany.data.decode import decode_rgb, numeric_id
+from segany.data.decode import decode_image, numeric_id
 
 log = logging.getLogger("evaluate")
 
@@ -139,7 +139,7 @@ def eval_images(
         if limit is not None and n >= limit:
             return
         data = rec.image() if callable(rec.image) else rec.image
-        image = decode_rgb(data, f"{rec.source}:{rec.key}")
+        image = decode_image(data, f"{rec.source}:{rec.key}")
         if image.shape[:2] != (rec.height, rec.width):
             raise ValueError(
                 f"{rec.source}:{rec.key}: image is {image.shape[:2]}, annotations say {(rec.height, rec.width)}"
