@@ -7,7 +7,7 @@ padded, collated) in the main process with one thread: that is one worker on one
 
     python benchmarks/data_throughput.py [--images 40] [--lowres] [--jitter] [--workers 0]
 
-Goal (issue 3): >= 4 images/s per core; ViT-H training consumes ~0.4 images/s per GPU.
+Target: >= 4 images/s per core; ViT-H training consumes ~0.4 images/s per GPU.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> None:
         f"{masks / (n - n0):.1f} masks/image sampled, 1024 output, lowres={args.lowres}, jitter={args.jitter}"
     )
     if args.workers == 0:  # wall time counts other processes' load on a shared machine; CPU time does not
-        print(f"{(n - n0) / cpu:.2f} images per CPU-second of this process (load average {os.getloadavg()[0]:.1f})")
+        print(f"{(n - n0) / cpu:.2f} images per CPU-second of this process")
 
 
 if __name__ == "__main__":

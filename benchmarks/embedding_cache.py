@@ -1,7 +1,7 @@
 """Frozen-encoder fine-tuning steps/s: embeddings from the cache vs the encoder recomputed every step.
 
     python benchmarks/embedding_cache.py                                   # vit_b, 1024 px, 64 masks, 11 rounds
-    python benchmarks/embedding_cache.py --masks 4 --rounds 3 --steps 3    # the CPU figure in README.md
+    python benchmarks/embedding_cache.py --masks 4 --rounds 3 --steps 3    # the CPU figure in experiments/speed.md
 
 Two SamModules with the same weights, ``freeze_image_encoder=True``, one with
 ``embedding_cache`` on (bf16 entries in a temporary folder, filled by an untimed first step),

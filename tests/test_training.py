@@ -378,7 +378,7 @@ def test_a_batch_without_valid_masks_gives_zero_loss_and_gradient(tiny):
     assert all(g is not None and (g == 0).all() for g in dec)
 
 
-# ---------------------------------------------------------------- full-resolution targets (issue 15)
+# ---------------------------------------------------------------- full-resolution targets
 def test_a_2px_line_at_1024_has_a_target_and_the_right_iou_target():
     """At 1024 px a 2 px wide line vanishes from the S/4 target (the old default taught "predict
     nothing" for a prompt on it); at full resolution the target is the line itself, and the IoU
