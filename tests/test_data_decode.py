@@ -5,8 +5,9 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 
-from segany.data.decode import decode_image
+from segany.data.decode import decode_image, decode_mask
 from segany.data.faults import SampleFault
 
 
@@ -73,3 +74,36 @@ def test_every_failure_is_a_bad_image_fault_naming_the_file(picture, data, size,
     assert e.value.kind == "bad_image"
     with pytest.raises(SampleFault, match=f"^bad_image: {why}"):  # no place given: the reason alone
         decode_image(data, size=size, need=need)
+
+
+# ------------------------------------------------------------------ masks
+
+
+def masks_to_check():
+    rng = np.random.default_rng(1)
+    masks = rng.random((5, 23, 31)) < rng.random((5, 1, 1))
+    masks[0], masks[1] = False, True  # empty, full
+    return masks
+
+
+def test_compressed_and_uncompressed_rle_decode_to_the_mask():
+    for m in masks_to_check():
+        enc = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))  # counts: bytes
+        flat = m.T.reshape(-1)  # column-major, as COCO
+        edges = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1], True])
+        runs = np.diff(edges).tolist()
+        runs = [0] + runs if flat[0] else runs  # runs start with the background
+        for seg in (enc, {"size": enc["size"], "counts": enc["counts"].decode()}, {"size": [23, 31], "counts": runs}):
+            got = decode_mask(seg)
+            assert got.dtype == bool and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, m)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [[10, 5], [700, 5, 9], [-3, 716], "", "0`0", b"\x7f\x7f"],
+    ids=["short", "long", "negative", "empty", "ends-inside-a-value", "not-rle-characters"],
+)
+def test_an_invalid_rle_is_a_bad_json_fault_naming_the_annotation(counts):
+    with pytest.raises(SampleFault, match=r"bad_json: val.json:ann 4: invalid RLE \(counts do not decode to 23x31"):
+        decode_mask({"size": [23, 31], "counts": counts}, "val.json:ann 4")

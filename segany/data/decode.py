@@ -13,6 +13,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from segany.data.faults import SampleFault
+from segany.data.formats import rle
 
 
 def numeric_id(key: str) -> int:
@@ -75,9 +76,24 @@ def decode_image(
     return img if bgr else np.ascontiguousarray(img[..., ::-1])
 
 
-def decode_mask(seg: dict) -> np.ndarray:
-    """COCO RLE (str or bytes counts) -> (H, W) bool."""
+def decode_mask(seg: dict, where: str = "") -> np.ndarray:
+    """COCO RLE -> (H, W) bool, C-contiguous: compressed (``counts`` a str or bytes, as json files
+    hold it) or uncompressed (a list of run lengths, as the mask generator makes), decoded by
+    pycocotools. Checked first, because pycocotools trusts its input (runs summing to less than
+    H*W leave uninitialised memory): negative runs, or runs that do not sum to H*W, are a
+    SampleFault("bad_json", "<where>: invalid RLE ..."), as in the training data. (The training
+    data itself never decodes a full-size mask: formats/rle.py samples masks at the output size.)"""
+    h, w = (int(v) for v in seg["size"])
     counts = seg["counts"]
-    return mask_utils.decode(
-        {"size": list(seg["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
-    ).astype(bool)
+    if isinstance(counts, (str, bytes)):
+        ok = bool(rle.parse([counts], [h], [w]).valid[0])
+        enc = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
+    else:
+        runs = np.asarray(counts, np.int64)
+        ok = runs.ndim == 1 and bool((runs >= 0).all()) and int(runs.sum()) == h * w
+        enc = mask_utils.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w) if ok else None
+    if not ok:
+        where = f"{where}: " if where else ""
+        raise SampleFault("bad_json", f"{where}invalid RLE (counts do not decode to {h}x{w} pixels)")
+    fortran = mask_utils.decode(enc)  # (H, W) uint8 0/1, column-major
+    return cv2.transpose(fortran.T).view(bool)  # row-major; cv2's blocked transpose is ~2x numpy's copy

@@ -40,7 +40,6 @@ from segany.inference.amg_utils import (
     is_box_near_crop_edge,
     mask_to_rle_pytorch,
     remove_small_regions,
-    rle_to_mask,
     uncrop_boxes_xyxy,
     uncrop_masks,
     uncrop_points,
@@ -176,7 +175,9 @@ class SamAutomaticMaskGenerator:
         if self.output_mode == "coco_rle":
             segmentations = [coco_encode_rle(r) for r in props.rles]
         elif self.output_mode == "binary_mask":
-            segmentations = [rle_to_mask(r) for r in props.rles]
+            from segany.data.decode import decode_mask  # segany.data pulls in Lightning: only when used
+
+            segmentations = [decode_mask(r) for r in props.rles]
         else:
             segmentations = props.rles
 
@@ -316,9 +317,11 @@ class SamAutomaticMaskGenerator:
         preferring masks that needed no change."""
         if len(props) == 0:
             return props
+        from segany.data.decode import decode_mask  # segany.data pulls in Lightning: only when used
+
         cleaned, unchanged = [], []
         for rle in props.rles:
-            mask, filled = remove_small_regions(rle_to_mask(rle), min_area, mode="holes")
+            mask, filled = remove_small_regions(decode_mask(rle), min_area, mode="holes")
             mask, removed = remove_small_regions(mask, min_area, mode="islands")
             cleaned.append(mask)
             unchanged.append(not (filled or removed))

@@ -1,5 +1,5 @@
 """Helpers for automatic mask generation: point grids, crop boxes, stability
-score, mask <-> RLE conversion and box utilities.
+score, mask -> RLE encoding (the decode is segany.data.decode.decode_mask) and box utilities.
 
 Formats follow the official ``segment_anything`` package so that the outputs of
 :class:`segany.inference.SamAutomaticMaskGenerator` are interchangeable with it:
@@ -213,17 +213,6 @@ def mask_to_rle_pytorch(masks: torch.Tensor) -> List[Rle]:
             counts.insert(0, 0)  # RLE starts with a (here empty) run of zeros
         out.append({"size": [h, w], "counts": counts})
     return out
-
-
-def rle_to_mask(rle: Rle) -> np.ndarray:
-    """Decode an uncompressed RLE into a C-contiguous (H, W) bool array."""
-    h, w = rle["size"]
-    counts = np.asarray(rle["counts"], dtype=np.int64)
-    values = (np.arange(len(counts)) % 2).astype(bool)  # runs alternate 0, 1, 0, ...
-    flat = np.repeat(values, counts)
-    if flat.size != h * w:
-        raise ValueError(f"RLE counts sum to {flat.size}, expected {h * w}")
-    return np.ascontiguousarray(flat.reshape(w, h).T)
 
 
 def area_from_rle(rle: Rle) -> int:

@@ -6,7 +6,9 @@ resolution, which at SA-1B size (1500x2250, 64 masks) costs ~200 ms of page faul
 byte loops. Here the compressed strings of all annotations of an image are parsed at
 once with numpy, every RLE is checked (sum of runs == h*w, no negative run), and only
 the sampled masks are decoded, directly at the output resolution (nearest sampling at
-pixel centres), without materialising the full-size masks.
+pixel centres), without materialising the full-size masks. Where a full-size mask is wanted
+(evaluation, the data engine, the mask generator), `segany.data.decode.decode_mask` decodes with
+pycocotools after this module's check.
 
 RLE recap (COCO): a mask is flattened column-major (Fortran order); counts alternate
 background/foreground run lengths starting with background. The compressed string
