@@ -117,7 +117,7 @@ def time_step(
     """One training step's phases: seconds (a timed step), and FLOPs (``flops_*``, a second step
     run under ``FlopCounterMode``: the same shapes; the backward of the rounds counts their
     recomputed forward). precision "bf16" = ``torch.autocast(bfloat16)`` on the device, as
-    ``trainer.precision=bf16-mixed``; "fp32" = no autocast."""
+    ``precision=bf16`` in training; "fp32" = no autocast."""
     torch.manual_seed(0)
     model = segany.build_sam(variant, img_size=img_size).to(device)
     batch = toy_batch(1, masks, img_size, device=device)

@@ -18,8 +18,8 @@ from helpers import compose
 
 import segany
 from segany.modeling.build import VARIANTS
-from segany.modeling.infer import infer_architecture
-from segany.modeling.load import load_model
+from segany.modeling.checkpoint import load_model
+from segany.modeling.checkpoint.infer import infer_architecture
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM = dict(img_size=128, embed_dim=64, depth=3, num_heads=2, global_attn_indexes=(1,), window_size=4)
@@ -148,7 +148,7 @@ def _direct(tmp_path, ckpt, root, seed, out):
     import evaluate as evaluate_script
 
     cfg = compose(
-        f"ckpt_path={ckpt}",
+        f"checkpoint={ckpt}",
         f"output_dir={out}",
         f"data.root={root}",
         f"data.data_seed={seed}",
@@ -156,20 +156,20 @@ def _direct(tmp_path, ckpt, root, seed, out):
         "data.num_workers=0",
         "data.batch_size=2",
         "max_batches=1",
-        "clicks=[1,3]",
+        "points.clicks=[1,3]",
         name="evaluate",
     )
     return evaluate_script.evaluate(cfg)["points"]["datasets"]["synthetic"]
 
 
-@pytest.mark.slow  # a 2-step run and 6 evaluations: ~25 s alone, over a minute on the shared 2-core machine
+@pytest.mark.slow  # a 2-step run and 6 evaluations: ~25 s on 2 CPU cores
 def test_forgetting_table_equals_direct_evaluation(tmp_path):
     """A 2-step fine-tuning run from a non-standard .ckpt: the before/after table (target and
     general side by side) holds evaluate.py's figures on the start and the final checkpoint."""
     import train
 
-    # one thread: multi-threaded CPU kernels may sum in a different order from call to call on a
-    # loaded machine, and a logit flipping sign at a mask border moves the next click
+    # one thread: multi-threaded CPU kernels may sum in a different order from call to call
+    # (thread scheduling), and a logit flipping sign at a mask border moves the next click
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -207,7 +207,7 @@ def _forgetting_run(tmp_path, train):
         *[f"callbacks.forgetting.datasets.general.{o.split('.', 1)[1]}" for o in SYN],
         "callbacks.forgetting.datasets.general.batch_size=2",
         "callbacks.forgetting.max_batches=1",
-        "callbacks.forgetting.settings={clicks: [1, 3]}",
+        "callbacks.forgetting.settings={points: {clicks: [1, 3]}}",
         "callbacks.forgetting.metrics=[points/miou@1,points/miou@3]",
     )
     train.train(cfg)

@@ -291,7 +291,7 @@ def test_text_model_exports_and_its_other_prompts_match_the_official_package(tmp
         "prompt_encoder.text_proj.2.bias",
         "prompt_encoder.text_proj.2.weight",
     ]
-    # the official package: load without the text keys (documented in docs/text_prompt.md)
+    # the official package: load without the text keys (documented in experiments/text_prompt.md)
     official = build_official_tiny_sam(seed=9)
     official.load_state_dict({k: v for k, v in sd.items() if k not in extra}, strict=True)
     image = make_test_image()
