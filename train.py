@@ -26,7 +26,8 @@ from segany.modeling.checkpoint import architecture
 from segany.training.checkpointing import resolve_checkpoint
 from segany.training.config import check_train_config
 from segany.utils.cli import check_overrides
-from segany.utils.config import launcher_layout, register_resolvers
+from segany.utils.config import register_resolvers
+from segany.utils.dist import launcher
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -113,7 +114,7 @@ def apply_global_batch(cfg: DictConfig, trainer: pl.Trainer) -> None:
             )
     trainer.accumulate_grad_batches = acc
     if getattr(trainer, "global_rank", 0) == 0:
-        layout = launcher_layout()
+        launch = launcher()
         log.info(
             "global batch %d = %d per rank x %d ranks x %d accumulated (%s nodes x %s devices, %s)",
             bs * trainer.world_size * acc,
@@ -122,7 +123,7 @@ def apply_global_batch(cfg: DictConfig, trainer: pl.Trainer) -> None:
             acc,
             getattr(trainer, "num_nodes", "?"),
             getattr(trainer, "num_devices", "?"),
-            f"from {layout[0]}" if layout else "no launcher",
+            f"from {launch.launcher}" if launch else "no launcher",
         )
 
 

@@ -9,7 +9,8 @@ from helpers import compose
 from hydra.utils import instantiate
 
 import train
-from segany.utils.config import launcher_layout, register_resolvers
+from segany.utils.config import register_resolvers
+from segany.utils.dist import Launch, launcher, topology
 
 ROOT = Path(__file__).resolve().parents[1]
 register_resolvers()
@@ -70,7 +71,7 @@ def make_trainer(cfg, tmp_path):
 
 
 def test_no_launcher_keeps_lightning_defaults(no_launcher):
-    assert launcher_layout() is None
+    assert launcher() is None and topology() == (0, 1)
     cfg = trainer_node()
     assert cfg.trainer.devices == "auto" and cfg.trainer.num_nodes == 1
     demo = compose()  # trainer=cpu
@@ -79,6 +80,8 @@ def test_no_launcher_keeps_lightning_defaults(no_launcher):
     no_launcher.setenv("SLURM_NTASKS_PER_NODE", "8")
     no_launcher.setenv("SLURM_JOB_NAME", "interactive")
     assert trainer_node().trainer.devices == "auto"
+    no_launcher.setenv("SLURM_PROCID", "5")
+    assert launcher() is None and topology() == (0, 1)  # the data and the evaluation ignore it too
 
 
 @pytest.mark.parametrize("nodes,per_node,world,acc", [(4, 8, 32, 8), (1, 8, 8, 32), (2, 4, 8, 32), (32, 8, 256, 1)])
@@ -89,13 +92,14 @@ def test_slurm_allocation_sets_devices_and_nodes(no_launcher, tmp_path, nodes, p
     trainer = make_trainer(cfg, tmp_path)  # Lightning: devices == SLURM_NTASKS_PER_NODE, num_nodes == SLURM_NNODES
     assert type(trainer.strategy.cluster_environment).__name__ == "SLURMEnvironment"
     assert trainer.world_size == world == nodes * per_node
+    assert topology() == (0, world)  # the data shards and the evaluation follow the same launcher
     train.apply_global_batch(cfg, trainer)
     assert trainer.accumulate_grad_batches == acc and world * acc == 256
 
 
 def test_slurm_ntasks_only_and_cpu_trainer(no_launcher, tmp_path):
     slurm(no_launcher, 1, 2, ntasks_per_node_var=False)  # sbatch --ntasks=2 on one node
-    assert launcher_layout() == ("slurm", 2, 1)
+    assert launcher() == Launch("slurm", 0, 2, per_node=2, nodes=1)
     slurm(no_launcher, 2, 3)
     demo = compose()  # the CPU trainer follows srun too
     assert (demo.trainer.devices, demo.trainer.num_nodes) == (3, 2)
@@ -111,6 +115,7 @@ def test_torchrun_sets_devices_and_nodes(no_launcher, tmp_path, nodes, per_node,
     trainer = make_trainer(cfg, tmp_path)  # Lightning: devices x num_nodes == WORLD_SIZE
     assert type(trainer.strategy.cluster_environment).__name__ == "TorchElasticEnvironment"
     assert trainer.world_size == nodes * per_node
+    assert topology() == (0, nodes * per_node)
     if acc is None:  # 2 per rank x 6 ranks = 12 does not divide 64
         with pytest.raises(ValueError, match="global_batch=64 cannot be met.*world size 6 = 12"):
             train.apply_global_batch(cfg, trainer)
@@ -123,7 +128,7 @@ def test_torchrun_uneven_world_fails(no_launcher):
     torchrun(no_launcher, 1, 4)
     no_launcher.setenv("WORLD_SIZE", "6")
     with pytest.raises(ValueError, match="WORLD_SIZE=6 is not a multiple of LOCAL_WORLD_SIZE=4"):
-        launcher_layout()
+        launcher()
 
 
 def test_global_batch_logged_once_by_rank_zero(no_launcher, tmp_path, caplog):

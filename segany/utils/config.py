@@ -4,10 +4,10 @@ the trainer's devices / nodes from the launcher that started the job."""
 from __future__ import annotations
 
 import os
-import re
-from typing import Optional
 
 from omegaconf import OmegaConf
+
+from segany.utils.dist import launcher
 
 
 def slurm_suffix() -> str:
@@ -71,50 +71,27 @@ def output_dir(default: str) -> str:
     return default
 
 
-def launcher_layout() -> Optional[tuple[str, int, int]]:
-    """(launcher, processes per node, nodes) of the launcher that started this process, else None.
-    Detected as Lightning detects it, so that the counts pass its checks: torchrun first
-    (TORCHELASTIC_RUN_ID; LOCAL_WORLD_SIZE per node, WORLD_SIZE / LOCAL_WORLD_SIZE nodes; Lightning
-    checks devices x num_nodes == WORLD_SIZE), then SLURM (SLURM_NTASKS set and the job not named
-    bash / interactive; SLURM_NTASKS_PER_NODE, else SLURM_NTASKS / nodes, per node; SLURM_NNODES or
-    SLURM_JOB_NUM_NODES nodes; Lightning checks devices == SLURM_NTASKS_PER_NODE and num_nodes ==
-    SLURM_NNODES). One process per device: the counts are Lightning's `devices` and `num_nodes`."""
-    env = os.environ
-    if env.get("TORCHELASTIC_RUN_ID") is not None and "LOCAL_WORLD_SIZE" in env:
-        local, world = int(env["LOCAL_WORLD_SIZE"]), int(env.get("WORLD_SIZE", env["LOCAL_WORLD_SIZE"]))
-        if local < 1 or world % local:
-            raise ValueError(f"torchrun: WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}")
-        return "torchrun", local, world // local
-    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        nodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
-        per_node = env.get("SLURM_NTASKS_PER_NODE")
-        if per_node:  # "8", or "8(x4)" for 4 nodes of 8 tasks
-            m = re.match(r"\d+", per_node)
-            if m is None:
-                raise ValueError(f"SLURM_NTASKS_PER_NODE={per_node!r}: expected a number of tasks")
-            return "slurm", int(m.group()), nodes
-        ntasks = int(env["SLURM_NTASKS"])
-        if ntasks % nodes:
-            raise ValueError(f"SLURM: {ntasks} tasks do not split evenly over {nodes} nodes; set --ntasks-per-node")
-        return "slurm", ntasks // nodes, nodes
-    return None
-
-
 def launcher_devices(default="auto"):
-    """``trainer.devices``: processes per node of the launcher (launcher_layout), else `default`."""
-    layout = launcher_layout()
-    return default if layout is None else layout[1]
+    """``trainer.devices``: processes per node of the launcher (segany.utils.dist.launcher), else `default`."""
+    launch = launcher()
+    return default if launch is None or launch.per_node is None else launch.per_node
 
 
 def launcher_num_nodes(default=1):
-    """``trainer.num_nodes``: nodes of the launcher (launcher_layout), else `default`."""
-    layout = launcher_layout()
-    return default if layout is None else layout[2]
+    """``trainer.num_nodes``: nodes of the launcher (segany.utils.dist.launcher), else `default`."""
+    launch = launcher()
+    return default if launch is None or launch.nodes is None else launch.nodes
+
+
+def launcher_world_size(default=1):
+    """``trainer.strategy.data_parallel_size`` under FSDP: the launcher's world size, else `default`."""
+    launch = launcher()
+    return default if launch is None else launch.world_size
 
 
 def register_resolvers() -> None:
     """${slurm_suffix:}, ${sweep_job:}, ${run_name:<name>}, ${output_dir:<default>},
-    ${launcher_devices:<default>}, ${launcher_num_nodes:<default>} (see above)."""
+    ${launcher_devices:<default>}, ${launcher_num_nodes:<default>}, ${launcher_world_size:<default>} (see above)."""
     for key, fn in (
         ("slurm_suffix", slurm_suffix),
         ("sweep_job", sweep_job),
@@ -122,6 +99,7 @@ def register_resolvers() -> None:
         ("output_dir", output_dir),
         ("launcher_devices", launcher_devices),
         ("launcher_num_nodes", launcher_num_nodes),
+        ("launcher_world_size", launcher_world_size),
     ):
         if not OmegaConf.has_resolver(key):
             OmegaConf.register_new_resolver(key, fn)
