@@ -175,6 +175,27 @@ def test_subpixel_upscaling_equals_the_convolutions():
 
 
 @torch.no_grad()
+def test_timm_layernorm2d_is_the_releases():
+    """timm.layers.LayerNorm2d (the prompt encoder's and the mask decoder's) is the release's
+    LayerNorm2d: the same keys, eps 1e-6, the same values also where eps matters (channel
+    variance ~1e-6: eps 1e-5 would be off by ~40%)."""
+    from segment_anything.modeling.common import LayerNorm2d as ReleaseLayerNorm2d
+    from timm.layers import LayerNorm2d
+
+    ours, ref = LayerNorm2d(16).double(), ReleaseLayerNorm2d(16).double()
+    assert ours.eps == ref.eps == 1e-6
+    assert list(ours.state_dict()) == list(ref.state_dict()) == ["weight", "bias"]
+    g = torch.Generator().manual_seed(0)
+    ref.weight.copy_(torch.randn(16, generator=g, dtype=torch.float64))
+    ref.bias.copy_(torch.randn(16, generator=g, dtype=torch.float64))
+    ours.load_state_dict(ref.state_dict())
+    for scale in (3.0, 1e-3):
+        x = torch.randn(2, 16, 5, 7, generator=g, dtype=torch.float64) * scale + 1
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-10, atol=1e-10)
+    assert isinstance(build_sam("vit_tiny").prompt_encoder.mask_downscaling[1], LayerNorm2d)
+
+
+@torch.no_grad()
 def test_batched_decoder_equals_per_image(pair):
     """2 images x 5 prompts in one call == each image decoded alone by the release's decoder."""
     official, ours, _ = pair

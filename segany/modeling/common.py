@@ -1,24 +1,12 @@
-"""Small building blocks shared by the prompt encoder and the mask decoder."""
+"""Small building blocks of the two-way transformer and the mask decoder. (The LayerNorm2d of the
+prompt encoder and the mask decoder is timm's `timm.layers.LayerNorm2d`: the release's function,
+with its eps 1e-6 and its `weight` / `bias` keys.)"""
 
 from typing import Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel dimension of a (B, C, H, W) tensor."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
 
 
 class MLPBlock(nn.Module):

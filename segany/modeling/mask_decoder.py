@@ -19,8 +19,9 @@ from typing import Callable, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 
-from segany.modeling.common import MLP, LayerNorm2d
+from segany.modeling.common import MLP
 
 
 class MaskDecoder(nn.Module):

@@ -28,8 +28,8 @@ from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+from timm.layers import LayerNorm2d
 
-from segany.modeling.common import LayerNorm2d
 from segany.modeling.constants import BOX_BR, BOX_TL, PAD, TEXT
 
 TEXT_KEYS = ("prompt_encoder.text_proj.", "prompt_encoder.text_embed.")  # the text token's weights in a Sam
