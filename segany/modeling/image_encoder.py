@@ -3,6 +3,9 @@
 timm's `VisionTransformerSAM` has the release's structure and key names (except
 `mlp.fc1/fc2` for the release's `mlp.lin1/lin2`, mapped in `checkpoint.py`) and runs
 attention through `scaled_dot_product_attention` with the decomposed rel-pos as a bias.
+Its blocks are built as `RelPosBlock` (timm's block with `RelPosAttention`, through
+VisionTransformerSAM's `block_fn` argument). Written against timm 1.0 (pyproject pins the
+tested minor range): the attention's `forward` reads timm's attribute names.
 """
 
 from functools import partial
@@ -10,7 +13,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer_sam import Attention, VisionTransformerSAM, get_rel_pos
+from timm.models.vision_transformer_sam import Attention, Block, VisionTransformerSAM, get_rel_pos
 
 
 class RelPosAttention(Attention):
@@ -41,6 +44,45 @@ class RelPosAttention(Attention):
         x = self.attn_drop(attn.softmax(dim=-1)) @ v  # (B*heads, N, c)
         x = x.view(B, self.num_heads, N, -1).transpose(1, 2).reshape(B, N, -1)
         return self.proj_drop(self.proj(x)).view(B, H, W, -1)
+
+
+class RelPosBlock(Block):
+    """timm's SAM block with `RelPosAttention`. timm's Block builds its `Attention` itself (it takes
+    no attention class), so the block is built, then its attention replaced by a RelPosAttention
+    of the same arguments that adopts the parameters timm initialised (built on the meta device:
+    no second initialisation, and a seed gives the same weights as timm's own block)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        norm_layer=nn.LayerNorm,
+        use_rel_pos: bool = False,
+        window_size: int = 0,
+        input_size=None,
+        rope=None,
+        **block_kwargs,
+    ) -> None:
+        attn_args = dict(
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
+            use_rel_pos=use_rel_pos,
+            rope=rope,
+        )
+        super().__init__(dim, window_size=window_size, input_size=input_size, **attn_args, **block_kwargs)
+        # the attention's own grid, as timm's Block passes it: the window, or the whole grid
+        grid = input_size if window_size == 0 else (window_size, window_size)
+        attn = RelPosAttention(dim, input_size=grid, **attn_args, device="meta")
+        attn.load_state_dict(self.attn.state_dict(), assign=True)
+        self.attn = attn
 
 
 class ImageEncoderViT(VisionTransformerSAM):
@@ -78,10 +120,9 @@ class ImageEncoderViT(VisionTransformerSAM):
             drop_path_rate=drop_path_rate,
             num_classes=0,
             global_pool="",
+            block_fn=RelPosBlock,
             **timm_kwargs,
         )
-        for blk in self.blocks:  # same parameters, see RelPosAttention
-            blk.attn.__class__ = RelPosAttention
         self.img_size = img_size
         self.out_chans = out_chans
         self.set_grad_checkpointing(grad_checkpointing)
