@@ -174,6 +174,31 @@ def test_subpixel_upscaling_equals_the_convolutions():
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+def test_encoder_blocks_are_timms_with_the_rel_pos_attention():
+    """Every block is built with RelPosAttention (a module of its own, not a swapped class), and a
+    seed gives timm's own VisionTransformerSAM weights, names and random stream."""
+    from timm.models.vision_transformer_sam import Attention, VisionTransformerSAM
+
+    from segany.modeling.image_encoder import ImageEncoderViT, RelPosAttention
+
+    args = dict(img_size=64, embed_dim=48, depth=3, num_heads=3, global_attn_indexes=(1,), window_size=2)
+    torch.manual_seed(0)
+    ours = ImageEncoderViT(**args, out_chans=32)
+    after_ours = torch.rand(3)
+    torch.manual_seed(0)
+    timm_enc = VisionTransformerSAM(
+        **args, neck_chans=32, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, num_classes=0
+    )
+    assert torch.equal(after_ours, torch.rand(3))
+    theirs = timm_enc.state_dict()
+    assert list(ours.state_dict()) == list(theirs)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    for i, blk in enumerate(ours.blocks):
+        assert type(blk.attn) is RelPosAttention and isinstance(blk.attn, Attention)
+        assert blk.attn.rel_pos_h.shape[0] == (2 * 4 - 1 if i == 1 else 2 * 2 - 1)  # global grid 4x4, window 2x2
+
+
 @torch.no_grad()
 def test_timm_layernorm2d_is_the_releases():
     """timm.layers.LayerNorm2d (the prompt encoder's and the mask decoder's) is the release's
