@@ -16,6 +16,7 @@ rounds x masks of them. Prompt sampling happens between units, outside the graph
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -54,54 +55,57 @@ def image_region(batch: dict, resolution: str) -> Tensor:
     return (ar[None, :, None] < hw[:, 0, None, None]) & (ar[None, None, :] < hw[:, 1, None, None])
 
 
-def _unit(
-    model,
-    emb: Tensor,
-    img: Tensor,
-    pe: Tensor,
-    coords: Tensor,
-    labels: Tensor,
-    text: Optional[Tensor],
-    mask_in: Optional[Tensor],
-    target: Tensor,
-    region: Optional[Tensor],
-    valid: Tensor,
-    multi_rows: Optional[Tensor],
-    loss_fn: SamLoss,
-):
+@dataclass
+class Unit:
+    """The inputs of one unit (one round for one chunk of R rows; see `_unit`).
+
+    img (R,) the image of each row; coords (R, P, 2) and labels (R, P) laid out by Prompts.tokens;
+    text (R, D) CLIP embeddings of its TEXT tokens or None; mask_in (R, 1, 4h, 4w) or None;
+    target (R, H, W) bool at the loss resolution; region (B, H, W) bool where the loss counts
+    (None: everywhere); valid (R,); multi_rows (R,) bool, the rows answered with the 3 multimask
+    tokens (None: every row single-mask)."""
+
+    img: Tensor
+    coords: Tensor
+    labels: Tensor
+    text: Optional[Tensor]
+    mask_in: Optional[Tensor]
+    target: Tensor
+    region: Optional[Tensor]
+    valid: Tensor
+    multi_rows: Optional[Tensor]
+
+
+def _unit(model, loss_fn: SamLoss, emb: Tensor, pe: Tensor, u: Unit):
     """One round for one chunk of rows (the checkpointed function).
 
     emb (B, C, h, w) (channels-last: the decoder's image tokens are then contiguous rows, as is
-    the dense prompt embedding; ``emb[img]`` keeps the layout), img (R,) the image of each row,
-    pe (1, C, h, w), coords (R, P, 2),
-    labels (R, P) laid out by Prompts.tokens, text (R, D) CLIP embeddings of its TEXT tokens or None,
-    mask_in (R, 1, 4h, 4w) or None, target (R, H, W)
-    bool at the loss resolution, region (B, H, W) bool where the loss counts (None: everywhere),
-    valid (R,), multi_rows (R,) bool (rows answered with the 3 multimask tokens; None = every
-    row single-mask).
+    the dense prompt embedding; ``emb[u.img]`` keeps the layout) and pe (1, C, h, w) are arguments
+    of their own: torch.utils.checkpoint finds the device (its random state, for dropout in
+    the recomputation, and its autocast) from the tensors among its arguments, not inside `u`.
     Returns loss sum (scalar), fed-back logits (R, 1, 4h, 4w), binary prediction at the
     loss resolution (R, H, W), its IoU with the target (R,), per-row loss (R,).
     """
-    tokens = (coords, labels) if text is None else (coords, labels, text)
-    sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=mask_in, tokens=tokens)
+    tokens = (u.coords, u.labels) if u.text is None else (u.coords, u.labels, u.text)
+    sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=u.mask_in, tokens=tokens)
     # each row's own image embedding, gathered inside the unit (recomputed, not stored, with
     # checkpoint_rounds: (R, C, h, w) is 64x an image's embedding)
-    masks, iou = model.mask_decoder.predict_masks(emb[img], pe, sparse, dense)
+    masks, iou = model.mask_decoder.predict_masks(emb[u.img], pe, sparse, dense)
     # masks (R, 4, 4h, 4w), iou (R, 4)
-    if multi_rows is None:
+    if u.multi_rows is None:
         cand, cand_iou = masks[:, :1], iou[:, :1]  # (R, 1, ...)
     else:  # multimask rows: tokens 1..3; single rows: token 0 three times (same min)
         idx = torch.where(
-            multi_rows[:, None],
+            u.multi_rows[:, None],
             torch.tensor(MULTI_TOKENS, device=masks.device),
             torch.zeros(3, dtype=torch.long, device=masks.device),
         )  # (R, 3)
         cand = masks.gather(1, idx[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))  # (R, 3, 4h, 4w)
         cand_iou = iou.gather(1, idx)  # (R, 3)
-    H, W = target.shape[-2:]
+    H, W = u.target.shape[-2:]
     logits = cand if cand.shape[-2:] == (H, W) else F.interpolate(cand, (H, W), mode="bilinear", align_corners=False)
-    inside = None if region is None else region.index_select(0, img)  # (R, H, W)
-    out = loss_fn(logits, cand_iou, target, valid, inside)
+    inside = None if u.region is None else u.region.index_select(0, u.img)  # (R, H, W)
+    out = loss_fn(logits, cand_iou, u.target, u.valid, inside)
     # the mask with the highest predicted IoU is fed back and defines the error region
     top = cand_iou.detach().argmax(dim=1)  # (R,)
     rows = torch.arange(cand.shape[0], device=cand.device)
@@ -182,25 +186,21 @@ def simulate(
                 prompts.add(*error_points(pred, target, v, S, where, generator, cfg.click_rule, cfg.click_max_dist))
             coords, labels, *txt = prompts.tokens()
             ambiguous = t < first_point  # still a single point (or a box)
-            args = (
-                model,
-                emb_cl,
-                img,
-                pe,
-                coords,
-                labels,
-                txt[0] if txt else None,
-                mask_in,
-                target,
-                region,
-                v,
-                multi if ambiguous else None,
-                loss_fn,
+            unit = Unit(
+                img=img,
+                coords=coords,
+                labels=labels,
+                text=txt[0] if txt else None,
+                mask_in=mask_in,
+                target=target,
+                region=region,
+                valid=v,
+                multi_rows=multi if ambiguous else None,
             )
             if cfg.checkpoint_rounds and torch.is_grad_enabled():
-                loss, fb, pred, iou, row_loss = checkpoint(_unit, *args, use_reentrant=False)
+                loss, fb, pred, iou, row_loss = checkpoint(_unit, model, loss_fn, emb_cl, pe, unit, use_reentrant=False)
             else:
-                loss, fb, pred, iou, row_loss = _unit(*args)
+                loss, fb, pred, iou, row_loss = _unit(model, loss_fn, emb_cl, pe, unit)
             total = total + (loss if t == 0 else cfg.later_round_weight * loss)
             round_loss[t] += row_loss.sum()
             round_iou[t] += torch.where(v, iou, 0.0).sum()
