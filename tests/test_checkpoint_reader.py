@@ -240,10 +240,10 @@ def test_distributed_checkpoint_directory_single_process(tmp_path, image):
         "data.num_val=2",
         "data.shard_size=1",
         "data.num_workers=0",
-        "clicks=[1,2]",
+        "points.clicks=[1,2]",
         f"paths.root_dir={tmp_path}",
         name="evaluate",
     )
     metrics = evaluate_script.evaluate(cfg)
-    assert 0 <= metrics["miou@1"] <= 1
+    assert 0 <= metrics["points"]["mean"]["miou@1"] <= 1
     assert f"{d} (step 7)" in json.dumps(metrics)  # the model it names is the directory

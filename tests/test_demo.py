@@ -32,8 +32,8 @@ def test_demo_cli_a_few_steps_then_evaluate(tmp_path):
     _run("train.py", f"paths.root_dir={tmp_path}", "trainer.max_steps=3", "logger=csv", *data)
     ckpt = tmp_path / "demo" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and (tmp_path / "demo" / "config.yaml").is_file()
-    _run("evaluate.py", f"ckpt_path={ckpt}", "max_batches=1", "clicks=[1,3]", *data)
-    m = json.loads((tmp_path / "demo" / "eval" / "last-synthetic" / "metrics.json").read_text())
+    _run("evaluate.py", f"ckpt_path={ckpt}", "max_batches=1", "points.clicks=[1,3]", *data)
+    m = json.loads((tmp_path / "demo" / "eval" / "last-synthetic" / "metrics.json").read_text())["points"]["mean"]
     assert {"miou@1", "miou_oracle@1", "miou@3", "num_masks"} <= set(m) and m["num_masks"] > 0
     assert 0 <= m["miou@1"] <= m["miou_oracle@1"] <= 1
 
@@ -45,9 +45,9 @@ def test_full_demo_learns(tmp_path):
     _run("train.py", f"paths.root_dir={tmp_path}", timeout=1800)
     minutes = (time.time() - t0) / 60
     _run("evaluate.py", f"ckpt_path={tmp_path}/demo/checkpoints/last.ckpt", timeout=900)
-    trained = json.loads((tmp_path / "demo" / "eval" / "last-synthetic" / "metrics.json").read_text())
+    trained = json.loads((tmp_path / "demo" / "eval" / "last-synthetic" / "metrics.json").read_text())["points"]["mean"]
     _run("evaluate.py", f"paths.root_dir={tmp_path}", timeout=900)
-    untrained = json.loads((tmp_path / "eval" / "untrained-synthetic" / "metrics.json").read_text())
+    untrained = json.loads((tmp_path / "eval" / "untrained-synthetic" / "metrics.json").read_text())["points"]["mean"]
     curve = [trained[f"miou@{k}"] for k in (1, 2, 3, 5, 9)]
     rounded = [round(v, 3) for v in curve]
     print(f"demo: {minutes:.1f} min, mIoU@1,2,3,5,9 {rounded}, untrained {untrained['miou@1']:.3f}")
@@ -56,4 +56,4 @@ def test_full_demo_learns(tmp_path):
     assert all(b >= a - 0.005 for a, b in zip(curve, curve[1:])), curve
     assert trained["miou@1"] >= MIN_MIOU_1
     assert untrained["miou@1"] < 0.3
-    assert minutes <= 10, f"demo took {minutes:.1f} min (2 dedicated cores expected)"
+    assert minutes <= 10, f"demo took {minutes:.1f} min (its budget: 10 min on a 2-core CPU)"

@@ -160,7 +160,7 @@ def test_fsdp_two_processes_checkpoint_resume_export(tmp_path, param_dtype):
     r = subprocess.run(
         [sys.executable, "evaluate.py", f"ckpt_path={last}", f"output_dir={tmp_path}/eval"]
         + [f"paths.root_dir={tmp_path}", f"data.root={tmp_path}/evaldata", "data.num_val=2", "data.num_train=1"]
-        + ["data.shard_size=1", "clicks=[1]"],
+        + ["data.shard_size=1", "points.clicks=[1]"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -168,4 +168,4 @@ def test_fsdp_two_processes_checkpoint_resume_export(tmp_path, param_dtype):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert 0 <= metrics["miou@1"] <= 1 and f"{last} (step 4)" in json.dumps(metrics)
+    assert 0 <= metrics["points"]["mean"]["miou@1"] <= 1 and f"{last} (step 4)" in json.dumps(metrics)

@@ -65,7 +65,12 @@ def _fake_run(run_dir: Path) -> Path:
 def test_one_checkpoint_on_two_datasets_keeps_both_results(tmp_path):
     ckpt = _fake_run(tmp_path / "runs" / "r")
     ann, images = _coco(tmp_path / "coco", "val2017")
-    common = [f"ckpt_path={ckpt}", "clicks=[1]", f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path}/nowhere"]
+    common = [
+        f"ckpt_path={ckpt}",
+        "points.clicks=[1]",
+        f"paths.root_dir={tmp_path}",
+        f"paths.data_dir={tmp_path}/nowhere",
+    ]
     synthetic = [
         f"data.root={tmp_path}/syn",
         "data.num_train=1",

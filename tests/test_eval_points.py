@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from segany.evaluation import ClickProtocol, center_click, interactive_eval, next_click, random_click
-from segany.evaluation.points import mean_over_datasets, points_merge, points_part
+from segany.evaluation.points import points_merge, points_part
 from segany.evaluation.protocol import AREA_BINS, original_areas, summarize
+from segany.evaluation.registry import mean_over_datasets
 
 
 def test_center_of_a_square_and_of_a_plus():

@@ -89,7 +89,7 @@ def trio(tmp_path):
         f"hydra.searchpath=[file://{tmp_path}/conf]",
         f"paths.data_dir={tmp_path}/data",
         f"paths.root_dir={tmp_path}/runs",
-        "clicks=[1,2]",
+        "points.clicks=[1,2]",
         *o,
         name="evaluate",
     )
@@ -124,7 +124,7 @@ def test_a_suite_writes_a_row_per_present_dataset_their_mean_and_the_skipped_one
             "data.batch_size=2",
             "data.max_masks=3",
             f"output_dir={tmp_path}/alone",
-            "clicks=[1,2]",
+            "points.clicks=[1,2]",
             name="evaluate",
         )
     )

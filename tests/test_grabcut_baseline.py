@@ -160,8 +160,8 @@ def test_noc_and_points_write_the_reference_rows_and_curves(tmp_path, monkeypatc
         "data=davis",
         f"data.root={tmp_path / 'set'}",
         "data.num_workers=0",
-        "clicks=[1,2]",
-        "baselines=[untrained]",
+        "points.clicks=[1,2]",
+        "points.baselines=[untrained]",
         "noc.max_clicks=3",
         "noc.baselines=[grabcut,untrained]",
         f"output_dir={out}",
@@ -181,7 +181,7 @@ def test_noc_and_points_write_the_reference_rows_and_curves(tmp_path, monkeypatc
     assert noc["references"]["untrained"]["datasets"]["ritm"] == model
     pts = saved["points"]
     assert pts["references"]["untrained"]["datasets"]["ritm"] == pts["datasets"]["ritm"]
-    assert saved["miou@1"] == pts["datasets"]["ritm"]["miou@1"]  # the flat keys are the model's
+    assert pts["references"]["untrained"]["mean"] == pts["mean"] and "references" not in pts["datasets"]["ritm"]
     md = (out / "results.md").read_text()
     for row in ("| ritm (model) |", "| ritm (grabcut) |", "| ritm (untrained) |"):
         assert row in md

@@ -1,7 +1,7 @@
 """Lightning callbacks that are not part of the paper's recipe."""
 
-from segany.callbacks.benchmark import BenchmarkValidation
 from segany.callbacks.forgetting import ForgettingCheck
 from segany.callbacks.time_budget import TimeBudget
+from segany.callbacks.zero_shot import ZeroShotValidation
 
-__all__ = ["BenchmarkValidation", "ForgettingCheck", "TimeBudget"]
+__all__ = ["ZeroShotValidation", "ForgettingCheck", "TimeBudget"]

@@ -1,6 +1,6 @@
 """ForgettingCheck: did fine-tuning make the model forget how to segment anything?
 
-A BenchmarkValidation (the same evaluation code as evaluate.py, on a fixed subset of each
+A ZeroShotValidation (the same evaluation code as evaluate.py, on a fixed subset of each
 dataset) that runs before the first step and after the last one on the fine-tuning data's
 held-out split (``target``) and on a held-out general set (``general``: by default the
 synthetic scenes; any evaluate.py dataset entry), then writes the figures side by side:
@@ -25,18 +25,18 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from segany.callbacks.benchmark import BenchmarkValidation
+from segany.callbacks.zero_shot import ZeroShotValidation
 from segany.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
-class ForgettingCheck(BenchmarkValidation):
-    """BenchmarkValidation with at_start and at_end on; metrics: "<task>/<metric>" names of the
+class ForgettingCheck(ZeroShotValidation):
+    """ZeroShotValidation with at_start and at_end on; metrics: "<task>/<metric>" names of the
     table's rows (e.g. points/miou@1); report: path stem of the .md / .json table;
     dataset_overrides: keys set in every dataset entry that has them (e.g. {max_masks: 64}: the
     target entry is the training data config, whose max_masks samples a few masks per image).
-    Every other keyword as BenchmarkValidation (every_n_steps null: only before and after)."""
+    Every other keyword as ZeroShotValidation (every_n_steps null: only before and after)."""
 
     def __init__(
         self,

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from scipy.ndimage import convolve1d, map_coordinates
 from torchvision.ops import nms
 
-from segany.evaluation import report
 from segany.evaluation.registry import ImageTask, register
+from segany.evaluation.report import Plot
 from segany.evaluation.sources import EvalImage
 from segany.inference import SamPredictor
 from segany.inference.amg_utils import batched_mask_to_box, build_point_grid
@@ -172,6 +172,14 @@ class EdgesTask(ImageTask):
     """cfg.edges: points_per_side, nms_thresh, n_thresholds, save_maps (PNGs under
     <output_dir>/edge_maps/<dataset>/)."""
 
+    description = (
+        "{points_per_side}x{points_per_side} grid, NMS, Sobel on mask probabilities at the outer boundary, max, "
+        "normalise, edge NMS; BSDS500 benchmark per threshold (bwmorph thinning, correspondPixels at 0.0075 x "
+        "diagonal, collect_eval_bdry's ODS / OIS / AP; R50 as edgesEvalDir)."
+    )
+    columns = ("ODS", "OIS", "AP", "R50", "num_images")
+    plots = (Plot("edges_pr.png", "recall", "precision", curve=("curve", "recall", "precision"), label="ODS"),)
+
     def part_images(self, dataset: str, images) -> dict:
         p = self.cfg.edges
         save = os.path.join(self.out_dir, "edge_maps", dataset) if p.save_maps else None
@@ -179,18 +187,3 @@ class EdgesTask(ImageTask):
 
     def merge(self, parts: list) -> dict:
         return edges_merge(parts)
-
-    def description(self) -> str:
-        n = self.cfg.edges.points_per_side
-        return (
-            f"{n}x{n} grid, NMS, Sobel on mask probabilities at the outer boundary, max, normalise, edge NMS; "
-            "BSDS500 benchmark per threshold (bwmorph thinning, correspondPixels at 0.0075 x diagonal, "
-            "collect_eval_bdry's ODS / OIS / AP; R50 as edgesEvalDir)."
-        )
-
-    def figures(self, section: dict) -> list:
-        return [report.plot_edges(self.out_dir, section)]
-
-    @classmethod
-    def columns(cls, section: dict) -> list:
-        return ["ODS", "OIS", "AP", "R50", "num_images"]

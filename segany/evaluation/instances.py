@@ -127,6 +127,10 @@ class InstancesTask(ImageTask):
     min_score, refine, multimask_first."""
 
     every_image = True  # COCOeval's image set: a detection on an image without ground truth is a false positive
+    description = (
+        "Boxes from {detections} prompt SAM (refine={refine}: a second pass, best mask + box); mask AP by COCOeval."
+    )
+    columns = ("AP", "AP50", "AP75", "APs", "APm", "APl", "num_images")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -140,12 +144,3 @@ class InstancesTask(ImageTask):
 
     def merge(self, parts: list) -> dict:
         return instances_merge(parts)
-
-    def description(self) -> str:
-        p = self.cfg.instances
-        refine = " + one refinement pass (best mask + box)" if p.refine else ""
-        return f"Boxes from {p.detections} prompt SAM{refine}; mask AP by COCOeval."
-
-    @classmethod
-    def columns(cls, section: dict) -> list:
-        return ["AP", "AP50", "AP75", "APs", "APm", "APl", "num_images"]

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from segany.data.decode import decode_mask
-from segany.evaluation import report
 from segany.evaluation.clicks import Clicker
 from segany.evaluation.grabcut import GrabCutSegmenter
-from segany.evaluation.registry import ImageTask, float_means, register, split_references
+from segany.evaluation.registry import ImageTask, register
+from segany.evaluation.report import Plot
 from segany.evaluation.sources import EvalImage
 from segany.inference import SamPredictor
 
@@ -118,34 +118,18 @@ def noc_metrics(ious: np.ndarray, thresholds: Sequence[float], max_clicks: int) 
     return out
 
 
-def plot_noc(out_dir: str, section: dict, max_clicks: int) -> str:
-    """mIoU vs clicks per dataset (and their mean), and one curve per reference method (its mean
-    over datasets, section["references"]) -> noc_miou_vs_clicks.png in out_dir."""
-    plt = report._pyplot()
-    ks = list(range(1, max_clicks + 1))
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, m in section["datasets"].items():
-        ax.plot(ks, [m[f"miou@{k}"] for k in ks], marker=".", label=name)
-    if len(section["datasets"]) > 1:
-        ax.plot(ks, [section["mean"][f"miou@{k}"] for k in ks], "k--", label="mean")
-    for name, ref in section.get("references", {}).items():
-        ax.plot(ks, [ref["mean"][f"miou@{k}"] for k in ks], "-.", marker="x", markersize=3, label=name)
-    ax.set_xlabel("number of clicks")
-    ax.set_ylabel("mIoU")
-    ax.set_xticks([k for k in ks if k == 1 or k % 5 == 0])
-    ax.set_ylim(0, 1)
-    return report._finish(plt, fig, ax, out_dir, "noc_miou_vs_clicks.png")
-
-
 BASELINES = ("grabcut", "untrained")  # noc.baselines: the reference methods
 
 
-def _summary(per_dataset: dict) -> dict:
-    """dataset -> metrics ==> {"datasets", "mean"}: floats averaged over datasets, counts summed."""
-    first = next(iter(per_dataset.values()))
-    mean = float_means(per_dataset)
-    mean.update({k: int(sum(d[k] for d in per_dataset.values())) for k in first if k.startswith(("NoF@", "num_"))})
-    return {"datasets": per_dataset, "mean": mean}
+def noc_settings(p) -> tuple:
+    """cfg.noc -> (max_clicks, iou_thresholds), checked."""
+    max_clicks = int(p.max_clicks)
+    if max_clicks < 1:
+        raise ValueError(f"noc.max_clicks={max_clicks}: at least 1")
+    thresholds = [float(t) for t in p.iou_thresholds]
+    if not thresholds or not all(0 < t <= 1 for t in thresholds):
+        raise ValueError(f"noc.iou_thresholds={thresholds}: IoUs in (0, 1]")
+    return max_clicks, thresholds
 
 
 @register("noc")
@@ -153,19 +137,13 @@ class NocTask(ImageTask):
     """cfg.noc: max_clicks, iou_thresholds, baselines (grabcut: cfg.noc.grabcut; untrained: the
     model's architecture, freshly initialised); cfg.max_images bounds the images per dataset."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.references: dict = {}  # method -> {"datasets", "mean"}, set by report for figures
-
-    def _settings(self) -> tuple:
-        p = self.cfg.noc
-        max_clicks = int(p.max_clicks)
-        if max_clicks < 1:
-            raise ValueError(f"noc.max_clicks={max_clicks}: at least 1")
-        thresholds = [float(t) for t in p.iou_thresholds]
-        if not thresholds or not all(0 < t <= 1 for t in thresholds):
-            raise ValueError(f"noc.iou_thresholds={thresholds}: IoUs in (0, 1]")
-        return max_clicks, thresholds
+    description = (
+        "RITM's interactive benchmark: NoC@t for t in {iou_thresholds} (clicks to reach the IoU, {max_clicks} "
+        "when never), NoF (objects at {max_clicks}), mIoU after k clicks; RITM's clicker, previous low-res "
+        "logits as mask prompt, multimask on click 1 only; IoU at the image's resolution outside the ignore region."
+    )
+    columns = (r"NoC@\d+", r"NoF@\d+", "miou@(1|2|3|5|10|20)", "num_objects", "num_images")
+    plots = (Plot("noc_miou_vs_clicks.png", "number of clicks", "mIoU", y=r"miou@(\d+)"),)
 
     def _baselines(self) -> dict:
         """noc.baselines -> name -> segmenter, checked."""
@@ -183,10 +161,10 @@ class NocTask(ImageTask):
 
     def part_images(self, dataset: str, images: Iterable[EvalImage]) -> dict:
         segmenters = {"model": SamSegmenter(SamPredictor(self.model)), **self._baselines()}
-        return noc_part(segmenters, images, self._settings()[0])
+        return noc_part(segmenters, images, noc_settings(self.cfg.noc)[0])
 
     def merge(self, parts: list) -> dict:
-        max_clicks, thresholds = self._settings()
+        max_clicks, thresholds = noc_settings(self.cfg.noc)
 
         def metrics(name: str) -> dict:
             ious = [r for p in parts for r in p["ious"][name]]
@@ -197,35 +175,3 @@ class NocTask(ImageTask):
         out = metrics("model")
         refs = {name: metrics(name) for name in parts[0]["ious"] if name != "model"}
         return dict(out, references=refs) if refs else out
-
-    def report(self, per_dataset: dict) -> dict:
-        model, refs = split_references(per_dataset)
-        self.references = {n: _summary(r) for n, r in refs.items()}
-        sec = super().report(model)
-        sec["mean"] = _summary(model)["mean"]
-        if self.references:
-            sec["references"] = self.references
-        return sec
-
-    def description(self) -> str:
-        max_clicks, thresholds = self._settings()
-        ts = "/".join(str(round(100 * t)) for t in thresholds)
-        refs = list(self.cfg.noc.get("baselines") or [])
-        return (
-            f"RITM's interactive benchmark: NoC@{ts} (clicks to reach the IoU, {max_clicks} when never), "
-            f"NoF (objects at {max_clicks}), mIoU after k clicks; RITM's clicker, previous low-res logits "
-            "as mask prompt, multimask on click 1 only; IoU at the image's resolution outside the ignore region."
-            + (f" Reference rows on the same objects: {', '.join(refs)}." if refs else "")
-        )
-
-    def figures(self, section: dict) -> list:
-        return [plot_noc(self.out_dir, dict(section, references=self.references), self._settings()[0])]
-
-    @classmethod
-    def columns(cls, section: dict) -> list:
-        first = next(iter(section["datasets"].values()))
-        max_clicks = int(section["settings"]["max_clicks"])
-        nocs = [k for k in first if k.startswith("NoC@")]
-        nofs = [k for k in first if k.startswith("NoF@")]
-        mious = [f"miou@{k}" for k in (1, 2, 3, 5, 10, 20) if k <= max_clicks]
-        return nocs + nofs + mious + ["num_objects", "num_images"]

@@ -3,12 +3,11 @@ over ranks, and the mean over datasets (the paper averages its 23 datasets this 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from segany.evaluation import report
-from segany.evaluation.protocol import AREA_BINS, ClickProtocol, interactive_eval, original_areas, summarize
-from segany.evaluation.registry import EvalTask, register, split_references
+from segany.evaluation.protocol import ClickProtocol, interactive_eval, original_areas, summarize
+from segany.evaluation.registry import EvalTask, register
+from segany.evaluation.report import Plot
 
 
 @torch.no_grad()
@@ -63,44 +62,56 @@ def points_merge(parts: list) -> dict:
     return dict(out, references=refs) if refs else out
 
 
-def mean_over_datasets(per_dataset: dict) -> dict:
-    """Unweighted mean of each miou@k / miou_oracle@k over datasets (of an area bin's: over
-    the datasets with masks in that bin); num_masks (and per bin) summed."""
-    first = next(iter(per_dataset.values()))
-    out = {}
-    for k in first:
-        if k.startswith("miou"):
-            vals = [d[k] for d in per_dataset.values()]
-            if k.rsplit("_", 1)[-1] in AREA_BINS:
-                vals = [v for v in vals if not np.isnan(v)]
-            out[k] = float(np.mean(vals)) if vals else float("nan")
-    for k in ["num_masks"] + [f"num_masks_{b}" for b in AREA_BINS if f"num_masks_{b}" in first]:
-        out[k] = int(sum(d[k] for d in per_dataset.values()))
-    out["num_images"] = int(sum(d["num_images"] for d in per_dataset.values()))
-    return out
+# keys of the points task once at the top level of evaluate.yaml: refused there, so that a
+# `+clicks=...` or a callback's settings={clicks: ...} is not silently ignored
+MOVED = ("clicks", "multimask_first", "use_prev_mask", "first_click", "baselines")
 
 
 @register("points")
 class PointsTask(EvalTask):
-    """Batches of the datamodule's validation loader (its own workers), cfg.max_batches per rank."""
+    """cfg.points: clicks, multimask_first, use_prev_mask, first_click, baselines ([untrained]: the
+    model's architecture, freshly initialised); batches of the datamodule's validation loader (its
+    own workers), cfg.max_batches per rank."""
 
     num_workers = None
+    description = (
+        "Interactive single-point mIoU: click 1 at the mask centre (first_click={first_click}), then on the "
+        "largest error; default = most confident of 3 masks, oracle = best. By size: COCO's area bins "
+        "(small < 32^2, medium < 96^2, large) of the GT mask's area in original-image pixels (input-frame "
+        "area x original / input size); the table shows them at 1 click."
+    )
+    columns = (
+        r"miou@\d+",
+        r"miou_oracle@\d+",
+        "num_masks",
+        "miou@1_(small|medium|large)",
+        "num_masks_(small|medium|large)",
+    )
+    plots = (
+        Plot("points_miou_vs_clicks.png", "number of points", "mIoU", y=r"miou@(\d+)", oracle=r"miou_oracle@(\d+)"),
+    )
+
+    def __init__(self, cfg, *args, **kwargs):
+        moved = [k for k in MOVED if k in cfg]
+        if moved:
+            raise ValueError(f"{moved[0]}: the points task's settings are under points: (points.{moved[0]}=...)")
+        super().__init__(cfg, *args, **kwargs)
 
     def protocol(self) -> ClickProtocol:
-        cfg = self.cfg
+        p = self.cfg.points
         return ClickProtocol(
-            clicks=tuple(cfg.clicks),
-            multimask_first=cfg.multimask_first,
-            use_prev_mask=cfg.use_prev_mask,
-            first_click=cfg.get("first_click", "center"),
-            seed=cfg.seed,
+            clicks=p.clicks,
+            multimask_first=p.multimask_first,
+            use_prev_mask=p.use_prev_mask,
+            first_click=p.first_click,
+            seed=self.cfg.seed,
         )
 
     def references(self) -> dict:
-        """cfg.baselines -> name -> model: [untrained] (the model's architecture, freshly initialised)."""
-        names = list(self.cfg.get("baselines") or [])
+        """points.baselines -> name -> model: [untrained] (the model's architecture, freshly initialised)."""
+        names = list(self.cfg.points.baselines or [])
         if names not in ([], ["untrained"]):
-            raise ValueError(f"baselines={names}: the points task has one, untrained (grabcut: noc.baselines)")
+            raise ValueError(f"points.baselines={names}: the points task has one, untrained (grabcut: noc.baselines)")
         return {n: self.untrained_model() for n in names}
 
     def part(self, dataset: str, dm, rank: int, world: int) -> dict:
@@ -109,40 +120,3 @@ class PointsTask(EvalTask):
 
     def merge(self, parts: list) -> dict:
         return points_merge(parts)
-
-    def report(self, per_dataset: dict) -> dict:
-        cfg = self.cfg
-        per_dataset, refs = split_references(per_dataset)  # refs: name -> dataset -> metrics
-        sec = {
-            "datasets": per_dataset,
-            "mean": mean_over_datasets(per_dataset),
-            "clicks": list(cfg.clicks),
-            "protocol": {
-                "multimask_first": cfg.multimask_first,
-                "use_prev_mask": cfg.use_prev_mask,
-                "first_click": cfg.get("first_click", "center"),
-            },
-            "description": "Interactive single-point mIoU: click 1 at the mask centre (distance-transform "
-            "maximum), then on the largest error; default = most confident of 3 masks, oracle = best. "
-            "By size: COCO's area bins (small < 32^2, medium < 96^2, large) of the GT mask's area in "
-            "original-image pixels (input-frame area x original / input size).",
-        }
-        if refs:
-            sec["references"] = {n: {"datasets": r, "mean": mean_over_datasets(r)} for n, r in refs.items()}
-        sec["figures"] = [report.plot_points(self.out_dir, sec)]
-        return sec
-
-    @classmethod
-    def columns(cls, section: dict) -> list:
-        ks = section["clicks"]
-        by_size = [f"miou@{ks[0]}_{b}" for b in AREA_BINS] + [f"num_masks_{b}" for b in AREA_BINS]
-        return [f"miou@{k}" for k in ks] + [f"miou_oracle@{k}" for k in ks] + ["num_masks"] + by_size
-
-    def top_level(self, section: dict) -> dict:
-        """The keys of the first version of evaluate.py: the mean over datasets, flat."""
-        flat = {
-            "num_images": section["mean"]["num_images"],
-            "seconds": section["seconds"],
-            "protocol": dict(section["protocol"], clicks=section["clicks"]),
-        }
-        return dict(flat, **section["mean"])

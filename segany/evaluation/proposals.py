@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from segany.evaluation import report
 from segany.evaluation.coco_metrics import coco_ground_truth, mask_ar
 from segany.evaluation.registry import ImageTask, register
+from segany.evaluation.report import Plot
 from segany.evaluation.sources import EvalImage
 from segany.inference import SamAutomaticMaskGenerator
 
@@ -69,6 +69,13 @@ def proposals_merge(parts: list, max_dets=(10, 100, 1000)) -> dict:
 class ProposalsTask(ImageTask):
     """cfg.proposals: points_per_side, points_per_batch, nms_thresh, top_k, max_dets."""
 
+    description = (
+        "Mask generator as proposals ({points_per_side}x{points_per_side} grid, NMS {nms_thresh}, no quality "
+        "filter, top {top_k} by mean(pred IoU, stability)); class-agnostic mask AR by COCOeval."
+    )
+    columns = (r"AR@\d+", "AR_s@1000", "AR_m@1000", "AR_l@1000", "num_images")
+    plots = (Plot("proposals_ar.png", "proposals per image", "mask AR", y=r"AR@(\d+)", log_x=True),)
+
     def part_images(self, dataset: str, images: Iterable[EvalImage]) -> dict:
         p = self.cfg.proposals
         gen = proposal_generator(self.model, p.points_per_side, p.nms_thresh, p.points_per_batch)
@@ -76,17 +83,3 @@ class ProposalsTask(ImageTask):
 
     def merge(self, parts: list) -> dict:
         return proposals_merge(parts, tuple(self.cfg.proposals.max_dets))
-
-    def description(self) -> str:
-        p = self.cfg.proposals
-        return (
-            f"Mask generator as proposals ({p.points_per_side}x{p.points_per_side} grid, NMS {p.nms_thresh}, no "
-            f"quality filter, top {p.top_k} by mean(pred IoU, stability)); class-agnostic mask AR by COCOeval."
-        )
-
-    def figures(self, section: dict) -> list:
-        return [report.plot_proposals(self.out_dir, section, tuple(self.cfg.proposals.max_dets))]
-
-    @classmethod
-    def columns(cls, section: dict) -> list:
-        return ["AR@10", "AR@100", "AR@1000", "AR_s@1000", "AR_m@1000", "AR_l@1000", "num_images"]

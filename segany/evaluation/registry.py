@@ -1,14 +1,20 @@
 """The zero-shot tasks' common interface and their registry (the pattern of detectron2's
-``DatasetEvaluator``): one class per task, registered under its name with ``@register("name")``;
-the runner looks the requested names up in ``TASKS`` and calls the same methods on each.
+``DatasetEvaluator``, whose reset / process / evaluate are part / merge / summarize here): one
+class per task, registered under its name with ``@register("name")``; the runner looks the
+requested names up in ``TASKS`` and calls the same three methods on each.
 
 Per dataset, every rank runs ``part`` on its share and writes the json-safe payload; rank 0
-``merge``s the ranks' payloads into the dataset's metrics, then ``report``s the section of
-metrics.json (per-dataset metrics, their mean, settings, description, figures).
+``merge``s the ranks' payloads into the dataset's metrics, then ``summarize``s all datasets into
+the task's section of metrics.json, one shape for every task: {"datasets": {name: metrics},
+"mean", "settings" (cfg.<task>), "description", "references" (reference methods: their
+"datasets" and "mean"), and from the runner "figures" and "seconds"}. What results.md and the
+plots show is data on the class (``description``, ``columns``, ``plots``), drawn by report.py
+the same way for every task.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -43,10 +49,19 @@ def task_names(cfg: DictConfig) -> list:
     return names
 
 
-def float_means(per_dataset: dict) -> dict:
-    """dataset -> metrics ==> the unweighted mean over datasets of each float metric."""
-    first = next(iter(per_dataset.values()))
-    return {k: sum(d[k] for d in per_dataset.values()) / len(per_dataset) for k in first if isinstance(first[k], float)}
+def mean_over_datasets(per_dataset: dict) -> dict:
+    """dataset -> metrics ==> each float metric's unweighted mean over the datasets where it is
+    defined (not NaN: e.g. an area bin without masks), each count (int) summed; other values
+    (curves) left out. The paper averages its 23 datasets this way."""
+    out = {}
+    for k, v in next(iter(per_dataset.values())).items():
+        vals = [d[k] for d in per_dataset.values() if k in d]
+        if isinstance(v, float):
+            vals = [x for x in vals if not math.isnan(x)]
+            out[k] = sum(vals) / len(vals) if vals else float("nan")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out[k] = int(sum(vals))
+    return out
 
 
 def split_references(per_dataset: dict) -> tuple:
@@ -61,12 +76,17 @@ def split_references(per_dataset: dict) -> tuple:
 
 
 class EvalTask:
-    """One task on one model: part (a rank's share of a dataset) -> merge (the ranks' parts of a
-    dataset -> its metrics) -> report (all datasets -> the task's section of metrics.json)."""
+    """One task on one model: part (a rank's share of a dataset -> a json-safe payload) -> merge
+    (the ranks' payloads of one dataset -> its metrics, a reference method's under "references")
+    -> summarize (all datasets -> the task's section). A task writes part and merge, and states
+    as data what its section shows."""
 
     name = ""  # set by @register
     in_all = True  # run by task=all (False: tasks that need a particular model, e.g. the text token)
     num_workers: Optional[int] = 0  # loader workers of the datamodule part() reads (None: its config's)
+    description = ""  # results.md's paragraph, str.format-ted with the task's settings (cfg.<name>)
+    columns: tuple = ()  # results.md's table: regular expressions of metric names (report.column_names)
+    plots: tuple = ()  # the figures (report.Plot each)
 
     def __init__(self, cfg: DictConfig, model, device, out_dir: str):
         self.cfg, self.model, self.device, self.out_dir = cfg, model, device, out_dir
@@ -89,32 +109,17 @@ class EvalTask:
         """The payloads of all ranks (rank order) -> the metrics of one dataset."""
         raise NotImplementedError
 
-    def report(self, per_dataset: dict) -> dict:
-        """dataset -> metrics ==> the task's section: datasets, mean (unweighted over datasets, of
-        the float metrics), settings (cfg.<task>), description, figures (files in out_dir)."""
-        mean = float_means(per_dataset)
-        sec = {"datasets": per_dataset, "mean": mean, "settings": OmegaConf.to_container(self.cfg[self.name])}
-        sec["description"] = self.description()
-        figures = self.figures(sec)
-        if figures:
-            sec["figures"] = figures
+    def summarize(self, per_dataset: dict) -> dict:
+        """dataset -> metrics (merge's) ==> the task's section: datasets, their mean
+        (mean_over_datasets), settings, description, and each reference method's datasets and mean."""
+        model, refs = split_references(per_dataset)
+        node = self.cfg.get(self.name)
+        settings = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        sec = {"datasets": model, "mean": mean_over_datasets(model), "settings": settings}
+        sec["description"] = self.description.format(**settings)
+        if refs:
+            sec["references"] = {n: {"datasets": r, "mean": mean_over_datasets(r)} for n, r in refs.items()}
         return sec
-
-    def description(self) -> str:
-        return ""
-
-    def figures(self, section: dict) -> list:
-        """Write the task's plots into out_dir; -> their file names."""
-        return []
-
-    @classmethod
-    def columns(cls, section: dict) -> list:
-        """The metric columns of the task's table in results.md."""
-        raise NotImplementedError
-
-    def top_level(self, section: dict) -> dict:
-        """Keys written at the top level of metrics.json besides the section (none by default)."""
-        return {}
 
 
 class ImageTask(EvalTask):

@@ -1,6 +1,6 @@
-"""Outputs of evaluate.py: metrics.json (one section per task; the points task's mean over
-datasets also flat at the top level, as before), results.md (markdown tables), plots
-(mIoU against clicks, edge PR curve) and, when enabled, a wandb run."""
+"""Outputs of evaluate.py, the same for every task: metrics.json (a section per task, see
+registry.py), results.md (a table per task: its ``columns``), the plots (its ``plots``, a Plot
+each) and, when enabled, a wandb run."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import json
 import logging
 import math
 import os
+import re
+from dataclasses import dataclass
 
 log = logging.getLogger("evaluate")
 
 
-def update_metrics(out_dir: str, task: str, section: dict, extra: dict, top_level: dict) -> dict:
+def update_metrics(out_dir: str, task: str, section: dict, extra: dict) -> dict:
     """Merge a task's section into <out_dir>/metrics.json (other tasks' sections are kept):
-    extra (model, data, ...), the section under the task's name, then the task's top-level keys."""
+    extra (model, data, ...) and the section under the task's name."""
     path = os.path.join(out_dir, "metrics.json")
     metrics = {}
     if os.path.isfile(path):
@@ -25,7 +27,6 @@ def update_metrics(out_dir: str, task: str, section: dict, extra: dict, top_leve
             log.warning("%s is not valid JSON; rewriting it", path)
     metrics.update(extra)
     metrics[task] = section
-    metrics.update(top_level)
     with open(path, "w") as f:
         json.dump(metrics, f, indent=1)
     return metrics
@@ -35,6 +36,13 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.3f}"
     return str(v)
+
+
+def column_names(section: dict, patterns) -> list:
+    """A task's ``columns`` (regular expressions) -> the metric names of its table: for each
+    pattern in turn, the first dataset's metrics it matches in full, in that dataset's order."""
+    first = next(iter(section["datasets"].values()))
+    return list(dict.fromkeys(k for p in patterns for k in first if re.fullmatch(p, k)))
 
 
 def table(rows: dict, columns) -> str:
@@ -56,20 +64,20 @@ def _rows(sec: dict, suffix: str = "") -> dict:
 def write_markdown(out_dir: str, metrics: dict, columns: dict) -> str:
     """results.md: a table per task section in metrics.json (a row per dataset and their mean;
     with reference methods, section["references"], rows "<dataset> (model)", "<dataset> (<method>)"),
-    after the list of datasets skipped as not on disk; columns: task name -> its columns(section)
-    (in the order of the tables)."""
+    after the list of datasets skipped as not on disk; columns: task name -> its ``columns``
+    (column_names; in the order of the tables)."""
     suite = f" on the {metrics['suite']} suite" if metrics.get("suite") else ""
     parts = [f"# Evaluation of {metrics.get('model', '?')}{suite}", ""]
     if metrics.get("skipped"):
         parts += ["Skipped (not on disk): " + ", ".join(f"{d}" for d in metrics["skipped"]), ""]
-    for task, cols_of in columns.items():
+    for task, patterns in columns.items():
         if task not in metrics:
             continue
         sec = metrics[task]
         rows = _rows(sec, " (model)" if sec.get("references") else "")
         for method, ref in sec.get("references", {}).items():  # a row per reference method and dataset
             rows.update(_rows(ref, f" ({method})"))
-        parts += [f"## {task}", "", sec.get("description", ""), "", table(rows, cols_of(sec)), ""]
+        parts += [f"## {task}", "", sec.get("description", ""), "", table(rows, column_names(sec, patterns)), ""]
         for fig in sec.get("figures", []):
             parts += [f"![{task}]({fig})", ""]
     path = os.path.join(out_dir, "results.md")
@@ -97,47 +105,63 @@ def _finish(plt, fig, ax, out_dir: str, filename: str) -> str:
     return filename
 
 
-def plot_points(out_dir: str, section: dict) -> str:
+@dataclass(frozen=True)
+class Plot:
+    r"""A task's figure, as data; ``plot`` draws every task's the same way: a line per dataset,
+    their mean (dashed) when there are several, each reference method's mean (dash-dot).
+
+    y: a regular expression of the plotted metrics whose group is the x value (r"miou@(\d+)":
+    mIoU against the number of clicks); or curve: (metric, x key, y key), a metric holding a
+    curve's lists (the edges' {"recall": [...], "precision": [...]}; no mean line). oracle: a
+    second expression like y, its mean over datasets dotted. label: a metric shown in each
+    dataset's legend entry. Both axes of a curve, and every y, lie in [0, 1]."""
+
+    file: str  # the PNG's name in the output folder
+    xlabel: str
+    ylabel: str
+    y: str = ""
+    curve: tuple = ()
+    oracle: str = ""
+    label: str = ""
+    log_x: bool = False
+
+
+def _series(m: dict, p: Plot, pattern: str) -> tuple:
+    """(xs, ys) of one metrics dict: its curve, or the metrics named by pattern by their number."""
+    if p.curve:
+        c = m.get(p.curve[0])
+        return (c[p.curve[1]], c[p.curve[2]]) if c else ([], [])
+    found = sorted((int(g.group(1)), v) for k, v in m.items() if (g := re.fullmatch(pattern, k)))
+    return [x for x, _ in found], [v for _, v in found]
+
+
+def plot(out_dir: str, section: dict, p: Plot) -> str:
+    """Draw p from a task's section into out_dir; -> the file name."""
     plt = _pyplot()
-    ks = section["clicks"]
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, m in section["datasets"].items():
-        ax.plot(ks, [m[f"miou@{k}"] for k in ks], marker="o", label=name)
-    if len(section["datasets"]) > 1:
-        ax.plot(ks, [section["mean"][f"miou@{k}"] for k in ks], "k--", marker="s", label="mean")
-    ax.plot(ks, [section["mean"][f"miou_oracle@{k}"] for k in ks], ":", color="gray", label="oracle (mean)")
-    for name, ref in section.get("references", {}).items():  # reference methods: their mean over datasets
-        ax.plot(ks, [ref["mean"][f"miou@{k}"] for k in ks], "-.", marker="x", label=name)
-    ax.set_xlabel("number of points")
-    ax.set_ylabel("mIoU")
-    ax.set_xticks(ks)
+        label = f"{name} ({p.label} {m[p.label]:.3f})" if p.label else name
+        ax.plot(*_series(m, p, p.y), marker=".", label=label)
+    mean = _series(section["mean"], p, p.y)
+    if len(section["datasets"]) > 1 and mean[0]:
+        ax.plot(*mean, "k--", label="mean")
+    if p.oracle:
+        ax.plot(*_series(section["mean"], p, p.oracle), ":", color="gray", label="oracle (mean)")
+    for name, ref in section.get("references", {}).items():
+        ax.plot(*_series(ref["mean"], p, p.y), "-.", marker="x", markersize=3, label=name)
+    xs = _series(next(iter(section["datasets"].values())), p, p.y)[0]
+    if p.log_x:
+        ax.set_xscale("log")
+    if p.curve:
+        ax.set_xlim(0, 1)
+    elif len(xs) <= 10:
+        ax.set_xticks(xs)
+    else:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel(p.xlabel)
+    ax.set_ylabel(p.ylabel)
     ax.set_ylim(0, 1)
-    return _finish(plt, fig, ax, out_dir, "points_miou_vs_clicks.png")
-
-
-def plot_edges(out_dir: str, section: dict) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4, 4))
-    for name, m in section["datasets"].items():
-        c = m["curve"]
-        ax.plot(c["recall"], c["precision"], label=f"{name} (ODS {m['ODS']:.3f})")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    return _finish(plt, fig, ax, out_dir, "edges_pr.png")
-
-
-def plot_proposals(out_dir: str, section: dict, max_dets) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.4))
-    for name, m in section["datasets"].items():
-        ax.plot(list(max_dets), [m[f"AR@{k}"] for k in max_dets], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("proposals per image")
-    ax.set_ylabel("mask AR")
-    ax.set_ylim(0, 1)
-    return _finish(plt, fig, ax, out_dir, "proposals_ar.png")
+    return _finish(plt, fig, ax, out_dir, p.file)
 
 
 def log_wandb(wandb_cfg, out_dir: str, task: str, section: dict) -> None:

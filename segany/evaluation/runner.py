@@ -75,7 +75,7 @@ def run_tasks(
     cfg: DictConfig, model, what: str, device, out_dir: str, datasets: dict, rank=0, world=1, fp=None
 ) -> dict:
     """Each task of cfg.task on each dataset with an already loaded model (evaluate.py, and
-    segany.callbacks.BenchmarkValidation during training): this rank's parts, rank 0 merges and
+    segany.callbacks.ZeroShotValidation during training): this rank's parts, rank 0 merges and
     writes metrics.json, results.md, plots (and logs to wandb when cfg.wandb.enabled). Datasets
     missing on disk are skipped with cfg.skip_missing (listed under "skipped" in metrics.json).
     -> the metrics written (rank 0) or {} (other ranks)."""
@@ -103,7 +103,8 @@ def run_tasks(
             )
         if rank != 0:
             continue
-        sec = task.report(per_dataset)
+        sec = task.summarize(per_dataset)
+        sec["figures"] = [report.plot(out_dir, sec, p) for p in task.plots]
         sec["seconds"] = round(time.time() - t0, 1)
         extra = {
             "model": what,
@@ -112,7 +113,7 @@ def run_tasks(
             "skipped": skipped,
             "world_size": world,
         }
-        metrics = report.update_metrics(out_dir, name, sec, extra, task.top_level(sec))
+        metrics = report.update_metrics(out_dir, name, sec, extra)
         report.write_markdown(out_dir, metrics, {n: cls.columns for n, cls in TASKS.items()})
         report.log_wandb(cfg.get("wandb"), out_dir, name, sec)
         log.info("%s: %s", name, json.dumps({k: v for k, v in sec["mean"].items()}))

@@ -71,7 +71,7 @@ def evaluate_sweep(cfg: DictConfig) -> dict:
         )
     if not rows:
         return {}
-    clicks = list(cfg.clicks)
+    clicks = list(cfg.points.clicks)
     with open(os.path.join(sweep_dir, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
     cols = [f"miou@{k}" for k in clicks] + [f"miou_oracle@{clicks[0]}", "num_masks"]

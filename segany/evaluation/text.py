@@ -84,6 +84,12 @@ def crop_prompt_ious(model, batch: dict) -> dict:
 class CropPromptsTask(EvalTask):
     num_workers = None
     in_all = False
+    description = (
+        "Each mask prompted only by its CLIP crop embedding (the training prompt): mIoU of the most "
+        "confident of 3 masks (miou), of the best (miou_oracle), and against the prediction for another "
+        "mask's embedding of the same image (miou_other, a control)."
+    )
+    columns = ("miou", "miou_oracle", "miou_other", "num_masks")
 
     def part(self, dataset: str, dm, rank: int, world: int) -> dict:
         _need_text(self.model, self.name)
@@ -114,17 +120,6 @@ class CropPromptsTask(EvalTask):
             "num_images": int(sum(p["num_images"] for p in parts)),
         }
 
-    def description(self) -> str:
-        return (
-            "Each mask prompted only by its CLIP crop embedding (the training prompt): mIoU of the most "
-            "confident of 3 masks (miou), of the best (miou_oracle), and against the prediction for another "
-            "mask's embedding of the same image (miou_other, a control)."
-        )
-
-    @classmethod
-    def columns(cls, section: dict) -> list:
-        return ["miou", "miou_oracle", "miou_other", "num_masks"]
-
 
 def category_names(dm, override=None) -> dict:
     """id -> name: `override` ({id: name}) or the `categories` of the datamodule's COCO json."""
@@ -143,6 +138,14 @@ def category_names(dm, override=None) -> dict:
 @register("text")
 class TextTask(ImageTask):
     in_all = False
+    description = (
+        "Per image and category present, the phrase '{template}' with the category name, CLIP-encoded, prompts "
+        "the model alone; the most confident of 3 masks is scored by its IoU with the best-matching instance of "
+        "that category (original resolution): miou over image-category pairs, hit@0.5 the share with IoU >= 0.5, "
+        "miou_oracle the best of the 3 masks; mask AP (COCOeval) with that mask as the category's detection, over "
+        "the queried categories."
+    )
+    columns = ("miou", r"hit@0\.5", "miou_oracle", "AP", "AP50", "num_pairs")
 
     def part(self, dataset: str, dm, rank: int, world: int) -> dict:
         _need_text(self.model, self.name)
@@ -205,16 +208,3 @@ class TextTask(ImageTask):
             "num_pairs": len(iou),
             "num_images": int(sum(p["num_images"] for p in parts)),
         }
-
-    def description(self) -> str:
-        return (
-            f"Per image and category present, the phrase '{self.cfg.text.template}' with the category name, "
-            "CLIP-encoded, prompts the model alone; the most confident of 3 masks is scored by its IoU with the "
-            "best-matching instance of that category (original resolution): miou over image-category pairs, "
-            "hit@0.5 the share with IoU >= 0.5, miou_oracle the best of the 3 masks; mask AP (COCOeval) with that "
-            "mask as the category's detection, over the queried categories."
-        )
-
-    @classmethod
-    def columns(cls, section: dict) -> list:
-        return ["miou", "hit@0.5", "miou_oracle", "AP", "AP50", "num_pairs"]

@@ -1,4 +1,4 @@
-"""BenchmarkValidation: a tiny training run evaluates every 2 steps, and the figures it logs to
+"""ZeroShotValidation: a tiny training run evaluates every 2 steps, and the figures it logs to
 the CSV logger equal evaluate.py's on the checkpoint of the same step and the same subset."""
 
 import csv
@@ -37,10 +37,10 @@ def _train(tmp_path):
         "trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
         "callbacks.checkpoint.every_n_train_steps=2",
-        "+callbacks/benchmark=default",
-        "callbacks.benchmark.every_n_steps=2",
-        "callbacks.benchmark.max_batches=1",
-        "callbacks.benchmark.settings={clicks: [1, 2]}",
+        "+callbacks/zero_shot=default",
+        "callbacks.zero_shot.every_n_steps=2",
+        "callbacks.zero_shot.max_batches=1",
+        "callbacks.zero_shot.settings={points: {clicks: [1, 2]}}",
     )
     train.train(cfg)
     return Path(cfg.paths.run_dir)
@@ -58,25 +58,25 @@ def _evaluate(tmp_path, ckpt, out, batch_size=2, max_batches=1):
         *DATA,
         f"data.batch_size={batch_size}",
         f"max_batches={max_batches}",
-        "clicks=[1,2]",
+        "points.clicks=[1,2]",
         name="evaluate",
     )
     return evaluate_script.evaluate(cfg)
 
 
-def test_benchmark_every_two_steps_logs_what_evaluate_py_measures(tmp_path):
+def test_zero_shot_every_two_steps_logs_what_evaluate_py_measures(tmp_path):
     run = _train(tmp_path)
     with open(run / "logs" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("bench/points/val/miou@1")]
+        rows = [r for r in csv.DictReader(f) if r.get("zero_shot/points/val/miou@1")]
     assert [int(r["step"]) for r in rows] == [2, 4]
     for row in rows:
         step = int(row["step"])
-        assert (run / "bench" / f"step{step:07d}" / "points_miou_vs_clicks.png").is_file()
+        assert (run / "zero_shot" / f"step{step:07d}" / "points_miou_vs_clicks.png").is_file()
         direct = _evaluate(tmp_path, run / "checkpoints" / f"step{step:07d}.ckpt", tmp_path / f"direct{step}")
         got = direct["points"]["datasets"]["synthetic"]
         assert got["num_images"] == 2  # max_batches=1 batch of 2 images
         for k in ("miou@1", "miou@2", "miou_oracle@1", "miou_oracle@2"):
-            assert float(row[f"bench/points/val/{k}"]) == pytest.approx(got[k], abs=1e-6), (step, k)
+            assert float(row[f"zero_shot/points/val/{k}"]) == pytest.approx(got[k], abs=1e-6), (step, k)
 
 
 @pytest.mark.slow  # two processes: ~2 min on the shared 2-core machine
@@ -86,9 +86,9 @@ def test_ddp_rank0_evaluates_while_the_other_rank_waits(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
     args = [f"paths.root_dir={tmp_path}", f"data.root={tmp_path}/synthetic", *DATA, "logger=csv", "strategy=ddp"]
     args += ["trainer.devices=2", "data.batch_size=1", "trainer.max_steps=4", "trainer.limit_val_batches=0"]
-    args += ["prompting.point_rounds=1", "prompting.mask_rounds=0", "+callbacks/benchmark=default"]
-    args += ["callbacks.benchmark.every_n_steps=2", "callbacks.benchmark.max_batches=2"]
-    args += ["callbacks.benchmark.settings={clicks: [1, 2]}"]
+    args += ["prompting.point_rounds=1", "prompting.mask_rounds=0", "+callbacks/zero_shot=default"]
+    args += ["callbacks.zero_shot.every_n_steps=2", "callbacks.zero_shot.max_batches=2"]
+    args += ["callbacks.zero_shot.settings={points: {clicks: [1, 2]}}"]
     args += ["trainer.enable_progress_bar=false", "~callbacks.progress_bar"]
     p = subprocess.run(
         [sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
@@ -96,10 +96,10 @@ def test_ddp_rank0_evaluates_while_the_other_rank_waits(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     run = tmp_path / "demo"
     with open(run / "logs" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("bench/points/val/miou@1")]
+        rows = [r for r in csv.DictReader(f) if r.get("zero_shot/points/val/miou@1")]
     assert [int(r["step"]) for r in rows] == [2, 4]
     direct = _evaluate(tmp_path, run / "checkpoints" / "last.ckpt", tmp_path / "direct", batch_size=1, max_batches=2)[
         "points"
     ]["datasets"]["synthetic"]
     assert direct["num_images"] == 2
-    assert float(rows[-1]["bench/points/val/miou@2"]) == pytest.approx(direct["miou@2"], abs=1e-6)
+    assert float(rows[-1]["zero_shot/points/val/miou@2"]) == pytest.approx(direct["miou@2"], abs=1e-6)

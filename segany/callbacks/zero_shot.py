@@ -1,4 +1,4 @@
-"""BenchmarkValidation: the zero-shot evaluation tasks as validation during training.
+"""ZeroShotValidation: the zero-shot evaluation tasks as validation during training.
 
 Every ``every_n_steps`` optimiser steps (and, with ``at_start`` / ``at_end``, before the first
 step and after the last one) it runs the registered evaluation task(s) (``tasks``:
@@ -8,14 +8,14 @@ fixed subset of the configured datasets — the first ``max_batches`` batches (p
 evaluate.py (segany.evaluation.runner.run_tasks, with the model being trained), and
 
 - logs each dataset's float metrics (and their mean over datasets when there are several) to
-  the trainer's loggers as ``<prefix>/<task>/<dataset>/<metric>``, e.g. ``bench/points/val/miou@1``;
+  the trainer's loggers as ``<prefix>/<task>/<dataset>/<metric>``, e.g. ``zero_shot/points/val/miou@1``;
 - writes evaluate.py's outputs (metrics.json, results.md, plots) to ``<out_dir>/step<NNNNNNN>/``,
   and sends the plots to wandb as images when a WandbLogger is among the loggers.
 
-Task settings (clicks, proposals.*, edges.*, ...) are evaluate.py's defaults, read from
+Task settings (points.*, proposals.*, edges.*, ...) are evaluate.py's defaults, read from
 configs/evaluate.yaml (``eval_config``), with ``settings`` merged over them; so a figure logged
 here equals ``python evaluate.py ckpt_path=<the step's checkpoint>`` with the same settings on
-the same subset (tests/test_benchmark_callback.py checks it).
+the same subset (tests/test_zero_shot_callback.py checks it).
 
 Distributed: rank 0 evaluates the whole subset alone on its copy of the model (fp32, eval mode,
 no gradients, its RNG state restored afterwards); the other ranks wait at a barrier, so a long
@@ -51,7 +51,7 @@ def eval_settings(eval_config: Optional[str], overrides: dict) -> DictConfig:
     path = Path(eval_config) if eval_config else EVAL_CONFIG
     if not path.is_file():
         raise FileNotFoundError(
-            f"BenchmarkValidation: evaluation config {path} not found (set callbacks.benchmark.eval_config)"
+            f"ZeroShotValidation: evaluation config {path} not found (set callbacks.zero_shot.eval_config)"
         )
     base = OmegaConf.load(path)
     for key in ("defaults", "hydra"):
@@ -59,7 +59,7 @@ def eval_settings(eval_config: Optional[str], overrides: dict) -> DictConfig:
     return OmegaConf.merge(base, overrides)
 
 
-class BenchmarkValidation(pl.Callback):
+class ZeroShotValidation(pl.Callback):
     """every_n_steps: evaluation period in optimiser steps (null: none); at_start: also evaluate
     the model as training starts (step 0; not when resuming a run past it); at_end: also after
     the last step (unless the period just evaluated that step); datasets: name -> datamodule config
@@ -75,16 +75,16 @@ class BenchmarkValidation(pl.Callback):
         max_batches: Optional[int] = 2,
         max_images: Optional[int] = 4,
         settings: Optional[dict] = None,
-        prefix: str = "bench",
-        out_dir: str = "bench",
+        prefix: str = "zero_shot",
+        out_dir: str = "zero_shot",
         eval_config: Optional[str] = None,
         at_start: bool = False,
         at_end: bool = False,
     ):
         if every_n_steps is not None and int(every_n_steps) < 1:
-            raise ValueError(f"BenchmarkValidation: every_n_steps={every_n_steps} must be >= 1 (or null: none)")
+            raise ValueError(f"ZeroShotValidation: every_n_steps={every_n_steps} must be >= 1 (or null: none)")
         if not datasets:
-            raise ValueError("BenchmarkValidation: datasets is empty (name -> datamodule config)")
+            raise ValueError("ZeroShotValidation: datasets is empty (name -> datamodule config)")
         settings = OmegaConf.to_container(settings) if isinstance(settings, DictConfig) else dict(settings or {})
         self.cfg = eval_settings(
             eval_config,
@@ -107,8 +107,8 @@ class BenchmarkValidation(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         if is_sharded(pl_module.model):
             raise ValueError(
-                "BenchmarkValidation: the model is sharded (FSDP); rank 0 cannot run it alone. "
-                "Drop callbacks.benchmark and evaluate the checkpoints with evaluate.py"
+                "ZeroShotValidation: the model is sharded (FSDP); rank 0 cannot run it alone. "
+                "Drop callbacks.zero_shot and evaluate the checkpoints with evaluate.py"
             )
 
     def on_train_start(self, trainer, pl_module):
@@ -129,7 +129,7 @@ class BenchmarkValidation(pl.Callback):
         self._last_step = step
         if trainer.global_rank == 0:
             self.evaluate(trainer, pl_module.model, step)
-        trainer.strategy.barrier("benchmark_validation")
+        trainer.strategy.barrier("zero_shot_validation")
 
     def evaluate(self, trainer, model: torch.nn.Module, step: int) -> dict:
         """Run the tasks on `model` as it is now; log the figures at `step`; -> the metrics."""
@@ -149,7 +149,7 @@ class BenchmarkValidation(pl.Callback):
             if hasattr(logger, "log_image"):  # WandbLogger
                 for key, path in figures.items():
                     logger.log_image(key=key, images=[path], step=step)
-        log.info("benchmark at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        log.info("zero-shot evaluation at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
         return metrics
 
     def flatten(self, metrics: dict, out_dir: str) -> tuple[dict, dict]:
