@@ -19,10 +19,10 @@ of one checkpoint on different data never overwrite each other:
 coco-instances_val2017, coco-lvis_v1_val). Logs to wandb with wandb.enabled=true. Sharded:
 launch N ranks (torchrun / srun, or rank=i world_size=N), each evaluates its share, rank 0 merges.
 
-    python evaluate.py ckpt_path=runs/demo/checkpoints/last.ckpt       # points on held-out synthetic scenes
-    python evaluate.py ckpt_path=runs/demo/checkpoints/last.ckpt task=all
+    python evaluate.py checkpoint=runs/demo/checkpoints/last.ckpt      # points on held-out synthetic scenes
+    python evaluate.py checkpoint=runs/demo/checkpoints/last.ckpt task=all
     python evaluate.py                                                  # untrained vit_tiny baseline
-    python evaluate.py ckpt_path=sam_vit_b_01ec64.pth model=vit_b data=coco data.val_annotations=COCO_DIR/val.json
+    python evaluate.py checkpoint=sam_vit_b_01ec64.pth model=vit_b data=coco data.val_annotations=COCO_DIR/val.json
     python evaluate.py sweep_dir=runs/lr_sweep                          # every run of a sweep -> results.md
 """
 

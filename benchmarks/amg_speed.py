@@ -3,11 +3,11 @@
 Both generators run in one process, alternated per image (release, segany fp32, segany bf16),
 on the photos of ../shared/data/photos, at the release's defaults (32x32 grid, no crops) and/or
 at the data engine's SA-1B setting (segany.engine.annotate.SA1B_SETTINGS: 32x32 grid, 2 crop
-layers with 16x16 and 8x8 grids, 100 px small-region cleanup). Weights: --ckpt (a release-format
+layers with 16x16 and 8x8 grids, 100 px small-region cleanup). Weights: --checkpoint (a release-format
 .pth of --variant), else random-init weights of --variant (seed 0) written to a temporary file
 and loaded by both. Random weights predict low IoUs, so at the default thresholds few or no
 masks survive: the timing then measures decode + filtering, not mask encoding; pass a trained
---ckpt, or lower thresholds (--pred-iou-thresh, --stability-score-thresh), for a mask-agreement
+--checkpoint, or lower thresholds (--pred-iou-thresh, --stability-score-thresh), for a mask-agreement
 figure with many masks. The release raises an IndexError at the SA-1B setting when no mask
 survives in any crop (its final crop NMS indexes an empty tensor, after all crops are done): such a
 run is timed to the error, counted as no masks and reported (release_crashed_empty).
@@ -41,14 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's s
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 
 
-def architecture(variant: str, ckpt):
-    """segany's architecture numbers: those `ckpt` stores (its run config, the `.json` beside an
-    exported .pth, or its tensor shapes: the loader's own `read_checkpoint` + `config_for`),
+def architecture(variant: str, checkpoint, trust: bool = False):
+    """segany's architecture numbers: those `checkpoint` stores (its run config, the `.json` beside
+    an exported .pth, or its tensor shapes: the loader's own `read_checkpoint` + `config_for`),
     else `variant`'s."""
-    from segany.modeling.build import config_for
-    from segany.modeling.reader import read_checkpoint
+    from segany.modeling.checkpoint import read_checkpoint
+    from segany.modeling.checkpoint.load import config_for
 
-    ck = read_checkpoint(ckpt) if ckpt else None
+    ck = read_checkpoint(checkpoint, trust=trust) if checkpoint else None
     return config_for(ck, None if ck is not None and ck.model_config else variant, {})
 
 
@@ -147,9 +147,11 @@ def best_match_iou(ref: list, ours: list) -> float:
 
 
 def main() -> None:
+    from segany.utils.cli import add_checkpoint_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="vit_b", choices=["vit_tiny", "vit_b", "vit_l", "vit_h"])
-    p.add_argument("--ckpt", default=None, help="release-format .pth of --variant (default: random init, seed 0)")
+    add_checkpoint_args(p, "release-format .pth of --variant (default: random init, seed 0)")
     p.add_argument("--photos", default=str(PHOTOS))
     p.add_argument("--images", type=int, default=2, help="first N photos (sorted by name)")
     p.add_argument("--max-side", type=int, default=None, help="downscale photos to this long side (default: as is)")
@@ -166,17 +168,18 @@ def main() -> None:
 
     import segany
     from segany.engine.annotate import SA1B_SETTINGS
+    from segany.modeling.checkpoint import torch_load
 
     torch.manual_seed(0)
-    arch = architecture(args.variant, args.ckpt)
+    arch = architecture(args.variant, args.checkpoint, args.trust_checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt
+        ckpt = args.checkpoint
         if ckpt is None:
             ckpt = os.path.join(tmp, f"{args.variant}_random.pth")
             torch.save(official_sam(arch).state_dict(), ckpt)
         ref_model = official_sam(arch)
-        ref_model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-        our_model = segany.build_sam(args.variant, checkpoint=ckpt).eval()
+        ref_model.load_state_dict(torch_load(ckpt, args.trust_checkpoint))
+        our_model = segany.build_sam(args.variant, checkpoint=ckpt, trust_checkpoint=args.trust_checkpoint).eval()
     photos = load_photos(Path(args.photos), args.images, args.max_side)
 
     settings = {"default": {}, "sa1b": dict(SA1B_SETTINGS)}
@@ -266,7 +269,11 @@ def main() -> None:
             ),
             flush=True,
         )
-    print(json.dumps({"variant": args.variant, "ckpt": args.ckpt, "max_side": args.max_side, "results": results}))
+    print(
+        json.dumps(
+            {"variant": args.variant, "checkpoint": args.checkpoint, "max_side": args.max_side, "results": results}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def test_shards_read_back_through_the_datamodule_and_stats(images, ckpt, tmp_pat
 
 def test_semi_mode_places_the_engine_masks_once(images, ckpt, tmp_path):
     from segany.engine import SemiAnnotator
-    from segany.modeling.load import load_model
+    from segany.modeling.checkpoint import load_model
 
     settings = dict(points_per_side=4, pred_iou_thresh=0.5, stability_score_thresh=0.5, min_mask_region_area=0)
     out = tmp_path / "out"
@@ -288,7 +288,7 @@ def test_killed_server_leaves_readable_shards_and_resumes(images, ckpt, tmp_path
     import httpx
 
     out, port = tmp_path / "out", _free_port()
-    cmd = [sys.executable, "-m", "segany.annotate", "--images", str(images), "--ckpt", str(ckpt)]
+    cmd = [sys.executable, "-m", "segany.annotate", "--images", str(images), "--checkpoint", str(ckpt)]
     cmd += ["--out", str(out), "--port", str(port), "--shard-size", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -1,4 +1,4 @@
-"""segany.modeling.reader: one reader for a train.py .ckpt file, an FSDP (torch distributed
+"""segany.modeling.checkpoint: one reader for a train.py .ckpt file, an FSDP (torch distributed
 checkpoint) directory and a SAM .pth; the architecture comes from the checkpoint itself
 (the demo's width-128 decoder needs no overrides). Truths: the in-memory model's weights
 and predictions, the official `segment_anything` model, and torch's own DCP consolidation
@@ -17,8 +17,7 @@ from helpers import compose
 
 import segany
 from segany.modeling.checkpoint import CheckpointError
-from segany.modeling.load import load_model
-from segany.modeling.reader import read_checkpoint
+from segany.modeling.checkpoint import load_model, read_checkpoint
 from segany.utils.config import register_resolvers
 from tests._official import build_official_tiny_sam
 
@@ -188,7 +187,7 @@ def test_exported_pth_carries_its_architecture_beside_it(tmp_path, image):
     path = tmp_path / "last.ckpt"
     torch.save(lightning_ckpt(model), path)
     out = tmp_path / "sam_demo.pth"
-    from segany.export import export
+    from segany.modeling.checkpoint import export
 
     export(str(path), str(out))
     side = json.loads((tmp_path / "sam_demo.json").read_text())
@@ -233,7 +232,7 @@ def test_distributed_checkpoint_directory_single_process(tmp_path, image):
 
     out = tmp_path / "eval"
     cfg = compose(
-        f"ckpt_path={d}",
+        f"checkpoint={d}",
         f"output_dir={out}",
         f"data.root={tmp_path}/syn",
         "data.num_train=1",

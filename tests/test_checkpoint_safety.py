@@ -19,8 +19,8 @@ import torch.distributed.checkpoint as dcp
 
 import segany
 from segany.modeling.checkpoint import CheckpointError
-from segany.modeling.load import load_model
-from segany.modeling.reader import load_distributed, read_checkpoint
+from segany.modeling.checkpoint import load_model, read_checkpoint
+from segany.modeling.checkpoint.trust import load_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_python_entry_points_refuse_and_name_the_file(tmp_path, weights, kind):
     else:
         path = _evil_dcp(tmp_path / "last.ckpt", marker, weights, kind)
         bad = str(path / kind)
-    from segany.export import export
+    from segany.modeling.checkpoint import export
 
     calls = {
         "read_checkpoint": lambda: read_checkpoint(str(path)),
@@ -184,7 +184,7 @@ def test_cli_engine_refuses(tmp_path, evil):
     p = _run(
         ["-m", "segany.engine", "auto", "--input", str(tmp_path / "images"), "--out", str(tmp_path / "o")]
         + [
-            "--ckpt",
+            "--checkpoint",
             str(path),
         ]
     )
@@ -193,7 +193,7 @@ def test_cli_engine_refuses(tmp_path, evil):
 
 def test_cli_evaluate_refuses(tmp_path, evil):
     path, marker = evil
-    p = _run(["evaluate.py", f"ckpt_path={path}", f"paths.root_dir={tmp_path}", f"output_dir={tmp_path}/eval"])
+    p = _run(["evaluate.py", f"checkpoint={path}", f"paths.root_dir={tmp_path}", f"output_dir={tmp_path}/eval"])
     _assert_refused(p, path, marker)
 
 

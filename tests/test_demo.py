@@ -32,7 +32,7 @@ def test_demo_cli_a_few_steps_then_evaluate(tmp_path):
     _run("train.py", f"paths.root_dir={tmp_path}", "trainer.max_steps=3", "logger=csv", *data)
     ckpt = tmp_path / "demo" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and (tmp_path / "demo" / "config.yaml").is_file()
-    _run("evaluate.py", f"ckpt_path={ckpt}", "max_batches=1", "points.clicks=[1,3]", *data)
+    _run("evaluate.py", f"checkpoint={ckpt}", "max_batches=1", "points.clicks=[1,3]", *data)
     m = json.loads((tmp_path / "demo" / "eval" / "last-synthetic" / "metrics.json").read_text())["points"]["mean"]
     assert {"miou@1", "miou_oracle@1", "miou@3", "num_masks"} <= set(m) and m["num_masks"] > 0
     assert 0 <= m["miou@1"] <= m["miou_oracle@1"] <= 1
@@ -44,7 +44,7 @@ def test_full_demo_learns(tmp_path):
     t0 = time.time()
     _run("train.py", f"paths.root_dir={tmp_path}", timeout=1800)
     minutes = (time.time() - t0) / 60
-    _run("evaluate.py", f"ckpt_path={tmp_path}/demo/checkpoints/last.ckpt", timeout=900)
+    _run("evaluate.py", f"checkpoint={tmp_path}/demo/checkpoints/last.ckpt", timeout=900)
     trained = json.loads((tmp_path / "demo" / "eval" / "last-synthetic" / "metrics.json").read_text())["points"]["mean"]
     _run("evaluate.py", f"paths.root_dir={tmp_path}", timeout=900)
     untrained = json.loads((tmp_path / "eval" / "untrained-synthetic" / "metrics.json").read_text())["points"]["mean"]

@@ -140,7 +140,7 @@ def test_fsdp_two_processes_checkpoint_resume_export(tmp_path, param_dtype):
     # torch's own consolidation of the model (dcp_to_torch_save) ...
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from segany.modeling.reader import read_checkpoint
+    from segany.modeling.checkpoint import read_checkpoint
 
     dcp_to_torch_save(str(last), str(tmp_path / "full.pt"))  # our own file: the library's reader
     full = torch.load(tmp_path / "full.pt", map_location="cpu", weights_only=False)["state_dict"]
@@ -158,7 +158,7 @@ def test_fsdp_two_processes_checkpoint_resume_export(tmp_path, param_dtype):
         np.testing.assert_array_equal(x, y)
     # ... and evaluate.py evaluates it
     r = subprocess.run(
-        [sys.executable, "evaluate.py", f"ckpt_path={last}", f"output_dir={tmp_path}/eval"]
+        [sys.executable, "evaluate.py", f"checkpoint={last}", f"output_dir={tmp_path}/eval"]
         + [f"paths.root_dir={tmp_path}", f"data.root={tmp_path}/evaldata", "data.num_val=2", "data.num_train=1"]
         + ["data.shard_size=1", "points.clicks=[1]"],
         cwd=ROOT,

@@ -121,7 +121,7 @@ def test_finder_sees_what_bash_sees():
     md = (
         "Run `python train.py experiment=demo` or `pip install x`.\n\n"
         "```bash\n"
-        "pip install -e . && python train.py \\\n    trainer.max_steps=2 && python evaluate.py ckpt_path=CKPT\n"
+        "pip install -e . && python train.py \\\n    trainer.max_steps=2 && python evaluate.py checkpoint=CKPT\n"
         "for lr in 1 2; do sbatch --nodes=2 slurm/train.sbatch optim.lr=$lr; done\n"
         "```\n\n```python\nimport os  # python train.py x=1\n```\n"
     )
@@ -190,7 +190,7 @@ def test_in_process_composition_equals_cfg_job(ran):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = str(ROOT)
     runs = []
-    for script, need in (("train.py", "{"), ("evaluate.py", "ckpt_path")):
+    for script, need in (("train.py", "{"), ("evaluate.py", "checkpoint=")):
         cmd, args = _first(ran, script, need)
         p = subprocess.Popen(
             [sys.executable, script, *args, "--cfg", "job"],

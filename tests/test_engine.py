@@ -200,7 +200,7 @@ def test_train_annotate_retrain_loop(tmp_path, monkeypatch):
                 str(images),
                 "--out",
                 str(tmp_path / "engine"),
-                "--ckpt",
+                "--checkpoint",
                 str(ckpt),
                 "--shard-size",
                 "2",
@@ -221,7 +221,7 @@ def test_train_annotate_retrain_loop(tmp_path, monkeypatch):
     shards = sorted((tmp_path / "engine").glob("*.tar"))
     assert [s.name for s in shards] == ["sa-000000.tar", "sa-000001.tar"]
 
-    from segany.modeling.load import load_model
+    from segany.modeling.checkpoint import load_model
 
     model, _ = load_model(str(ckpt))
     segany.save_official(model, str(tmp_path / "round0.pth"))

@@ -66,7 +66,7 @@ def test_one_checkpoint_on_two_datasets_keeps_both_results(tmp_path):
     ckpt = _fake_run(tmp_path / "runs" / "r")
     ann, images = _coco(tmp_path / "coco", "val2017")
     common = [
-        f"ckpt_path={ckpt}",
+        f"checkpoint={ckpt}",
         "points.clicks=[1]",
         f"paths.root_dir={tmp_path}",
         f"paths.data_dir={tmp_path}/nowhere",
@@ -104,15 +104,15 @@ def test_default_output_dir_names_checkpoint_and_datasets(tmp_path):
         return output_dir(cfg, dataset_configs(cfg))
 
     assert out() == f"{tmp_path}/eval/untrained-synthetic"  # data.root <data_dir>/synthetic adds nothing
-    sam_coco = out("ckpt_path=/w/sam_vit_b_01ec64.pth", "data=coco")
+    sam_coco = out("checkpoint=/w/sam_vit_b_01ec64.pth", "data=coco")
     assert sam_coco == f"{tmp_path}/eval/sam_vit_b_01ec64-coco-instances_val2017"
-    lvis = out("ckpt_path=/w/sam_vit_b_01ec64.pth", "data=coco", "data.val_annotations=/l/lvis_v1_val.json")
+    lvis = out("checkpoint=/w/sam_vit_b_01ec64.pth", "data=coco", "data.val_annotations=/l/lvis_v1_val.json")
     assert lvis == f"{tmp_path}/eval/sam_vit_b_01ec64-coco-lvis_v1_val"
     assert out(
-        "ckpt_path='runs/x/checkpoints/step=10.ckpt'", "data=sa1b", "data.val_shards='/s/val/sa_{0..9}.tar'"
+        "checkpoint='runs/x/checkpoints/step=10.ckpt'", "data=sa1b", "data.val_shards='/s/val/sa_{0..9}.tar'"
     ) == (os.path.abspath("runs/x/eval/step=10-sa1b-val"))
     two = "datasets={a: {_target_: segany.data.CocoDataModule}, b: {_target_: segany.data.CocoDataModule}}"
-    assert out("ckpt_path=runs/x/checkpoints/last.ckpt", two) == os.path.abspath("runs/x/eval/last-a+b")
+    assert out("checkpoint=runs/x/checkpoints/last.ckpt", two) == os.path.abspath("runs/x/eval/last-a+b")
     assert out("output_dir=/somewhere/else", two) == "/somewhere/else"
 
 

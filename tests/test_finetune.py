@@ -18,8 +18,8 @@ from helpers import compose
 
 import segany
 from segany.modeling.build import VARIANTS
-from segany.modeling.infer import infer_architecture
-from segany.modeling.load import load_model
+from segany.modeling.checkpoint import load_model
+from segany.modeling.checkpoint.infer import infer_architecture
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM = dict(img_size=128, embed_dim=64, depth=3, num_heads=2, global_attn_indexes=(1,), window_size=4)
@@ -148,7 +148,7 @@ def _direct(tmp_path, ckpt, root, seed, out):
     import evaluate as evaluate_script
 
     cfg = compose(
-        f"ckpt_path={ckpt}",
+        f"checkpoint={ckpt}",
         f"output_dir={out}",
         f"data.root={root}",
         f"data.data_seed={seed}",

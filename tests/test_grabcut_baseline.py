@@ -20,7 +20,7 @@ from segany.evaluation import report
 from segany.evaluation.clicks import Clicker
 from segany.evaluation.grabcut import GrabCutSegmenter
 from segany.evaluation.noc import NocTask, object_ious
-from segany.modeling.load import load_model, untrained_like
+from segany.modeling.checkpoint import load_model, untrained_like
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SEGANY_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -12,9 +12,7 @@ from helpers import compose
 from hydra.utils import instantiate
 
 import segany
-from segany.export import export
-from segany.modeling.checkpoint import CheckpointError
-from segany.modeling.load import load_model
+from segany.modeling.checkpoint import CheckpointError, export, load_model
 from segany.modeling.lora import LoraSpec, lora_parameters
 from segany.testing.toy import toy_batch
 from segany.training import PromptConfig, SamLoss, SamModule, SamOptim, param_groups, simulate

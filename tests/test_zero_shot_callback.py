@@ -51,7 +51,7 @@ def _evaluate(tmp_path, ckpt, out, batch_size=2, max_batches=1):
     import evaluate as evaluate_script
 
     cfg = compose(
-        f"ckpt_path={ckpt}",
+        f"checkpoint={ckpt}",
         f"output_dir={out}",
         f"paths.root_dir={tmp_path}",
         f"data.root={tmp_path}/synthetic",

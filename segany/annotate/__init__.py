@@ -1,6 +1,6 @@
 """segany.annotate: assisted-manual annotation in the browser (data engine stage 1, paper §4).
 
-    python -m segany.annotate --images DIR_OR_SHARDS --ckpt CKPT --out OUT
+    python -m segany.annotate --images DIR_OR_SHARDS --checkpoint CKPT --out OUT
 
 A FastAPI server (server.py) embeds each image once (session.py) and decodes every click with
 the prompt encoder and mask decoder; the page (static/, plain HTML/JS) draws the masks. Accepted

@@ -1,10 +1,12 @@
-"""python -m segany.annotate --images DIR_OR_SHARDS --ckpt CKPT --out OUT  (prints the URL)"""
+"""python -m segany.annotate --images DIR_OR_SHARDS --checkpoint CKPT --out OUT  (prints the URL)"""
 
 from __future__ import annotations
 
 import argparse
 import secrets
 import sys
+
+from segany.utils.cli import add_checkpoint_args
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -15,10 +17,9 @@ def parser() -> argparse.ArgumentParser:
         description="Assisted-manual annotation in the browser (data engine stage 1); writes SA-1B-format shards.",
     )
     p.add_argument("--images", required=True, help="folder of images, or SA-1B-format shards (any shard spec)")
-    p.add_argument("--ckpt", default=None, help="train.py .ckpt, FSDP directory or SAM .pth (none: untrained)")
+    add_checkpoint_args(p, "train.py .ckpt, FSDP directory or SAM .pth (none: untrained)")
     p.add_argument("--out", required=True, help="output folder of SA-1B-format shards (resumed if it exists)")
     p.add_argument("--model", default="vit_tiny", help="size when the checkpoint stores none / no checkpoint")
-    p.add_argument("--trust-checkpoint", action="store_true", help="unpickle arbitrary objects in --ckpt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--annotator", default="anonymous", help="name stored with every mask")
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
         token = secrets.token_urlsafe(16)
     app = create_app(
         args.images,
-        args.ckpt,
+        args.checkpoint,
         args.out,
         model=args.model,
         device=args.device,

@@ -13,7 +13,7 @@
     POST /api/images/{i}/masks/{id}/brush   {strokes: [{x, y, r, erase}]}: fix a stored mask's pixels
     POST /api/images/{i}/masks/{id}/delete
     POST /api/images/{i}/undo         undo this session's last change to image i
-    POST /api/model/reload            read --ckpt again (a newer checkpoint), no restart
+    POST /api/model/reload            read --checkpoint again (a newer checkpoint), no restart
     GET  /api/stats             per mask: source, seconds, clicks, time; masks per image
 
 Safe by default: images are addressed by index (never by a path from the client), request
@@ -102,7 +102,7 @@ def _public(ann: dict) -> dict:
 
 def create_app(
     images: str,
-    ckpt: Optional[str],
+    checkpoint: Optional[str],
     out: str,
     *,
     model: str = "vit_tiny",
@@ -115,11 +115,11 @@ def create_app(
     semi_settings: Optional[dict] = None,
 ) -> FastAPI:
     """The app on the images of `images` (a folder or a shard spec, read by segany.engine.plan_jobs),
-    the model of `ckpt` (segany.modeling.load_model; `model` only when it stores no architecture)
+    the model of `checkpoint` (segany.modeling.checkpoint.load_model; `model` only when it stores no architecture)
     and the output folder `out` (resumed). semi_settings: SemiAnnotator keywords."""
     app = FastAPI(title="segany annotate", docs_url=None, redoc_url=None, openapi_url=None)
     imgs = Images(images, shard_size)
-    net = Model(ckpt, model, device, trust_checkpoint)
+    net = Model(checkpoint, model, device, trust_checkpoint)
     store = ShardStore(out)
     imgs.check_output(store)
     history: dict = {}  # image index -> previous annotation lists (this session's undo)

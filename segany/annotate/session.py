@@ -114,8 +114,9 @@ class Model:
     """The model and the embeddings of the last few images. Thread-safe: reload swaps the
     model and empties the cache; embeddings are keyed by (model generation, image)."""
 
-    def __init__(self, ckpt: Optional[str], variant: str, device: str = "cpu", trust: bool = False, cache: int = 4):
-        self.args = SimpleNamespace(ckpt=ckpt, model=variant, trust_checkpoint=trust, device=device)
+    def __init__(self, checkpoint: Optional[str], variant: str, device="cpu", trust_checkpoint=False, cache: int = 4):
+        args = dict(checkpoint=checkpoint, model=variant, trust_checkpoint=trust_checkpoint, device=device)
+        self.args = SimpleNamespace(**args)  # what segany.engine.cli.load reads
         self._lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
         self._size = cache
@@ -125,7 +126,7 @@ class Model:
         self.model, self.description = load_engine_model(self.args)
 
     def reload(self) -> str:
-        """Read --ckpt again (e.g. a newer last.ckpt) and use it from now on."""
+        """Read --checkpoint again (e.g. a newer last.ckpt) and use it from now on."""
         model, what = load_engine_model(self.args)
         with self._lock:
             self.model, self.description = model, what

@@ -12,7 +12,7 @@ synthetic scenes; any evaluate.py dataset entry), then writes the figures side b
 The two evaluations are the files <out_dir>/step0000000/metrics.json and
 <out_dir>/step<N>/metrics.json; the table is read from them, so a run resumed after step 0
 still compares against the model it started from. A figure in the table equals
-``python evaluate.py ckpt_path=<checkpoint> datasets=...`` with the same settings on the same
+``python evaluate.py checkpoint=<checkpoint> datasets=...`` with the same settings on the same
 subset (tests/test_finetune.py).
 """
 

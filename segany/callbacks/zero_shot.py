@@ -14,7 +14,7 @@ evaluate.py (segany.evaluation.runner.run_tasks, with the model being trained), 
 
 Task settings (points.*, proposals.*, edges.*, ...) are evaluate.py's defaults, read from
 configs/evaluate.yaml (``eval_config``), with ``settings`` merged over them; so a figure logged
-here equals ``python evaluate.py ckpt_path=<the step's checkpoint>`` with the same settings on
+here equals ``python evaluate.py checkpoint=<the step's checkpoint>`` with the same settings on
 the same subset (tests/test_zero_shot_callback.py checks it).
 
 Distributed: rank 0 evaluates the whole subset alone on its copy of the model (fp32, eval mode,

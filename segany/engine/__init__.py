@@ -1,7 +1,7 @@
 """segany.engine: the SAM data engine (paper §4) on unlabelled or partly labelled images.
 
-    python -m segany.engine auto --ckpt runs/demo/checkpoints/last.ckpt --input IMAGES_DIR --out OUT
-    python -m segany.engine semi --ckpt ... --input SA1B_SHARDS --out OUT
+    python -m segany.engine auto --checkpoint runs/demo/checkpoints/last.ckpt --input IMAGES_DIR --out OUT
+    python -m segany.engine semi --checkpoint ... --input SA1B_SHARDS --out OUT
 
 ``auto`` (fully automatic stage) runs the mask generator with the SA-1B settings over every
 image and writes SA-1B-format shards; ``semi`` (semi-automatic stage) keeps the confident

@@ -1,4 +1,6 @@
-"""Command line of the data engine: python -m segany.engine {auto,semi} --input IN --out OUT [--ckpt CKPT] [options]
+"""Command line of the data engine:
+
+    python -m segany.engine {auto,semi} --input IN --out OUT [--checkpoint CKPT] [options]
 
 Rank and world size default to the launcher's (RANK / WORLD_SIZE, SLURM_PROCID /
 SLURM_NTASKS); --workers N runs N processes per rank, each with its own model. Output shard
@@ -13,6 +15,7 @@ import logging
 import sys
 
 from segany.engine.annotate import MAX_AREA_FRAC, SA1B_SETTINGS
+from segany.utils.cli import add_checkpoint_args
 
 log = logging.getLogger("segany.engine")
 
@@ -31,15 +34,8 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--input", required=True, help="folder of images, or SA-1B-format shards (spec)")
         s.add_argument("--out", required=True, help="output folder of SA-1B-format shards")
-        s.add_argument(
-            "--ckpt", default=None, help="train.py .ckpt, FSDP checkpoint directory or SAM .pth (none: untrained)"
-        )
+        add_checkpoint_args(s, "train.py .ckpt, FSDP checkpoint directory or SAM .pth (none: untrained)")
         s.add_argument("--model", default="vit_tiny", help="size when the checkpoint stores none / no checkpoint")
-        s.add_argument(
-            "--trust-checkpoint",
-            action="store_true",
-            help="unpickle arbitrary Python objects in --ckpt (only for a file you trust)",
-        )
         s.add_argument("--device", default="auto")
         s.add_argument(
             "--precision",
@@ -110,11 +106,11 @@ def build_annotator(args, model):
 def load(args):
     from omegaconf import OmegaConf
 
-    from segany.modeling.load import load_model
+    from segany.modeling.checkpoint import load_model
     from segany.utils.dist import pick_device
 
     model_cfg = OmegaConf.create({"_target_": "segany.build_sam", "variant": args.model})
-    model, what = load_model(args.ckpt, model_cfg, trust_checkpoint=args.trust_checkpoint)
+    model, what = load_model(args.checkpoint, model_cfg, trust_checkpoint=args.trust_checkpoint)
     return model.to(pick_device(args.device)).eval(), what
 
 

@@ -59,7 +59,7 @@ def gather_parts(
         time.sleep(1.0)
 
 
-def fingerprint(cfg, ckpt_path: Optional[str]) -> str:
+def fingerprint(cfg, checkpoint: Optional[str]) -> str:
     """Identity of an evaluation: its config without the per-rank / merge keys, and the
     checkpoint file's size and modification time."""
     import hashlib
@@ -69,7 +69,7 @@ def fingerprint(cfg, ckpt_path: Optional[str]) -> str:
     c = OmegaConf.to_container(cfg, resolve=False)  # as written: overrides show, no resolver runs
     for k in ("rank", "merge_only", "merge_timeout_s", "hydra"):
         c.pop(k, None)
-    if ckpt_path and os.path.isfile(ckpt_path):
-        st = os.stat(ckpt_path)
+    if checkpoint and os.path.isfile(checkpoint):
+        st = os.stat(checkpoint)
         c["_ckpt"] = [st.st_size, st.st_mtime_ns]
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]

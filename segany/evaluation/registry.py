@@ -94,9 +94,9 @@ class EvalTask:
 
     def untrained_model(self):
         """The model's architecture freshly initialised with cfg.seed (evaluate.py's untrained
-        baseline, modeling.load.untrained_like), on the device, in eval mode; built once per task."""
+        baseline, modeling.checkpoint.untrained_like), on the device, in eval mode; built once per task."""
         if self._untrained is None:
-            from segany.modeling.load import untrained_like
+            from segany.modeling.checkpoint import untrained_like
 
             self._untrained = untrained_like(self.model, self.cfg.seed).to(self.device).eval()
         return self._untrained

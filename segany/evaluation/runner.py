@@ -20,7 +20,7 @@ from segany.evaluation.distributed import fingerprint, gather_parts, write_part
 from segany.evaluation.registry import TASKS, task_names
 from segany.evaluation.sources import build_datamodule, dataset_configs, dataset_label
 from segany.inference.predictor import autocast_context
-from segany.modeling.load import load_model
+from segany.modeling.checkpoint import load_model
 from segany.utils.dist import pick_device, topology
 
 log = logging.getLogger("evaluate")
@@ -35,7 +35,7 @@ def output_dir(cfg: DictConfig, datasets: dict) -> str:
     if cfg.output_dir:
         return cfg.output_dir
     label = cfg.get("suite") or dataset_label(datasets, named=bool(cfg.get("datasets")))
-    ck = cfg.ckpt_path
+    ck = cfg.checkpoint
     if not ck:
         return os.path.join(cfg.paths.root_dir, "eval", f"untrained-{label}")
     ck = os.path.abspath(str(ck).rstrip("/"))
@@ -49,10 +49,10 @@ def evaluate(cfg: DictConfig) -> dict:
     task_names(cfg)  # a wrong task name fails before the model is loaded
     rank, world = topology(cfg.get("rank"), cfg.get("world_size"))
     device = pick_device(cfg.device)
-    model, what = load_model(cfg.ckpt_path, cfg.model, cfg.seed, trust_checkpoint=bool(cfg.get("ckpt_trust", False)))
+    model, what = load_model(cfg.checkpoint, cfg.model, cfg.seed, trust_checkpoint=cfg.trust_checkpoint)
     model.to(device).eval()
     datasets = dataset_configs(cfg)
-    fp = fingerprint(cfg, cfg.ckpt_path)
+    fp = fingerprint(cfg, cfg.checkpoint)
     # bf16: every task's encoder / decoder calls under torch.autocast; weights and outputs stay fp32
     with autocast_context(cfg.get("precision", "fp32"), device):
         return run_tasks(cfg, model, what, device, output_dir(cfg, datasets), datasets, rank, world, fp)

@@ -2,7 +2,7 @@
 tabulate them — one row per run directory under DIR that holds checkpoints/last.ckpt: its
 name, its overrides (Hydra's overrides.yaml in .hydra/ or hydra/, else an ``overrides`` list
 in its config.yaml) and mIoU at each click count, in DIR/results.md and DIR/results.json.
-Each run's own metrics go to <run>/eval/last-<dataset>/ as with ckpt_path=."""
+Each run's own metrics go to <run>/eval/last-<dataset>/ as with checkpoint=."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def evaluate_sweep(cfg: DictConfig) -> dict:
                 "sweep_dir": None,
                 "task": "points",
                 "output_dir": None,
-                "ckpt_path": os.path.join(run, "checkpoints", "last.ckpt"),
+                "checkpoint": os.path.join(run, "checkpoints", "last.ckpt"),
             },
         )
         log.info("sweep: evaluating %s", run)

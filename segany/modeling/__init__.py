@@ -1,7 +1,7 @@
 """segany.modeling: the SAM network."""
 
 from segany.modeling.build import VARIANTS, SamConfig, build_sam, sam_config
-from segany.modeling.checkpoint import CheckpointError, load_mae_encoder, load_official, save_official
+from segany.modeling.checkpoint import CheckpointError, load_mae_encoder, save_official
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
@@ -15,7 +15,6 @@ __all__ = [
     "sam_config",
     "CheckpointError",
     "load_mae_encoder",
-    "load_official",
     "save_official",
     "ImageEncoderViT",
     "MaskDecoder",

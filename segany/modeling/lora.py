@@ -14,8 +14,8 @@ State-dict keys of an adapted projection (peft's layout; adapter name "default")
     blocks.3.attn.qkv.lora_B.default.weight        (out, rank)
 so train.py checkpoints (Lightning file or FSDP directory) hold base and adapter, and resume
 as they were written. `merge_lora` folds a state dict back into the release layout
-(W + B A * alpha / rank under the original key): segany.modeling.reader applies it to every
-checkpoint it reads and `save_official` to a live model, so export, evaluate.py, the data
+(W + B A * alpha / rank under the original key): segany.modeling.checkpoint's reader applies it
+to every checkpoint it reads and `save_official` to a live model, so export, evaluate.py, the data
 engine and `build_sam(checkpoint=...)` all see a plain SAM. It works on tensors, not on a
 built model, because checkpoints are read as data without building a network (peft's own
 `merge()` needs the peft modules); the formula is peft's for plain LoRA (no rsLoRA / DoRA,

@@ -2,7 +2,8 @@
 
 Beyond the release's API (`forward(batched_input, multimask_output)`, `preprocess`,
 `postprocess_masks`), `decode` runs the decoder for B images x M prompts in one call.
-Nothing here is under `no_grad`: the same module trains.
+Nothing here is under `no_grad`: the same module trains. `assemble(cfg)`: a fresh Sam of
+architecture `cfg` (segany.modeling.variants.SamConfig).
 """
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,6 +16,8 @@ from segany.modeling.constants import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
+from segany.modeling.transformer import TwoWayTransformer
+from segany.modeling.variants import SamConfig
 
 
 class Sam(nn.Module):
@@ -142,3 +145,44 @@ class Sam(nn.Module):
             masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
             outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res})
         return outputs
+
+
+def assemble(cfg: SamConfig) -> Sam:
+    """A freshly initialised `Sam` of architecture `cfg`, which it keeps as `model.config`."""
+    grid = cfg.img_size // cfg.patch_size
+    image_encoder = ImageEncoderViT(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        global_attn_indexes=cfg.global_attn_indexes,
+        window_size=cfg.window_size,
+        out_chans=cfg.prompt_embed_dim,
+        drop_path_rate=cfg.drop_path_rate,
+        grad_checkpointing=cfg.grad_checkpointing,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=cfg.prompt_embed_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(cfg.img_size, cfg.img_size),
+        mask_in_chans=cfg.mask_in_chans,
+        text_embed_dim=cfg.text_embed_dim,
+    )
+    transformer = TwoWayTransformer(
+        depth=cfg.decoder_depth,
+        embedding_dim=cfg.prompt_embed_dim,
+        num_heads=cfg.decoder_heads,
+        mlp_dim=cfg.decoder_mlp_dim,
+        dropout=cfg.decoder_dropout,
+    )
+    mask_decoder = MaskDecoder(
+        transformer_dim=cfg.prompt_embed_dim,
+        transformer=transformer,
+        num_multimask_outputs=cfg.num_multimask_outputs,
+        iou_head_depth=cfg.iou_head_depth,
+        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+    )
+    model = Sam(image_encoder, prompt_encoder, mask_decoder)
+    model.config = cfg
+    return model

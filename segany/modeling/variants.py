@@ -1,7 +1,8 @@
-"""The released SAM sizes (and the tiny CPU one): every architectural number, by name. A module of its
-own so that segany.modeling.infer can name a checkpoint's size without importing build."""
+"""The released SAM sizes (and the tiny CPU one): every architectural number, by name, and
+`sam_config(variant, **overrides)`. A module of its own, below the checkpoint package (which
+names a checkpoint's size and rebuilds its architecture) and build_sam (which reads checkpoints)."""
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Tuple
 
 
@@ -40,3 +41,23 @@ VARIANTS = {
     # for CPU tests and the demo: 256 px -> 16x16 tokens, low-res masks 64x64
     "vit_tiny": SamConfig(embed_dim=192, depth=6, num_heads=3, global_attn_indexes=(2, 5), img_size=256, window_size=8),
 }
+
+# SamConfig fields that are training switches, not architecture: never stored as the
+# architecture of a checkpoint, always the caller's own
+TRAINING_SWITCHES = ("drop_path_rate", "decoder_dropout", "grad_checkpointing")
+
+
+def sam_config(variant: str, **overrides) -> SamConfig:
+    """VARIANTS[variant] with `overrides` replacing any of its fields; unknown names fail."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    fields = asdict(VARIANTS[variant])
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown build_sam override(s) {unknown}; valid keys: {sorted(fields)}")
+    fields.update(overrides)
+    fields["global_attn_indexes"] = tuple(fields["global_attn_indexes"])
+    bad = [i for i in fields["global_attn_indexes"] if not 0 <= i < fields["depth"]]
+    if bad:
+        raise ValueError(f"global_attn_indexes {bad} out of range for depth {fields['depth']}")
+    return SamConfig(**fields)

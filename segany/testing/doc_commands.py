@@ -291,6 +291,7 @@ def compose_jobs(root: Path, script: str, args: list, env: Optional[dict] = None
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict
 
+    from segany.utils.cli import renamed
     from segany.utils.config import register_resolvers
 
     register_resolvers()
@@ -299,6 +300,9 @@ def compose_jobs(root: Path, script: str, args: list, env: Optional[dict] = None
     if flags:
         raise ValueError(f"{script}: flags {flags} are not handled by the docs check (only -m / --multirun)")
     overrides = [a for a in args if a not in ("-m", "--multirun")]
+    old = renamed(overrides)  # what the script refuses before Hydra (segany.utils.cli.check_overrides)
+    if old:
+        raise ValueError(f"{script}: renamed config key(s):\n" + "\n".join(old))
     parsed = OverridesParser.create().parse_overrides(overrides)  # Hydra's own parse errors
     jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
     config_dir, config_name = hydra_entry(Path(root).resolve(), script)

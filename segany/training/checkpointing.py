@@ -12,10 +12,13 @@ previous checkpoint intact and loadable.
 Both are selected by the configs (configs/trainer/default.yaml `plugins`,
 configs/strategy/fsdp.yaml), so ModelCheckpoint's periodic and `last` checkpoints and
 train.py's final one all go through them, and so does resuming: both read checkpoints as
-data (`weights_only=True`; the sharded one through segany.modeling.reader's safe DCP
-reader), a file carrying other Python objects is refused with an error naming it. What
+data (`weights_only=True`; the sharded one through segany.modeling.checkpoint.trust's safe
+DCP reader), a file carrying other Python objects is refused with an error naming it. What
 train.py writes needs nothing more: SamModule saves no hyper-parameters, the run config
 is stored as plain containers, callbacks' and the datamodule's states are plain too.
+
+Here, not in segany.modeling.checkpoint, because both classes are Lightning plugins: the
+modeling layer (and `import segany`) stays free of pytorch_lightning (tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from typing import Any, Optional
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import ModelParallelStrategy
 
-from segany.modeling.checkpoint import refused_global, torch_load, unsafe_error
-from segany.modeling.reader import LIGHTNING_META, load_distributed
+from segany.modeling.checkpoint.read import LIGHTNING_META
+from segany.modeling.checkpoint.trust import load_distributed, refused_global, torch_load, unsafe_error
 from segany.utils.io import OLD_SUFFIX, atomic_torch_save, remove, replace_dir
 
 __all__ = ["AtomicCheckpointIO", "AtomicModelParallelStrategy", "replace_dir", "resolve_checkpoint"]
@@ -70,7 +73,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Resume: Lightning's sharded branch (model, then each optimiser, then `meta.pt`),
-        read through segany.modeling.reader.load_distributed instead of `dcp.load`'s default
+        read through segany.modeling.checkpoint.trust.load_distributed instead of `dcp.load`'s default
         reader and planner (which unpickle `.metadata` and non-tensor entries unrestricted).
         A single file goes to Lightning with weights_only=True."""
         from torch.distributed.checkpoint.state_dict import (

@@ -1,17 +1,24 @@
-"""Command-line checks run before Hydra parses anything (train.py, evaluate.py).
+"""Command-line checks run before Hydra parses anything (train.py, evaluate.py), and the
+checkpoint flags of the argparse tools.
 
 Hydra keeps the last of several overrides of one key without a word. The usual way to get
 several is the shell: an unquoted brace range such as
 ``data.train_shards=/datasets/sa1b/sa_{000000..000999}.tar`` is expanded by bash into 1000
 words, and the run would train on the last shard only. So a key given more than once is an
 error, named, before anything starts.
+
+A renamed key (`RENAMED`) given under its old spelling is an error naming the new one, before
+Hydra would reject it as unknown (or, for a key still in the config, silently accept it).
+The argparse tools take `--checkpoint PATH` / `--trust-checkpoint` (`add_checkpoint_args`);
+their old `--ckpt` fails the same way.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 # the overrides Lightning appends when it re-launches the script for DDP ranks 1..n-1
 # (lightning_fabric/strategies/launchers/subprocess_script.py, _hydra_subprocess_cmd); they may
@@ -31,6 +38,27 @@ def override_key(arg: str):
     return re.sub(r"^\+\+?", "", arg.split("=", 1)[0]) or None
 
 
+# old spelling (as typed, `+` included where the key had to be added) -> the new one
+RENAMED = {
+    "ckpt_path": "checkpoint",
+    "ckpt_trust": "trust_checkpoint",
+    "+model.trust_checkpoint": "model.trust_checkpoint",  # in every configs/model/*.yaml: no + needed
+    "trainer.precision": "precision",
+}
+
+
+def renamed(args: Sequence[str]) -> list[str]:
+    """One line per override in `args` that uses an old spelling of `RENAMED`, naming the new one."""
+    lines = []
+    for arg in args:
+        key = override_key(arg)
+        typed = arg.split("=", 1)[0].lstrip("~")
+        old = typed if typed in RENAMED else key if key in RENAMED else None
+        if old is not None:
+            lines.append(f"  {arg!r}: {old} is now {RENAMED[old]}")
+    return lines
+
+
 def _is_lightning_relaunch(args: Sequence[str]) -> bool:
     tail = list(args[-3:])
     return len(tail) == 3 and all(a.startswith(p) for a, p in zip(tail, _LIGHTNING_RELAUNCH))
@@ -38,10 +66,15 @@ def _is_lightning_relaunch(args: Sequence[str]) -> bool:
 
 def check_overrides(args: Sequence[str]) -> None:
     """Fail (message on stderr, SystemExit with status 2) when a key is overridden more than
-    once in `args` (sys.argv[1:]). A multirun sweep `key=a,b` is one override."""
+    once in `args` (sys.argv[1:]), or under an old spelling. A multirun sweep `key=a,b` is one
+    override."""
     args = list(args)
     if _is_lightning_relaunch(args):
         args = args[:-3]
+    old = renamed(args)
+    if old:
+        sys.stderr.write("error: renamed config key(s) on the command line:\n" + "\n".join(old) + "\n")
+        raise SystemExit(2)
     seen: dict[str, list[str]] = {}
     for arg in args:
         key = override_key(arg)
@@ -88,3 +121,28 @@ def _as_range(first: str, last: str) -> str:
         return "/datasets/sa1b/sa_{000000..000999}.tar"
     i = diff[0]
     return "".join(a[:i]) + "{" + a[i] + ".." + b[i] + "}" + "".join(a[i + 1 :])
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: giving it (with or without a value) is an error naming the new one."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed: use {self.new}")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, path_help: Optional[str] = None) -> None:
+    """`--checkpoint PATH` (when `path_help` is given; default None) and `--trust-checkpoint`, the
+    spelling every command line uses; the old `--ckpt` is refused naming `--checkpoint`. It is
+    an option of its own, so argparse's prefix matching cannot take it for another flag."""
+    if path_help is not None:
+        parser.add_argument("--checkpoint", default=None, help=path_help)
+        parser.add_argument("--ckpt", action=_Renamed, new="--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle arbitrary Python objects in the checkpoint (only for a file you trust)",
+    )

@@ -1,0 +1,32 @@
+"""Checkpoints in and out, in one place:
+
+    read_checkpoint(path, trust=False) -> Checkpoint     a train.py .ckpt, an FSDP directory or a
+                                                         SAM .pth: weights + architecture (read.py)
+    load_model(checkpoint, model_cfg, trust_checkpoint=False) -> (Sam, description)    (load.py)
+    save_official(model, path), export(checkpoint, out)  the release's .pth + <name>.json (write.py)
+    torch_load(path, trust=False), CheckpointError       the trust rule: a checkpoint is data (trust.py)
+
+build_sam(checkpoint=...) builds through load.model_of; mae.py is the encoder's MAE init and
+infer.py the architecture of a state dict that stores none. Writing training checkpoints
+atomically and resuming from them are Lightning plugins: segany/training/checkpointing.py.
+"""
+
+from segany.modeling.checkpoint.load import load_model, untrained_like
+from segany.modeling.checkpoint.mae import load_mae_encoder
+from segany.modeling.checkpoint.read import Checkpoint, read_checkpoint, to_official
+from segany.modeling.checkpoint.trust import CheckpointError, torch_load
+from segany.modeling.checkpoint.write import architecture, export, save_official
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "architecture",
+    "export",
+    "load_mae_encoder",
+    "load_model",
+    "read_checkpoint",
+    "save_official",
+    "to_official",
+    "torch_load",
+    "untrained_like",
+]

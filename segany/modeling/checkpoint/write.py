@@ -1,0 +1,85 @@
+"""SAM weights out, in the release's format: `save_official(model, path)` and
+`export(checkpoint, out)` (a train.py checkpoint of any kind -> the release .pth; its command
+line is `python -m segany.export`). Both write through `write_official`: fp32, CPU, release key
+names (`mlp.lin1/lin2`), atomically (segany.utils.io), loadable by `segment_anything`; the
+architecture goes as `<name>.json` beside the weights (the release's builder loads the .pth
+strictly, no room for extra keys), read back by `read_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from segany.modeling.checkpoint.load import check_fits, config_for
+from segany.modeling.checkpoint.read import ANCHOR, read_checkpoint, sidecar_path, to_official
+from segany.modeling.checkpoint.trust import CheckpointError
+from segany.modeling.lora import merge_lora
+from segany.modeling.sam import assemble
+from segany.modeling.variants import TRAINING_SWITCHES, SamConfig
+from segany.utils.io import atomic_torch_save, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def architecture(config: SamConfig) -> dict:
+    """A `SamConfig` -> the build_sam config node that rebuilds it (training switches left out)."""
+    arch = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items() if k not in TRAINING_SWITCHES}
+    return {"_target_": "segany.build_sam", **arch}
+
+
+def write_official(
+    state_dict: Dict[str, torch.Tensor], path: str, config: Optional[SamConfig]
+) -> Dict[str, torch.Tensor]:
+    """segany-named SAM weights -> `path` in the release format, and `architecture(config)`
+    beside it as `<name>.json` (none when config is None); returns what was written."""
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    official = to_official(sd)
+    atomic_torch_save(official, path)
+    if config is not None:
+        atomic_write_json(sidecar_path(path), architecture(config), indent=1)
+    return official
+
+
+def save_official(model: nn.Module, path: str) -> None:
+    """Write `model` as a release-format SAM .pth with its architecture beside it.
+    LoRA adapters (`build_sam(lora=...)`) are merged into the weights they adapt."""
+    sd = merge_lora(model.state_dict(), getattr(model, "lora", None), f"model saved to {path!r}")
+    write_official(sd, path, getattr(model, "config", None))
+
+
+def export(
+    checkpoint: str,
+    out: str,
+    *,
+    prefix: Optional[str] = None,
+    variant: Optional[str] = None,
+    trust_checkpoint: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """Write `checkpoint`'s SAM weights (a train.py .ckpt, an FSDP directory, a state_dict) to
+    `out` in the release format, checked against the architecture the checkpoint stores or its
+    shapes show (`variant` may only repeat it; it is the size to check against when neither
+    tells one); returns what was written. `prefix`: the key prefix before `image_encoder.`
+    when the file holds several models."""
+    ck = read_checkpoint(checkpoint, prefix=prefix, trust=trust_checkpoint)
+    if ANCHOR not in ck.state_dict:
+        raise CheckpointError(
+            f"{checkpoint!r} holds no SAM weights: no key ending in '{ANCHOR}' under 'state_dict', 'model' "
+            f"or at the top level (keys: {sorted(ck.state_dict)[:10]})"
+        )
+    if ck.model_config is None and variant is None:
+        raise CheckpointError(
+            f"{checkpoint!r}: its architecture is neither stored nor readable from its tensor shapes "
+            f"(not a whole SAM?); pass --variant to check it against a size"
+        )
+    arch = config_for(ck, variant, {})
+    with torch.device("meta"):
+        expected = assemble(arch).state_dict()
+    check_fits(expected, ck.state_dict, ck.path)
+    written = write_official(ck.state_dict, out, arch)
+    log.info("%s -> %s (%d tensors)", checkpoint, out, len(written))
+    return written
