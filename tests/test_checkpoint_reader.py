@@ -16,8 +16,7 @@ import torch.distributed.checkpoint as dcp
 from helpers import compose
 
 import segany
-from segany.modeling.checkpoint import CheckpointError
-from segany.modeling.checkpoint import load_model, read_checkpoint
+from segany.modeling.checkpoint import CheckpointError, load_model, read_checkpoint
 from segany.utils.config import register_resolvers
 from tests._official import build_official_tiny_sam
 

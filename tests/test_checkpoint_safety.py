@@ -18,8 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import segany
-from segany.modeling.checkpoint import CheckpointError
-from segany.modeling.checkpoint import load_model, read_checkpoint
+from segany.modeling.checkpoint import CheckpointError, load_model, read_checkpoint
 from segany.modeling.checkpoint.trust import load_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
