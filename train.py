@@ -165,9 +165,10 @@ def train(cfg: DictConfig) -> dict:
         save_run_config(cfg, os.path.join(cfg.paths.run_dir, "config.yaml"), data_resolved)
     ckpt = resume_path(cfg)
     log.info("run dir %s; %s", cfg.paths.run_dir, f"resuming from {ckpt}" if ckpt else "fresh start")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    # ModelCheckpoint saves every n steps; the final state is always saved as last.ckpt too
-    trainer.save_checkpoint(os.path.join(cfg.paths.run_dir, "checkpoints", "last.ckpt"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # resume reads data only
+    # ModelCheckpoint saves every n steps; the final state is always saved as last.ckpt too, in full
+    # (a save's weights_only=False: optimiser, loops and callbacks too, resumable; unset, Lightning says so)
+    trainer.save_checkpoint(os.path.join(cfg.paths.run_dir, "checkpoints", "last.ckpt"), weights_only=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
