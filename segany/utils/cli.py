@@ -44,6 +44,8 @@ RENAMED = {
     "ckpt_trust": "trust_checkpoint",
     "+model.trust_checkpoint": "model.trust_checkpoint",  # in every configs/model/*.yaml: no + needed
     "trainer.precision": "precision",
+    # evaluate.py: the points task's settings under points: like every other task's
+    **{k: f"points.{k}" for k in ("clicks", "multimask_first", "use_prev_mask", "first_click", "baselines")},
 }
 
 
