@@ -163,19 +163,35 @@ def test_slurm_job_id_names_the_run_dir(monkeypatch):
     assert compose("experiment=vit_b_sa1b").paths.run_dir.endswith("vit_b_sa1b")
 
 
+def test_data_img_size_must_be_the_models():
+    """data.img_size is checked against the model that was built (train.build runs
+    follow_model_size before it builds the data); null follows the model."""
+    import train
+
+    cfg = compose("data.img_size=null")
+    model = instantiate(cfg.module.model)
+    size = model.image_encoder.img_size
+    train.follow_model_size(cfg, model)
+    assert cfg.data.img_size == size
+    cfg = compose(f"data.img_size={2 * size}")
+    msg = rf"data.img_size={2 * size} but the model's input size is {size} \(model.checkpoint=None\)"
+    with pytest.raises(ValueError, match=msg):
+        train.follow_model_size(cfg, model)
+
+
 def test_config_errors_name_the_key():
+    from hydra.errors import InstantiationException
     from omegaconf import open_dict
 
     cfg = compose()
     with open_dict(cfg):
         cfg.prompting.resolution = "half"
-    with pytest.raises(ValueError, match="prompting.resolution"):
-        check_train_config(cfg)
+    check_train_config(cfg)  # a node's own values: checked by its dataclass, where it is built
+    with pytest.raises(InstantiationException, match="prompting.resolution='half'"):
+        instantiate(cfg.prompting)
     with pytest.raises(ValueError, match="optim.fused"):  # the demo's fused AdamW under bf16 + clipping
         check_train_config(compose("precision=bf16"))
     check_train_config(compose("precision=bf16", "optim.fused=false"))
-    from hydra.errors import InstantiationException
-
     with pytest.raises(InstantiationException, match="optim.layer_decay"):
         instantiate(compose("optim.layer_decay=1.5").optim)
 

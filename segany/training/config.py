@@ -1,4 +1,8 @@
-"""Early checks of a training config: fail before anything is built, naming the key."""
+"""Early checks of a training config: fail before anything is built, naming the key. The values
+of one node are checked where that node is built (prompting: PromptConfig; data: SampleConfig);
+here only what no single node can check (missing nodes, precision x optimiser x clipping).
+data.img_size against the model's input size: train.py follow_model_size, once the model is built
+(from a checkpoint it may have its own)."""
 
 from __future__ import annotations
 
@@ -22,9 +26,6 @@ def check_train_config(cfg: DictConfig) -> None:
     for key, node in (cfg.get("callbacks") or {}).items():
         if node is not None and "_target_" not in node:
             raise ValueError(f"config: callbacks.{key} has no _target_")
-    p = cfg.prompting
-    if p.get("resolution") not in ("low", "full"):
-        raise ValueError(f"config: prompting.resolution={p.get('resolution')!r}, expected 'low' or 'full'")
     check_precision(cfg.get("precision", "auto"))
     precision = str(cfg.trainer.get("precision"))
     mixed = "mixed" in precision or precision in ("16", "bf16")  # Lightning's aliases of *-mixed
@@ -34,6 +35,3 @@ def check_train_config(cfg: DictConfig) -> None:
             f"config: optim.fused=true cannot be combined with precision={cfg.get('precision')} ({precision}) and "
             f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val}; set optim.fused=false"
         )
-    img = cfg.data.get("img_size")
-    if img is not None and cfg.model.get("img_size") is not None and img != cfg.model.img_size:
-        raise ValueError(f"config: data.img_size={img} != model.img_size={cfg.model.img_size}")
