@@ -21,79 +21,6 @@ from torch import Tensor
 
 from segany.evaluation.metrics import iou_from_counts, mask_iou  # noqa: F401  (re-exported)
 
-CHUNK = 1 << 21  # elements of (rows, K, H*W) per chunk of the fused mask terms: its temporaries stay in cache
-
-
-class _MaskTerms(torch.autograd.Function):
-    """Focal and dice of every candidate mask, and the counts of its IoU, in one fused pass.
-
-    Hand-written rather than torchvision's ``sigmoid_focal_loss`` + a dice on ``sigmoid``: at the
-    full-resolution loss (S = 1024, 3 candidates per mask) those are ~30 separate passes over
-    (R, 3, S, S) tensors, each saved for backward, and the step's largest non-matmul cost. Here,
-    for binary targets, with y = x (t = 0) or -x (t = 1) and q = sigmoid(y) (= 1 - p_t):
-    focal = a_t q^gamma softplus(y), p = t + (1 - 2t) q, and every pixel sum is a product
-    with per-row pixel weights; backward is the closed form of the same terms,
-    recomputed chunk by chunk from the logits (nothing else is saved).
-
-    x (R, K, P) logits, w (R, 4, P) per-pixel weights [a_t * in, (1 - 2t) * in, t * in, in]
-    (in = the pixels that count), n_in, n_t, n_t_all (R,) the sums of in, t * in and t, gamma,
-    smooth -> focal (R, K) mean over the pixels in, dice (R, K), inter (R, K), union (R, K) of
-    (x > 0) inside with t (counts, no gradient). As before this fusion, |t| in dice and the
-    union counts the whole target (it is zero outside the image content anyway).
-    """
-
-    @staticmethod
-    def forward(ctx, x, w, n_in, n_t, n_t_all, gamma, smooth):
-        R, K, P = x.shape
-        sums = x.new_empty(5, R, K)  # sum a_t f, sum sgn q, sum t q, sum pred t, sum pred (inside)
-        for r0, r1 in _chunks(R, K * P):
-            xc, wc = x[r0:r1], w[r0:r1, :, None]  # (r, K, P), (r, 4, 1, P)
-            y = xc * wc[:, 1].sign()  # (r, K, P) x or -x inside, 0 outside (weights 0 there)
-            q = torch.sigmoid(y)
-            f = torch.nn.functional.softplus(y).mul_(q.pow(gamma) if gamma != 2 else q.square())
-            pos = (xc > 0).to(x.dtype)
-            for i, (v, j) in enumerate(((f, 0), (q, 1), (q, 2), (pos, 2), (pos, 3))):
-                # products then sum (cascade summation; a bmm over 1M pixels would lose ~1e-4)
-                torch.sum(v * wc[:, j], dim=-1, out=sums[i, r0:r1])
-        focal, qs0, qs1, inter, pin = sums
-        n, nt, nt_all = n_in[:, None], n_t[:, None], n_t_all[:, None]  # (R, 1)
-        psum = nt + qs0  # sum p
-        inter_p = nt - qs1  # sum p * t
-        num, den = 2 * inter_p + smooth, psum + nt_all + smooth
-        union = pin + nt_all - inter
-        ctx.save_for_backward(x, w, n_in, num, den)
-        ctx.gamma = gamma
-        ctx.mark_non_differentiable(inter, union)
-        return focal / n.clamp(min=1), 1 - num / den, inter, union
-
-    @staticmethod
-    def backward(ctx, g_focal, g_dice, _gi, _gu):
-        x, w, n_in, num, den = ctx.saved_tensors
-        gamma = ctx.gamma
-        R, K, P = x.shape
-        gf = (g_focal / n_in[:, None].clamp(min=1))[..., None]  # (R, K, 1)
-        c1 = (g_dice * num / den.square())[..., None]  # d dice / d p = in * (num / den^2 - 2 t / den)
-        c2 = (-2 * g_dice / den)[..., None]
-        grad = torch.empty_like(x)
-        for r0, r1 in _chunks(R, K * P):
-            xc, wc = x[r0:r1], w[r0:r1, :, None]  # (r, K, P), (r, 4, 1, P)
-            sgn = wc[:, 1].sign()  # (r, 1, P) 1 - 2t inside, 0 outside
-            y = xc * sgn
-            q = torch.sigmoid(y)
-            u = q * (1 - q)  # dp/dx = dq/dy
-            # d focal / dx = sgn a_t q^gamma (gamma (1 - q) softplus(y) + q)
-            d = torch.nn.functional.softplus(y).mul_(1 - q).mul_(gamma).add_(q)
-            d.mul_(q.pow(gamma) if gamma != 2 else q.square()).mul_(gf[r0:r1]).mul_(wc[:, 0] * sgn)
-            # dice: u * in * (c1 + c2 t)
-            d.addcmul_(u, torch.addcmul(c1[r0:r1] * wc[:, 3], c2[r0:r1], wc[:, 2]))
-            grad[r0:r1] = d
-        return grad, None, None, None, None, None, None
-
-
-def _chunks(rows: int, per_row: int):
-    step = max(1, CHUNK // max(per_row, 1))
-    return ((r0, min(r0 + step, rows)) for r0 in range(0, rows, step))
-
 
 def mask_terms(
     logits: Tensor,
@@ -106,29 +33,51 @@ def mask_terms(
     """(R, K, H, W) logits, binary targets (R, 1 | K, H, W) (bool or 0/1 float), inside (R, 1, H, W)
     bool (None: every pixel) -> dict of (R, K): ``focal`` (sigmoid focal loss, alpha / gamma as
     torchvision's, mean over the inside pixels; alpha < 0: no weighting), ``dice`` (1 - (2|pt| + s)
-    / (|p| + |t| + s) on the inside pixels) and ``inter`` / ``union`` pixel counts of (logits > 0)
-    with the target inside (the IoU; no gradient). One fused pass (``_MaskTerms``)."""
-    R, K, H, W = logits.shape
-    t = targets.reshape(targets.shape[0], targets.shape[1], H * W)
-    if t.shape[1] != 1:  # one target per candidate: rows of candidates
-        out = mask_terms(
-            logits.reshape(R * K, 1, H, W),
-            targets.reshape(R * K, 1, H, W),
-            alpha,
-            gamma,
-            smooth,
-            None if inside is None else inside.expand(R, K, H, W).reshape(R * K, 1, H, W),
-        )
-        return {k: v.view(R, K) for k, v in out.items()}
-    x = logits.float().reshape(R, K, H * W)
-    t = t[:, 0].to(x.dtype) > 0.5
-    tf = t.to(x.dtype)  # (R, P)
-    ins = torch.ones_like(tf) if inside is None else inside.reshape(R, H * W).to(x.dtype)
-    a_t = torch.ones_like(tf) if alpha < 0 else (1 - alpha) + (2 * alpha - 1) * tf
-    w = torch.stack((a_t * ins, (1 - 2 * tf) * ins, tf * ins, ins), dim=1)  # (R, 4, P)
-    n_in, n_t, n_t_all = ins.sum(1), (tf * ins).sum(1), tf.sum(1)  # (R,)
-    focal, dice, inter, union = _MaskTerms.apply(x, w, n_in, n_t, n_t_all, float(gamma), float(smooth))
+    / (|p| + |t| + s), p and pt on the inside pixels, |t| the whole target) and ``inter`` /
+    ``union`` pixel counts of (logits > 0) inside with the target (the IoU; no gradient).
+
+    Plain torch ops with autograd's backward; ``SamLoss(compile=True)`` (``loss.compile=true``)
+    runs them through ``torch.compile``, which fuses them into a few passes that keep nothing
+    from forward to backward beyond the inputs. A hand-written fused pass with a closed-form
+    backward was measured against both and removed (it is kept as the baseline in
+    ``benchmarks/loss_compile.py``). Forward + backward, median ms per call over 7 alternating
+    rounds, AMD EPYC, 1 | 2 threads (``OMP_NUM_THREADS=1 python benchmarks/loss_compile.py``,
+    then ``OMP_NUM_THREADS=2``); MB kept from forward to backward:
+
+        logits R x K x S^2         plain          compiled      fused (removed)    MB plain / compiled / fused
+        24 x 3 x 192^2 (demo)      444 | 433      338 | 152     416 | 388          68 / 0 / 14
+        24 x 1 x 192^2 (demo)      100 | 174      102 |  51     143 | 137          27 / 0 / 14
+        64 x 3 x 256^2            5024 | 2447    1341 | 669    2086 | 2263        320 / 0 / 64
+
+    The compiled plain terms are 0.6-0.8x (1 thread) and 0.3-0.4x (2 threads) of the fused pass.
+    """
+    x = logits.float()
+    t = (targets.to(x.dtype) > 0.5).to(x.dtype).expand_as(x)
+    ins = torch.ones_like(x[:, :1]) if inside is None else inside.to(x.dtype)
+    p = torch.sigmoid(x)
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
+    f = ce * (1 - (p * t + (1 - p) * (1 - t))) ** gamma  # torchvision's sigmoid_focal_loss
+    if alpha >= 0:
+        f = f * (alpha * t + (1 - alpha) * (1 - t))
+    hw = (-2, -1)
+    focal = (f * ins).sum(hw) / ins.sum(hw).clamp(min=1)
+    dice = 1 - (2 * (p * t * ins).sum(hw) + smooth) / ((p * ins).sum(hw) + t.sum(hw) + smooth)
+    with torch.no_grad():
+        pred = (x > 0).to(x.dtype) * ins
+        inter = (pred * t).sum(hw)
+        union = pred.sum(hw) + t.sum(hw) - inter
     return {"focal": focal, "dice": dice, "inter": inter, "union": union}
+
+
+_compiled_mask_terms = None
+
+
+def compiled_mask_terms(*args, **kwargs) -> dict:
+    """mask_terms under torch.compile (compiled on the first call; the CPU backend needs a C++ compiler)."""
+    global _compiled_mask_terms
+    if _compiled_mask_terms is None:
+        _compiled_mask_terms = torch.compile(mask_terms)
+    return _compiled_mask_terms(*args, **kwargs)
 
 
 def sigmoid_focal_loss(
@@ -171,6 +120,7 @@ class SamLoss:
     supervise_all_iou: bool = True  # IoU MSE on every candidate (ranks the 3 masks) or the backpropagated one (SAM 2)
     iou_loss: str = "mse"  # IoU head regression loss: "mse" (paper) or "l1"
     empty_iou: float = 0.0  # IoU target when prediction and GT are both empty (SAM 2: 0)
+    compile: bool = False  # the pixel terms through torch.compile (mask_terms: the measured figures)
 
     def __post_init__(self):
         for key in ("focal_weight", "dice_weight", "iou_weight"):
@@ -193,7 +143,8 @@ class SamLoss:
         """
         logits, iou_pred = logits.float(), iou_pred.float()  # losses in fp32 under autocast
         ins = None if inside is None else inside[:, None]  # (R, 1, H, W)
-        m = mask_terms(logits, target[:, None], self.focal_alpha, self.focal_gamma, inside=ins)
+        terms = compiled_mask_terms if self.compile else mask_terms
+        m = terms(logits, target[:, None], self.focal_alpha, self.focal_gamma, inside=ins)
         focal, dice = m["focal"], m["dice"]  # (R, K)
         true_iou = iou_from_counts(m["inter"], m["union"], self.empty_iou)  # (R, K)
         iou_err = IOU_LOSSES[self.iou_loss](iou_pred, true_iou.to(iou_pred.dtype))  # (R, K)
