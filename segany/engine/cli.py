@@ -40,8 +40,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--precision",
             default="fp32",
-            choices=["fp32", "bf16"],
-            help="fp32 (the release's masks) or bf16 (torch.autocast on the device: faster on GPUs / AMX CPUs)",
+            choices=["fp32", "bf16", "auto"],
+            help="fp32 (the release's masks), bf16 (torch.autocast) or auto (bf16 where the device has bf16 units)",
         )
         s.add_argument("--shard-size", type=int, default=1000, help="images per output shard (folder input)")
         s.add_argument("--rank", type=int, default=None)

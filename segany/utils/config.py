@@ -91,7 +91,11 @@ def launcher_world_size(default=1):
 
 def register_resolvers() -> None:
     """${slurm_suffix:}, ${sweep_job:}, ${run_name:<name>}, ${output_dir:<default>},
-    ${launcher_devices:<default>}, ${launcher_num_nodes:<default>}, ${launcher_world_size:<default>} (see above)."""
+    ${launcher_devices:<default>}, ${launcher_num_nodes:<default>}, ${launcher_world_size:<default>} (see above);
+    ${trainer_precision:<fp32|bf16|auto>,<accelerator>}, ${param_dtype:<trainer precision>}
+    (segany/utils/precision.py)."""
+    from segany.utils.precision import param_dtype, trainer_precision
+
     for key, fn in (
         ("slurm_suffix", slurm_suffix),
         ("sweep_job", sweep_job),
@@ -100,6 +104,8 @@ def register_resolvers() -> None:
         ("launcher_devices", launcher_devices),
         ("launcher_num_nodes", launcher_num_nodes),
         ("launcher_world_size", launcher_world_size),
+        ("trainer_precision", trainer_precision),
+        ("param_dtype", param_dtype),
     ):
         if not OmegaConf.has_resolver(key):
             OmegaConf.register_new_resolver(key, fn)
