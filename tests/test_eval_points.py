@@ -163,3 +163,13 @@ def test_points_part_bins_masks_by_their_original_area():
     mean = mean_over_datasets({"a": m, "b": other})
     assert mean["miou@1_small"] == pytest.approx(5 / 3072)  # over the datasets that have small masks
     assert mean["num_masks_large"] == 4 and mean["miou@1"] == pytest.approx(m["miou@1"])
+
+
+def test_mean_over_datasets_averages_defined_floats_and_sums_counts():
+    a = {"miou@1": 0.2, "AR_s@1000": float("nan"), "num_masks": 3, "curve": {"recall": [0.0, 1.0]}}
+    b = {"miou@1": 0.6, "AR_s@1000": 0.5, "num_masks": 5, "curve": {"recall": [0.5]}}
+    c = {"miou@1": float("nan"), "AR_s@1000": float("nan"), "num_masks": 0, "curve": {"recall": []}}
+    mean = mean_over_datasets({"a": a, "b": b, "c": c})
+    assert mean["miou@1"] == pytest.approx(0.4) and mean["AR_s@1000"] == 0.5  # NaN: not defined there
+    assert mean["num_masks"] == 8 and "curve" not in mean  # counts summed; a curve has no mean
+    assert np.isnan(mean_over_datasets({"c": c})["miou@1"])

@@ -201,3 +201,13 @@ def test_object_ious_prompts_like_the_release_and_scores_known_answers():
     assert (m3 == 10.0).all()  # click 2's only token
     assert l2.tolist() == [1, 1] and c2[1, 0] >= 10  # the FN half on the right
     assert l3.tolist() == [1, 1, 0] and c3[2, 0] == 15  # the FP column
+
+
+def test_the_noc_table_columns_select_the_metrics_in_their_order():
+    from segany.evaluation.noc import NocTask
+    from segany.evaluation.report import column_names
+
+    m = noc_metrics(np.full((2, 12), 0.5), [0.8, 0.9], 12)  # NoC@80, NoF@80, NoC@90, NoF@90, miou@1..12, ...
+    got = column_names({"datasets": {"d": dict(m, num_images=1)}}, NocTask.columns)
+    mious = [f"miou@{k}" for k in (1, 2, 3, 5, 10)]  # of 1, 2, 3, 5, 10, 20: those <= 12 clicks
+    assert got == ["NoC@80", "NoC@90", "NoF@80", "NoF@90", *mious, "num_objects", "num_images"]

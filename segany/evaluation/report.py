@@ -107,8 +107,8 @@ def _finish(plt, fig, ax, out_dir: str, filename: str) -> str:
 
 @dataclass(frozen=True)
 class Plot:
-    r"""A task's figure, as data; ``plot`` draws every task's the same way: a line per dataset,
-    their mean (dashed) when there are several, each reference method's mean (dash-dot).
+    r"""A task's figure, as data; ``plot`` draws the figures of every task alike: a line per
+    dataset, their mean (dashed) when there are several, each reference method's mean (dash-dot).
 
     y: a regular expression of the plotted metrics whose group is the x value (r"miou@(\d+)":
     mIoU against the number of clicks); or curve: (metric, x key, y key), a metric holding a
