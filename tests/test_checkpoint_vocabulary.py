@@ -107,7 +107,7 @@ def test_scripts_check_before_hydra(script, old, new):
 
 def test_docs_check_refuses_what_the_scripts_refuse():
     """tests/test_docs_commands.py composes the documented commands in-process: an old key fails there too."""
-    from segany.testing import doc_commands as dc
+    import doc_commands as dc
 
     with pytest.raises(ValueError, match="ckpt_path is now checkpoint"):
         dc.compose_jobs(ROOT, "evaluate.py", ["ckpt_path=x.ckpt"])

@@ -1,6 +1,6 @@
 """Docs are tests: every train.py / evaluate.py / sbatch / `python -m segany.*` command shown in
 README.md, experiments/*.md, slurm/*.md, slurm/train.sbatch and configs/**/*.yaml comments is run
-through bash as written and checked (segany/testing/doc_commands.py says how):
+through bash as written and checked (tests/doc_commands.py says how):
 
 - train.py / evaluate.py: the config composes as `python <script> <args> --cfg job` would compose it
   (each job of a -m sweep), train.py's config resolves, a {a..b} shard range reaches the config
@@ -20,10 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import doc_commands as dc
 import pytest
 import yaml
 
-from segany.testing import doc_commands as dc
 from segany.training.config import check_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
