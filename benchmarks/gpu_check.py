@@ -97,6 +97,7 @@ def recipe(experiment: str, model: str | None, pr: int, mr: int, cpu: bool):
         over += ["trainer.strategy.data_parallel_size=1"]
     if cpu:
         over += ["precision=fp32"]  # FSDP's param_dtype follows it (configs/strategy/fsdp.yaml)
+        over += ["loss.compile=false"]  # the eager loss: no C++ compile on the CPU
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose("train", overrides=over)
 

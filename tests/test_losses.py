@@ -7,6 +7,7 @@ import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
+from segany.training import losses
 from segany.training.losses import SamLoss, dice_loss, mask_iou, sigmoid_focal_loss
 
 
@@ -145,7 +146,6 @@ def test_mask_terms_value_and_gradient_match_autograd_of_torchvision(compiled, w
     """The focal + dice terms, eager and through torch.compile (SamLoss(compile=True)): values
     and gradient w.r.t. the logits against autograd through torchvision's focal loss and a
     plain dice in float64, with padding pixels counting in no term."""
-    from segany.training import losses
 
     if compiled and shutil.which("g++") is None and shutil.which("cc") is None:
         pytest.skip("torch.compile's CPU backend needs a C++ compiler")
@@ -178,3 +178,12 @@ def test_mask_terms_value_and_gradient_match_autograd_of_torchvision(compiled, w
     pred = (x > 0) & inside
     assert torch.equal(terms["inter"], (pred & t).sum((-2, -1)).float())
     assert torch.equal(terms["union"], (pred | t).sum((-2, -1)).float())
+
+
+def test_compiled_terms_without_a_compiler_say_so(monkeypatch):
+    """loss.compile=true on a CPU with no C++ compiler: an error naming the key, before inductor fails."""
+    monkeypatch.setattr(losses, "_compiled_mask_terms", None)
+    monkeypatch.setattr(losses.shutil, "which", lambda name: None)
+    x = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(RuntimeError, match="loss.compile=false"):
+        losses.compiled_mask_terms(x, x)

@@ -13,6 +13,8 @@ over rows and rounds and divides by the number of valid masks (across ranks).
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,6 +78,12 @@ def compiled_mask_terms(*args, **kwargs) -> dict:
     """mask_terms under torch.compile (compiled on the first call; the CPU backend needs a C++ compiler)."""
     global _compiled_mask_terms
     if _compiled_mask_terms is None:
+        logits = args[0] if args else kwargs["logits"]
+        if logits.device.type == "cpu" and not any(map(shutil.which, (os.environ.get("CXX", "c++"), "g++", "clang++"))):
+            raise RuntimeError(
+                "loss.compile=true on the CPU needs a C++ compiler for torch.compile (none of $CXX, c++, g++, "
+                "clang++ on PATH): install one or set loss.compile=false"
+            )
         _compiled_mask_terms = torch.compile(mask_terms)
     return _compiled_mask_terms(*args, **kwargs)
 
