@@ -209,7 +209,7 @@ def train_run(name: str, spec: tuple, steps: tuple, device: torch.device, peak: 
         "rounds": 1 + pr + mr,
         "strategy": type(trainer.strategy).__name__,
         "precision": str(cfg.trainer.precision),
-        "sharding": OmegaConf.to_container(cfg.module.sharding) if name.startswith("fsdp") else None,
+        "sharding": OmegaConf.to_container(cfg.module.sharding, resolve=True) if name.startswith("fsdp") else None,
         "checkpoint_rounds": bool(cfg.prompting.checkpoint_rounds),
         "step_times_s": timer.times,
         "step_time_s": step,
