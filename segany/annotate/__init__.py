@@ -6,7 +6,7 @@ A FastAPI server (server.py) embeds each image once (session.py) and decodes eve
 the prompt encoder and mask decoder; the page (static/, plain HTML/JS) draws the masks. Accepted
 masks go to SA-1B-format shards with per-mask provenance (store.py), which SA1BDataModule and the
 mixture's `manual` source read: annotate -> fine-tune with train.py -> annotate with the new
-checkpoint (README, "Annotate in the browser").
+checkpoint (experiments/data_engine.md).
 """
 
 from segany.annotate.server import create_app
