@@ -8,6 +8,7 @@ import torch
 from segany.evaluation.protocol import ClickProtocol, interactive_eval, original_areas, summarize
 from segany.evaluation.registry import EvalTask, register
 from segany.evaluation.report import Plot
+from segany.utils.cli import RENAMED
 
 
 @torch.no_grad()
@@ -62,11 +63,6 @@ def points_merge(parts: list) -> dict:
     return dict(out, references=refs) if refs else out
 
 
-# keys of the points task once at the top level of evaluate.yaml: refused there, so that a
-# `+clicks=...` or a callback's settings={clicks: ...} is not silently ignored
-MOVED = ("clicks", "multimask_first", "use_prev_mask", "first_click", "baselines")
-
-
 @register("points")
 class PointsTask(EvalTask):
     """cfg.points: clicks, multimask_first, use_prev_mask, first_click, baselines ([untrained]: the
@@ -92,7 +88,9 @@ class PointsTask(EvalTask):
     )
 
     def __init__(self, cfg, *args, **kwargs):
-        moved = [k for k in MOVED if k in cfg]
+        # the settings once at the top level of evaluate.yaml (utils.cli.RENAMED): a callback's
+        # settings={clicks: ...} would otherwise be silently ignored
+        moved = [k for k in cfg if RENAMED.get(k) == f"points.{k}"]
         if moved:
             raise ValueError(f"{moved[0]}: the points task's settings are under points: (points.{moved[0]}=...)")
         super().__init__(cfg, *args, **kwargs)
