@@ -139,11 +139,7 @@ def eval_images(
         if limit is not None and n >= limit:
             return
         data = rec.image() if callable(rec.image) else rec.image
-        image = decode_image(data, f"{rec.source}:{rec.key}")
-        if image.shape[:2] != (rec.height, rec.width):
-            raise ValueError(
-                f"{rec.source}:{rec.key}: image is {image.shape[:2]}, annotations say {(rec.height, rec.width)}"
-            )
+        image = decode_image(data, f"{rec.source}:{rec.key}", size=(rec.height, rec.width))
         anns = []
         for j, counts in enumerate(rec.counts):
             rle = {"size": [rec.height, rec.width], "counts": counts}
