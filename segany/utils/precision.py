@@ -36,8 +36,11 @@ def bf16_units(device: Union[str, torch.device]) -> tuple[bool, str]:
         ok = torch.cuda.is_bf16_supported()
         return ok, f"{torch.cuda.get_device_name()} {'has' if ok else 'has no'} bf16 support"
     if kind == "cpu":
-        units = [n for n, f in (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
-                 if getattr(torch.cpu, f, lambda: False)()]
+        units = [
+            n
+            for n, f in (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+            if getattr(torch.cpu, f, lambda: False)()
+        ]
         return bool(units), f"CPU has {' and '.join(units)}" if units else "CPU has neither AVX512-BF16 nor AMX"
     return False, f"no bf16 rule for device type {kind!r}"
 
@@ -47,14 +50,20 @@ def check_precision(precision: str, where: str = "precision") -> str:
     p = str(precision)
     if p in PRECISIONS:
         return p
-    hint = {"32-true": "fp32", "32": "fp32", "float32": "fp32", "bf16-mixed": "bf16", "bfloat16": "bf16",
-            "bf16-true": "bf16"}.get(p)
+    hint = {
+        "32-true": "fp32",
+        "32": "fp32",
+        "float32": "fp32",
+        "bf16-mixed": "bf16",
+        "bfloat16": "bf16",
+        "bf16-true": "bf16",
+    }.get(p)
     use = f"; use {where}={hint}" if hint else ""
     raise ValueError(f"{where}={p!r}: expected one of {', '.join(PRECISIONS)}{use}")
 
 
 def resolve_precision(precision: str, device: Union[str, torch.device], where: str = "precision") -> str:
-    """"fp32" or "bf16" for ``device``: ``precision`` itself, or what ``auto`` picks there (logged once)."""
+    """ "fp32" or "bf16" for ``device``: ``precision`` itself, or what ``auto`` picks there (logged once)."""
     p = check_precision(precision, where)
     if p != "auto":
         return p
