@@ -17,9 +17,14 @@
     GET  /api/stats             per mask: source, seconds, clicks, time; masks per image
 
 Safe by default: images are addressed by index (never by a path from the client), request
-bodies are limited to MAX_BODY bytes and every field is bounded (pydantic); a malformed
-request gets a 4xx before anything is written. With a token (required when not bound to
-127.0.0.1), every request must carry it (header X-Token or ?token=).
+bodies are limited to MAX_BODY bytes and every field is bounded (pydantic; unknown fields are
+refused); a malformed request gets a 4xx naming the field before anything is written. With a
+token (required when not bound to 127.0.0.1), every request must carry it (header X-Token or
+?token=).
+
+Several annotators may work at once (each request runs in a worker thread): a change and its
+undo record happen under the store's lock, so the undo history is in the order the shards
+were written, and an undo restores the state before the image's newest change, whoever made it.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from typing import Optional
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, conlist
+from pydantic import BaseModel, ConfigDict, Field, conlist
 
 from segany.annotate.session import Images, Model, mask_runs, paint
 from segany.annotate.store import ShardStore
@@ -51,14 +57,18 @@ MAX_UNDO = 50
 COORD = 1e6  # |coordinate| bound (px); the image's own size is checked per request
 
 
-class Stroke(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a default
+
+
+class Stroke(Strict):
     x: float = Field(ge=-COORD, le=COORD)
     y: float = Field(ge=-COORD, le=COORD)
     r: float = Field(ge=0, le=1000)
     erase: bool = False
 
 
-class Prompt(BaseModel):
+class Prompt(Strict):
     points: conlist(conlist(float, min_length=3, max_length=3), max_length=MAX_POINTS) = []
     box: Optional[conlist(float, min_length=4, max_length=4)] = None
     multimask: bool = True
@@ -72,7 +82,7 @@ class Accept(Prompt):
     clicks: int = Field(0, ge=0, le=10_000)
 
 
-class Brush(BaseModel):
+class Brush(Strict):
     strokes: conlist(Stroke, min_length=1, max_length=MAX_STROKES)
     seconds: float = Field(0.0, ge=0, le=86400)
 
@@ -87,6 +97,13 @@ def _check_prompt(p: Prompt, h: int, w: int) -> None:
             raise HTTPException(422, f"box {p.box} is not an xyxy box inside the {w}x{h} image")
     if not p.points and p.box is None:
         raise HTTPException(422, "a prompt needs at least one point or a box")
+
+
+def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field. FastAPI's own handler echoes the input back, and an input
+    it cannot write as JSON (NaN, a lone surrogate) turned that answer into a 500."""
+    why = "; ".join(".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in exc.errors())
+    return JSONResponse({"detail": why}, status_code=422)
 
 
 def box_centre(box) -> list:
@@ -118,6 +135,7 @@ def create_app(
     the model of `checkpoint` (segany.modeling.checkpoint.load_model; `model` only when it stores no architecture)
     and the output folder `out` (resumed). semi_settings: SemiAnnotator keywords."""
     app = FastAPI(title="segany annotate", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(RequestValidationError, _invalid)
     imgs = Images(images, shard_size)
     net = Model(checkpoint, model, device, trust_checkpoint)
     store = ShardStore(out)
@@ -158,12 +176,13 @@ def create_app(
     def change(i: int, fn, undoable: bool = True):
         item, image = index(i)
         shard, key = where(i)
-        before, after = store.update(shard, key, item.data, item.image_id, image.shape[:2], fn)
-        if undoable and after is not before:
-            with hist_lock:
-                stack = history.setdefault(i, [])
-                stack.append(before)
-                del stack[:-MAX_UNDO]
+        with store.locked():  # the undo record in the order of the writes
+            before, after = store.update(shard, key, item.data, item.image_id, image.shape[:2], fn)
+            if undoable and after is not before:
+                with hist_lock:
+                    stack = history.setdefault(i, [])
+                    stack.append(before)
+                    del stack[:-MAX_UNDO]
         return after
 
     def place_semi(i: int) -> None:
@@ -189,7 +208,7 @@ def create_app(
                 if any(a.get("source") == "semi" for a in cur):
                     return None  # placed before (a kill between the write and mark_seen)
                 used = {int(c["id"]) for c in cur}
-                nxt = 1 + max((int(c["id"]) % ID_STRIDE for c in cur + anns), default=-1)
+                nxt = store.next_number(key, cur + anns)
                 for a in anns:  # ids stay unique when the output already holds masks of this image
                     if int(a["id"]) in used:
                         a["id"], nxt = int(item.image_id) * ID_STRIDE + nxt, nxt + 1
@@ -267,10 +286,10 @@ def create_app(
         )
         if a.label:
             fields["label"] = a.label
-        new = {}
+        new, shard_key = {}, where(i)[1]
 
         def add(cur):
-            start = 1 + max((int(c["id"]) % ID_STRIDE for c in cur), default=-1)
+            start = store.next_number(shard_key, cur)
             new["ann"] = annotation(int(item.image_id) * ID_STRIDE + start, mask, **fields)
             return cur + [new["ann"]]
 
@@ -317,12 +336,13 @@ def create_app(
     @app.post("/api/images/{i}/undo")
     def undo(i: int):
         index(i)
-        with hist_lock:
-            stack = history.get(i) or []
-            if not stack:
-                raise HTTPException(409, "nothing to undo on this image")
-            previous = stack.pop()
-        after = change(i, lambda cur: previous, undoable=False)
+        with store.locked():  # no change of image i between taking the record and restoring it
+            with hist_lock:
+                stack = history.get(i) or []
+                if not stack:
+                    raise HTTPException(409, "nothing to undo on this image")
+                previous = stack.pop()
+            after = change(i, lambda cur: previous, undoable=False)
         return {"masks": len(after)}
 
     @app.post("/api/model/reload")

@@ -14,7 +14,7 @@ import os
 import threading
 import zlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from types import SimpleNamespace
@@ -112,7 +112,9 @@ def paint(mask: np.ndarray, strokes: list) -> np.ndarray:
 
 class Model:
     """The model and the embeddings of the last few images. Thread-safe: reload swaps the
-    model and empties the cache; embeddings are keyed by (model generation, image)."""
+    model and empties the cache; embeddings are keyed by (model generation, image). An image
+    being embedded (by a request or the prefetch) is embedded once: other requests for it wait
+    for that result; it leaves `_pending` when it enters the cache."""
 
     def __init__(self, checkpoint: Optional[str], variant: str, device="cpu", trust_checkpoint=False, cache: int = 4):
         args = dict(checkpoint=checkpoint, model=variant, trust_checkpoint=trust_checkpoint, device=device)
@@ -135,15 +137,23 @@ class Model:
             self._pending.clear()
         return what
 
-    def _embed(self, gen: int, model, i: int, image: np.ndarray):
-        predictor = SamPredictor(model)
-        predictor.set_image(image)
+    def _embed(self, gen: int, model, i: int, load_image):
+        """Embed load_image() with `model`; the result enters the cache (if the model is still
+        current), and a failure is not kept: the next request for image i tries again."""
+        try:
+            predictor = SamPredictor(model)
+            predictor.set_image(load_image())
+        except BaseException:
+            with self._lock:
+                self._pending.pop((gen, i), None)
+            raise
         value = (model, predictor.features, predictor.original_size, predictor.input_size)
         with self._lock:
             if gen == self.generation:
                 self._cache[i] = value
                 while len(self._cache) > self._size:
                     self._cache.popitem(last=False)
+            self._pending.pop((gen, i), None)
         return value
 
     def embedding(self, i: int, image: np.ndarray):
@@ -153,9 +163,20 @@ class Model:
                 self._cache.move_to_end(i)
                 return self._cache[i]
             future = self._pending.get((gen, i))
-        if future is not None:
+            if future is None:
+                future = self._pending[(gen, i)] = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
             return future.result()
-        return self._embed(gen, model, i, image)
+        try:
+            value = self._embed(gen, model, i, lambda: image)
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        future.set_result(value)
+        return value
 
     def prefetch(self, i: int, load_image) -> None:
         """Embed image i in the background (load_image() -> RGB array), unless cached."""
@@ -164,7 +185,7 @@ class Model:
             if i in self._cache or (gen, i) in self._pending:
                 return
             model = self.model
-            self._pending[(gen, i)] = self._pool.submit(lambda: self._embed(gen, model, i, load_image()))
+            self._pending[(gen, i)] = self._pool.submit(self._embed, gen, model, i, load_image)
 
     @torch.no_grad()
     def decode(self, i: int, image: np.ndarray, points: list, box: Optional[list], multimask: bool):
