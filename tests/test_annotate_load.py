@@ -35,7 +35,7 @@ except ImportError:  # tests/ imported as a package
 H, W = 200, 300
 N_IMAGES = 3  # shard_size 2: images 0 and 1 share manual-000000.tar
 N_CLIENTS = 8
-OPS = 10  # per client
+OPS = 20  # per client
 DEADLINE = 40.0  # seconds for the whole run
 
 
