@@ -23,6 +23,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+import segany.annotate.session as session_module  # noqa: E402
 import segany.annotate.store as store_module  # noqa: E402
 from segany.annotate import create_app  # noqa: E402
 from segany.data import SA1BDataModule  # noqa: E402
@@ -156,9 +157,16 @@ class Annotator(threading.Thread):
                 (self.deleted if r.status_code == 200 else self.gone).append((i, mid))
 
 
-def test_concurrent_annotators_keep_exactly_the_acknowledged_masks(tmp_path):
+def test_concurrent_annotators_keep_exactly_the_acknowledged_masks(tmp_path, monkeypatch):
     images, ckpt = make_inputs(tmp_path)
     out = tmp_path / "out"
+    embed, embedded = session_module.Model._embed, []
+
+    def counted(self, gen, model, i, load_image):
+        embedded.append(i)
+        return embed(self, gen, model, i, load_image)
+
+    monkeypatch.setattr(session_module.Model, "_embed", counted)
     app = create_app(str(images), str(ckpt), str(out), shard_size=2)
     t0 = time.monotonic()
     with serve(app) as url:
@@ -168,6 +176,7 @@ def test_concurrent_annotators_keep_exactly_the_acknowledged_masks(tmp_path):
         assert not any(c.is_alive() for c in clients), "a client hung"
         listing = httpx.get(url + "/api/images", timeout=30).json()
     assert [e for c in clients for e in c.errors] == []
+    assert sorted(embedded) == list(range(N_IMAGES))  # each image embedded once, however many open it at once
 
     accepted = [k for c in clients for k in c.accepted]
     deleted = [k for c in clients for k in c.deleted]

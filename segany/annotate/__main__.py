@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=10, help="images per output shard (folder input)")
     p.add_argument("--semi", action="store_true", help="open each image with the engine's semi-stage masks placed")
     p.add_argument("--semi-points-per-side", type=int, default=32)
+    p.add_argument("--cache", type=int, default=16, help="images kept embedded: 2 per annotator (default 16)")
     p.add_argument("--host", default="127.0.0.1", help="any other address requires a token")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--token", default=None, help="access token (default: random when --host is not loopback)")
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
         token=token,
         semi=args.semi,
         semi_settings={"points_per_side": args.semi_points_per_side},
+        cache=args.cache,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}/" + (f"?token={token}" if token else "")

@@ -130,14 +130,17 @@ def create_app(
     token: Optional[str] = None,
     semi: bool = False,
     semi_settings: Optional[dict] = None,
+    cache: int = 16,
 ) -> FastAPI:
     """The app on the images of `images` (a folder or a shard spec, read by segany.engine.plan_jobs),
     the model of `checkpoint` (segany.modeling.checkpoint.load_model; `model` only when it stores no architecture)
-    and the output folder `out` (resumed). semi_settings: SemiAnnotator keywords."""
+    and the output folder `out` (resumed). semi_settings: SemiAnnotator keywords. cache: images whose
+    pixels and embedding stay in memory; each annotator uses two (the open image, the next one
+    prefetched), and fewer than that re-embeds an image on clicks (a ViT-B embedding is 4 MB)."""
     app = FastAPI(title="segany annotate", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, _invalid)
-    imgs = Images(images, shard_size)
-    net = Model(checkpoint, model, device, trust_checkpoint)
+    imgs = Images(images, shard_size, cache=cache)
+    net = Model(checkpoint, model, device, trust_checkpoint, cache=cache)
     store = ShardStore(out)
     imgs.check_output(store)
     history: dict = {}  # image index -> previous annotation lists (this session's undo)
