@@ -38,6 +38,7 @@ N_IMAGES = 3  # shard_size 2: images 0 and 1 share manual-000000.tar
 N_CLIENTS = 8
 OPS = 20  # per client
 DEADLINE = 40.0  # seconds for the whole run
+STROKE = {"x": 280.0, "y": 180.0, "r": 4.0}
 
 
 @contextmanager
@@ -277,3 +278,23 @@ def test_reading_an_image_while_its_shard_is_removed(tmp_path, monkeypatch):
     assert got["r"].status_code == 200, got["r"].text
     assert [m["id"] for m in got["r"].json()["masks"]] == [r.json()["id"]]  # read before the delete
     assert not (out / "manual-000001.tar").exists()
+
+
+def test_a_deleted_masks_id_is_never_given_again(tmp_path):
+    """Another annotator's page may still show a deleted mask: its id must not name the next
+    accepted one (a brush there would change someone else's mask), after a restart neither."""
+    from fastapi.testclient import TestClient
+
+    images, ckpt = make_inputs(tmp_path)
+    out = tmp_path / "out"
+    c = TestClient(create_app(str(images), str(ckpt), str(out), shard_size=2))
+    prompt = {"points": [[60, 70, 1]]}
+    assert [c.post("/api/images/0/accept", json=prompt).json()["id"] for _ in range(2)] == [0, 1]
+    assert c.post("/api/images/0/masks/1/delete").json() == {"masks": 1}
+    assert c.post("/api/images/0/accept", json=prompt).json()["id"] == 2
+    assert c.post("/api/images/0/masks/1/brush", json={"strokes": [STROKE]}).status_code == 404
+    for k in (2, 0):
+        assert c.post(f"/api/images/0/masks/{k}/delete").status_code == 200
+    assert not list(out.glob("*.tar"))  # the image left the output with its last mask
+    again = TestClient(create_app(str(images), str(ckpt), str(out), shard_size=2))
+    assert again.post("/api/images/0/accept", json=prompt).json()["id"] == 3
