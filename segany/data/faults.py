@@ -13,6 +13,7 @@ FAULT_KINDS = (
     "bad_json",  # json does not parse, missing/ill-typed fields, invalid RLE
     "no_annotations",  # json has an empty annotation list
     "orphan",  # an image without its json or a json without its image
+    "duplicate_member",  # a key whose members hold one extension twice (a renamed member): dropped
     "truncated_tar",  # the shard ends inside a member (or without end-of-archive)
     "corrupt_tar",  # a damaged tar header; reading resumed at the next valid header
     "shard_error",  # the shard could not be opened or read (I/O error, pipe failed)

@@ -5,8 +5,12 @@ damage, which `tarfile` in stream mode does not report: it treats a header cut s
 a damaged header or a missing end-of-archive as a normal end and silently drops the rest
 of the shard. Here:
 - a member or header cut short (EOF before the end-of-archive block) raises TarTruncated;
-- a header whose checksum fails is reported through `on_corrupt(offset, nbytes)` and
-  reading resumes at the next block that is a valid header;
+- a header whose checksum fails, or whose size field holds no size, is reported through
+  `on_corrupt(offset, nbytes)` and reading resumes at the next block that is a valid header;
+  so is a pax extended header whose records do not parse (its member keeps the plain
+  header's name and size);
+- reads ask for at most 16 MiB at a time, so a size field that lies costs no more memory
+  than the bytes actually there;
 - every member carries the offset of its first header block and the offset just past it,
   so that a reader can later resume exactly there (seek, or skip bytes on a pipe).
 Formats: ustar (name prefix), GNU long names ('L'), pax extended headers ('x': path,
@@ -37,16 +41,13 @@ class TarMember:
     next_offset: int  # just past its data padding: where the next member starts
 
 
+_CHUNK = 1 << 24  # a read asks for at most this much: a damaged size field must not allocate gigabytes
+
+
 def _read_exact(f, n: int) -> bytes:
-    buf = f.read(n)
-    if buf is None:
-        buf = b""
-    if len(buf) == n or not buf:
-        return buf
-    parts = [buf]
-    got = len(buf)
+    parts, got = [], 0
     while got < n:
-        more = f.read(n - got)
+        more = f.read(min(n - got, _CHUNK))
         if not more:
             break
         parts.append(more)
@@ -59,16 +60,20 @@ def _cstr(field: bytes) -> str:
 
 
 def _number(field: bytes) -> int:
-    if field and field[0] & 0x80:  # GNU base-256
+    if field and field[0] in (0x80, 0xFF):  # GNU base-256 (any other high byte is damage, as in tarfile)
         value = int.from_bytes(field[1:], "big")
-        return value - (1 << (8 * len(field) - 8)) if field[0] & 0x40 else value
+        return value - (1 << (8 * len(field) - 8)) if field[0] == 0xFF else value
     text = field.split(b"\0", 1)[0].strip(b" ")
     return int(text, 8) if text else 0
 
 
 def _header_ok(block: bytes) -> bool:
+    """The checksum matches and the size field holds a size (a header can pass its checksum and
+    still be damaged: several flipped bytes, or a writer's bug)."""
     try:
         stored = _number(block[148:156])
+        if _number(block[124:136]) < 0:
+            return False
     except ValueError:
         return False
     unsigned = sum(block[:148]) + 256 + sum(block[156:])
@@ -81,6 +86,8 @@ def _pax_records(data: bytes) -> dict:
     while pos < len(data):
         sp = data.index(b" ", pos)
         length = int(data[pos:sp])
+        if length <= sp - pos or pos + length > len(data):  # would not move on, or runs past the data
+            raise ValueError(f"pax record length {length} at {pos}")
         key, _, value = data[sp + 1 : pos + length - 1].partition(b"=")
         out[key.decode()] = value.decode("utf-8", "surrogateescape")
         pos += length
@@ -138,6 +145,8 @@ def iter_members(f, start: int = 0, on_corrupt: Optional[Callable[[int, int], No
         if kind == b"x":
             try:
                 pax = _pax_records(data)
+                if "size" in pax and not (pax["size"].isascii() and pax["size"].isdigit()):
+                    raise ValueError(f"pax size {pax['size']!r}")
             except ValueError:  # damaged extended header: keep the plain header's fields
                 pax = {}
                 if on_corrupt is not None:
