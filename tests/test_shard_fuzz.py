@@ -2,8 +2,8 @@
 data's own path (SA1BDataModule -> read_pairs -> iter_members -> sa1b_record -> make_sample
 -> collate, faults counted by segany.data.faults), each read under a deadline.
 
-Damage, one kind per case, aimed at one part of a 6-sample shard (jpg + json per key, images
-of different sizes so that an image handed to another key's json is refused):
+Damage, one kind per case, aimed at one part of a 6-sample shard (jpg + json per key; two
+images share a size, as most SA-1B images do, so that a wrong pairing would pass the size check):
   jpeg        1-3 bytes of one sample's JPEG flipped (every other seed in its first 700 bytes:
               the tables and frame header, where a flip is seen more often)
   json        1-3 bytes of one sample's json flipped, outside its RLE counts strings
