@@ -6,7 +6,7 @@ the HTTP API (FastAPI TestClient: routing, JSON, decoding, the masks' runs), one
 decode request (3 masks) per random click after the image's embedding is cached; and the
 embedding itself (opening the image).
 
-With --clients N > 1, the same under load: the real server (uvicorn on a loopback port, in a
+With --clients N > 1, the same with N clients at once: the real server (uvicorn on a loopback port, in a
 thread) and N client threads (httpx), client c on image c % --images (copies of the photo,
 each embedded on its own; default one image per client), each opening its image and then, once
 all are open, sending --clicks decode requests; the click latency's p50 / p95 over all clients,
