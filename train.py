@@ -165,7 +165,14 @@ def train(cfg: DictConfig) -> dict:
         save_run_config(cfg, os.path.join(cfg.paths.run_dir, "config.yaml"), data_resolved)
     ckpt = resume_path(cfg)
     log.info("run dir %s; %s", cfg.paths.run_dir, f"resuming from {ckpt}" if ckpt else "fresh start")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # resume reads data only
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # resume reads data only
+    except RuntimeError as exc:  # a dead data-loader worker: name the shard and key it was reading
+        loader = getattr(datamodule, "_train_loader", None)
+        message = loader.worker_death(exc) if hasattr(loader, "worker_death") else None
+        if message:
+            raise RuntimeError(message) from exc
+        raise
     # ModelCheckpoint saves every n steps; the final state is always saved as last.ckpt too, in full
     # (a save's weights_only=False: optimiser, loops and callbacks too, resumable; unset, Lightning says so)
     trainer.save_checkpoint(os.path.join(cfg.paths.run_dir, "checkpoints", "last.ckpt"), weights_only=False)

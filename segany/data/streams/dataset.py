@@ -14,6 +14,9 @@ Epochs: each `iter()` starts a new epoch quota from where the stream stands, exc
 first one after `load_state_dict()`, which finishes the epoch the saved state was in.
 The decision is taken when `iter()` is called (not when the first sample is drawn):
 StatefulDataLoader may build an iterator it never draws from.
+
+Each worker notes what it is reading in a file outside itself (streams/worker_notes.py), so
+that its death (the OOM killer, a crash in a decoder) is reported with the shard and key.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class StreamDataset(IterableDataset):
         self.restart_salt = 0  # != 0: saved positions did not fit this topology, reseed
         self._state: Optional[dict] = None  # this worker's position; None: not started
         self._finish_epoch = False  # the next iter() finishes the saved epoch
+        self.notes = None  # WorkerNotes: what each worker reads (set by StreamLoader; streams/worker_notes.py)
 
     # -- position (torchdata Stateful protocol; called in the worker process) -------------
     def state_dict(self) -> dict:
@@ -139,13 +143,20 @@ class StreamDataset(IterableDataset):
         rng = np.random.default_rng([self.seed, self.rank, worker, self.restart_salt])
         return self._fresh_position(rng, slot, n_slots), rng, 0, 0
 
+    def _note(self, worker: int, text: str) -> None:
+        if self.notes is not None:
+            self.notes.note(worker, text)
+
     def _train_iter(self, worker, workers, slot, n_slots, faults) -> Iterator[dict]:
         quota = self._quota(worker, workers)
         position, rng, done, produced = self._start(worker, slot, n_slots)
         records = self._train_records(position, rng, faults, slot, n_slots)
-        failed = 0
+        failed, rec = 0, None
         while produced < quota:
+            after = f"the record after shard {rec.source} key {rec.key}" if rec else "its first record"
+            self._note(worker, f"while reading {after}")
             rec = next(records)
+            self._note(worker, f"while decoding shard {rec.source} key {rec.key} (epoch sample {produced + 1})")
             sample = self._sample(rec, np.random.default_rng(int(rng.integers(2**63))), faults)
             if sample is None:
                 failed += 1
@@ -167,6 +178,7 @@ class StreamDataset(IterableDataset):
                 "rng": rng.bit_generator.state,
                 "position": copy.deepcopy(position),
             }
+            self._note(worker, f"after decoding shard {rec.source} key {rec.key} (batching it, or waiting)")
             yield sample
 
     # -- subclass interface --------------------------------------------------------------

@@ -27,6 +27,8 @@ What this subclass adds, each because the library or Lightning does not do it:
   `fit`), StatefulDataLoader's persistent workers would drop the batches they had
   prefetched, i.e. skip data; the unfinished iterator is returned instead, so the next
   epoch first finishes the stream's epoch (shorter for Lightning, same data in order).
+- a dead worker: torch's error names only its pid; `worker_death()` says which worker of
+  which rank it was and the shard and key it was reading (streams/worker_notes.py).
 - teardown: after `fit` Lightning shuts the workers down and drops the iterator
   (`_iterator = None`), after which `StatefulDataLoader.state_dict()` would describe a
   fresh start (train.py saves last.ckpt after `fit`); the last iterator is kept, and its
@@ -41,6 +43,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from segany.data.streams.dataset import StreamDataset
+from segany.data.streams.worker_notes import WorkerNotes, worker_death
 
 log = logging.getLogger("segany.data")
 
@@ -60,6 +63,16 @@ class StreamLoader(StatefulDataLoader):
     """StatefulDataLoader over a training StreamDataset; same arguments."""
 
     _last_iter = None  # the latest iterator, kept through Lightning's teardown
+
+    def __init__(self, dataset: StreamDataset, *args, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        self.notes = WorkerNotes()
+        dataset.notes = self.notes  # before the workers start: they get it with the dataset
+
+    def worker_death(self, exc: BaseException):
+        """The message naming the shard and key each dead worker was at, when `exc` is torch's
+        error about dead workers of this loader; else None."""
+        return worker_death(exc, self.notes, self.dataset.rank)
 
     def _epoch_drawn(self, local: dict) -> bool:
         """Whether every worker has drawn its whole epoch quota in this rank's loader state."""
