@@ -23,12 +23,15 @@ class KillAt(pl.Callback):
 
 
 class HangAt(pl.Callback):
-    """Rank `rank` sleeps for good when training step `step` starts: a hung rank."""
+    """Rank `rank` sleeps for good when training step `step` starts: a hung rank. With
+    `restart`, only in that start of a SLURM job (SLURM_RESTART_COUNT, 0 at first)."""
 
-    def __init__(self, step: int, rank: int = 1):
-        self.step, self.rank = int(step), int(rank)
+    def __init__(self, step: int, rank: int = 1, restart=None):
+        self.step, self.rank, self.restart = int(step), int(rank), restart
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.restart is not None and int(os.environ.get("SLURM_RESTART_COUNT", 0)) != int(self.restart):
+            return
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
             time.sleep(3600)
 

@@ -196,3 +196,43 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path):
     _wait_for(slurm, tmp_path, job, lambda i: i["Restarts"] == "1", 150, "requeue")
     slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
     _check_requeued_and_resumed(slurm, tmp_path, job, None)
+
+
+@pytest.mark.slow
+def test_hung_rank_requeues_and_resumes(slurm, tmp_path):
+    """Two tasks; rank 1 hangs at step 3 of the first start: after hang_timeout_s both ranks dump
+    their stacks, rank 0 names rank 1 and runs `scontrol requeue`; the second start resumes from
+    the step-2 checkpoint and finishes (about 2 minutes)."""
+    job, _ = _sbatch(
+        slurm,
+        tmp_path,
+        *_overrides(
+            tmp_path,
+            "trainer.max_steps=6",
+            "data.batch_size=1",
+            "data.max_masks=2",
+            "trainer.limit_val_batches=0",
+            "callbacks.checkpoint.every_n_train_steps=2",
+            "strategy=ddp",
+            "hang_timeout_s=10",
+            "+callbacks.watchdog.grace_s=5",
+            "+callbacks.hang._target_=tests._kill.HangAt",
+            "+callbacks.hang.step=3",
+            "+callbacks.hang.rank=1",
+            "+callbacks.hang.restart=0",
+        ),
+        sbatch_opts=["--ntasks-per-node=2"],
+    )
+    info = _wait_for(slurm, tmp_path, job, lambda i: i["JobState"] in FINAL, 300, "end")
+    log = _out(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-4000:]}"
+    first, second = log.split(f"job {job} (restart 1)")
+    assert "rank(s) [1] hung (not in a collective) while rank(s) [0] wait for them" in first, first[-4000:]
+    assert f"requeueing SLURM job {job}" in first, first[-3000:]
+    run_dir = Path(tmp_path) / "runs" / f"demo_{job}"
+    assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in second, second[-3000:]
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == 6
+    (hangs,) = (run_dir / "hangs").iterdir()  # one hang, two reports, requeued once
+    assert sorted(p.name for p in hangs.iterdir()) == sorted(
+        ["rank0.json", "rank0.stack", "rank1.json", "rank1.stack", "requeued"]
+    )
