@@ -11,7 +11,6 @@ resumes from checkpoints/last.ckpt (resume=auto).
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import sys
@@ -22,8 +21,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from segany.modeling.checkpoint import architecture
-from segany.training.checkpointing import resolve_checkpoint
+from segany.modeling.checkpoint import architecture, verify_checkpoint
+from segany.training.checkpointing import newest_verified, resume_candidates
 from segany.training.config import check_train_config
 from segany.utils.cli import check_overrides
 from segany.utils.config import register_resolvers
@@ -70,21 +69,23 @@ def follow_model_size(cfg: DictConfig, model) -> None:
 
 
 def resume_path(cfg: DictConfig):
-    """resume=auto: the newest of <run_dir>/checkpoints/last.ckpt and the hpc_ckpt_*.ckpt
-    Lightning writes on a SLURM requeue signal (a file, or a directory under fsdp; an
-    interrupted directory swap leaves last.ckpt.old, which counts too). resume=last is the
-    same but fails when there is nothing to resume; resume=PATH uses PATH."""
+    """resume=auto: the newest checkpoint of the run that matches its manifest, walking back
+    from the newest of checkpoints/last.ckpt (or last.ckpt.old, an interrupted directory swap),
+    the hpc_ckpt_*.ckpt Lightning writes on a SLURM requeue signal and the periodic ones kept
+    (segany.training.checkpointing.resume_candidates); each one skipped is logged with what
+    differs. A checkpoint with no manifest (an older segany's, or made by hand) is taken
+    unverified, with a log line. resume=last is the same but fails when there is nothing to
+    resume; resume=PATH uses PATH, refused when it does not match its manifest."""
     if cfg.get("resume") in (None, "none", False):
         return None
     if cfg.resume in ("auto", "last"):
-        found = [resolve_checkpoint(os.path.join(cfg.paths.run_dir, "checkpoints", "last.ckpt"))]
-        found += glob.glob(os.path.join(cfg.paths.run_dir, "hpc_ckpt_*.ckpt"))
-        found = [p for p in found if p]
+        found = resume_candidates(cfg.paths.run_dir)
         if not found and cfg.resume == "last":
             raise FileNotFoundError(f"resume=last: no checkpoint in {cfg.paths.run_dir}")
-        return max(found, key=os.path.getmtime) if found else None
+        return newest_verified(found) if found else None
     if not os.path.exists(cfg.resume):
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
+    verify_checkpoint(cfg.resume)
     return cfg.resume
 
 

@@ -17,24 +17,54 @@ DCP reader), a file carrying other Python objects is refused with an error namin
 train.py writes needs nothing more: SamModule saves no hyper-parameters, the run config
 is stored as plain containers, callbacks' and the datamodule's states are plain too.
 
+Every checkpoint carries a manifest, the size and hash of each of its files
+(segany.modeling.checkpoint.manifest), written after the files: `resume_candidates` and
+`newest_verified` give train.py's resume=auto the newest checkpoint that matches its own.
+A write that runs out of space (ENOSPC) raises `DiskFullError` naming the directory, the
+bytes the checkpoint needs and the bytes free; the previous checkpoint is intact (the new one
+was never renamed over it, its temporary file or directory is removed).
+
 Here, not in segany.modeling.checkpoint, because both classes are Lightning plugins: the
 modeling layer (and `import segany`) stays free of pytorch_lightning (tests/test_layers.py).
 """
 
 from __future__ import annotations
 
+import errno
+import glob
+import logging
+import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.api import CheckpointException
 
+from segany.modeling.checkpoint.manifest import manifest_path, problems, save_with_manifest, write_manifest
 from segany.modeling.checkpoint.read import LIGHTNING_META
-from segany.modeling.checkpoint.trust import load_distributed, refused_global, torch_load, unsafe_error
-from segany.utils.io import OLD_SUFFIX, atomic_torch_save, remove, replace_dir
+from segany.modeling.checkpoint.trust import (
+    CheckpointError,
+    load_distributed,
+    refused_global,
+    torch_load,
+    unsafe_error,
+)
+from segany.utils.io import OLD_SUFFIX, remove, replace_dir
 
-__all__ = ["AtomicCheckpointIO", "AtomicModelParallelStrategy", "replace_dir", "resolve_checkpoint"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "AtomicModelParallelStrategy",
+    "DiskFullError",
+    "newest_verified",
+    "replace_dir",
+    "resolve_checkpoint",
+    "resume_candidates",
+]
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,7 +75,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO.save_checkpoint: storage_options are not supported")
         if "://" in str(path):  # object stores: Lightning's own (transactional) write
             return super().save_checkpoint(checkpoint, path)
-        atomic_torch_save(checkpoint, path)
+        try:
+            save_with_manifest(checkpoint, path)
+        except Exception as e:
+            if disk_full(e):
+                raise disk_full_error(path, tensor_bytes(checkpoint)) from e
+            raise
+
+    def remove_checkpoint(self, path) -> None:
+        """The checkpoint and its manifest (ModelCheckpoint's retention deletes through this)."""
+        super().remove_checkpoint(path)
+        if "://" not in str(path):
+            remove(manifest_path(path))
 
     def load_checkpoint(self, path, map_location=None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """torch.load with weights_only=True unless the caller explicitly passes False."""
@@ -65,11 +106,31 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if self.global_rank == 0:
             remove(tmp)
         self.barrier("segany_ckpt_tmp_clean")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        self.barrier("segany_ckpt_written")
+        needed = tensor_bytes(checkpoint)  # before Lightning pops the state out of `checkpoint`
+        error = _attempt(super().save_checkpoint, checkpoint, tmp, storage_options)
+        self._agree(error, path, tmp, needed)  # every rank's shard is in place, or every rank raises
+        error = _attempt(write_manifest, tmp) if self.global_rank == 0 else None  # one entry per file
+        self._agree(error, path, tmp, needed)
         if self.global_rank == 0:
             replace_dir(tmp, path)
         self.barrier("segany_ckpt_swapped")
+
+    def _agree(self, error: Optional[BaseException], path: Path, tmp: Path, needed: int) -> None:
+        """All ranks learn whether any rank's part of the write failed (one all-reduce, so no
+        rank waits forever for one that gave up); then all raise, after rank 0 removed `tmp`."""
+        code = 0 if error is None else 2 if disk_full(error) else 1
+        worst = int(self.reduce(torch.tensor(code, device=self.root_device), reduce_op="max"))
+        if not worst:
+            return
+        if worst == 2:  # the whole checkpoint's size: every rank's shard
+            needed = int(self.reduce(torch.tensor(float(needed), dtype=torch.float64, device=self.root_device), "sum"))
+        if self.global_rank == 0:
+            remove(tmp)
+        if worst == 2:
+            raise disk_full_error(path, needed) from error
+        if error is not None:
+            raise error
+        raise RuntimeError(f"writing checkpoint {path}: another rank's part of the write failed; {path} is unchanged")
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Resume: Lightning's sharded branch (model, then each optimiser, then `meta.pt`),
@@ -102,6 +163,103 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                 module, optimizer, optim_state_dict=optim_state[key], options=StateDictOptions(cpu_offload=True)
             )
         return torch_load(path / LIGHTNING_META, trust)
+
+
+def _attempt(fn, *args) -> Optional[BaseException]:
+    """fn(*args)'s exception, or None (DCP's CheckpointException is a BaseException)."""
+    try:
+        fn(*args)
+    except (Exception, CheckpointException) as e:
+        return e
+    return None
+
+
+# ----------------------------------------------------------------- disk full
+
+
+class DiskFullError(OSError):
+    """A checkpoint write ran out of space (errno ENOSPC); the previous checkpoint is intact."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` is an ENOSPC or came from one: torch.save turns the OSError into a
+    RuntimeError (its __context__), DCP gathers each rank's into a CheckpointException."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        stack += [e.__cause__, e.__context__]
+        stack += [f[0] for f in getattr(e, "failures", {}).values()] if isinstance(e, CheckpointException) else []
+    return False
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a (nested) checkpoint: what writing it needs at least. A
+    DTensor counts this rank's shard."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.to_local() if hasattr(obj, "to_local") else obj
+        return t.numel() * t.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def disk_full_error(path, needed: int) -> DiskFullError:
+    """The error for a checkpoint write to `path` that hit ENOSPC: the directory, the bytes the
+    checkpoint needs (beside the previous one: the write replaces it only when complete) and
+    the bytes free now that the partial write is removed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(directory).free
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left in {directory} for checkpoint {os.path.basename(path)}: it needs at least "
+        f"{needed} bytes ({needed / 2**30:.2f} GiB) beside the previous one, {free} bytes "
+        f"({free / 2**30:.2f} GiB) are free. The previous checkpoint is intact: free space there "
+        f"(or keep fewer: callbacks.checkpoint.save_top_k) and rerun the same command to resume from it",
+    )
+
+
+# ----------------------------------------------------------------- resume
+
+
+def resume_candidates(run_dir) -> list[str]:
+    """Every checkpoint of a run, newest first (modification time): checkpoints/last.ckpt and
+    last.ckpt.old (a directory swap interrupted, resolve_checkpoint), the periodic ones
+    ModelCheckpoint keeps (checkpoints/*.ckpt, checkpoints/kept/*.ckpt) and the
+    hpc_ckpt_*.ckpt Lightning writes into the run directory on a SLURM requeue signal."""
+    ckpts = os.path.join(run_dir, "checkpoints")
+    patterns = ("*.ckpt", f"*.ckpt{OLD_SUFFIX}", os.path.join("*", "*.ckpt"))
+    found = {p for pattern in patterns for p in glob.glob(os.path.join(ckpts, pattern))}
+    found |= set(glob.glob(os.path.join(run_dir, "hpc_ckpt_*.ckpt")))
+    return sorted(found, key=lambda p: os.path.getmtime(p) if os.path.exists(p) else 0.0, reverse=True)
+
+
+def newest_verified(candidates: list[str]) -> str:
+    """The first of `candidates` (newest first) that matches its manifest, each one skipped
+    logged with what differs (file, expected vs found size or hash). A checkpoint with no
+    manifest (written by an older segany or by hand) is taken unverified, and logged so.
+    Raises CheckpointError when every candidate is damaged."""
+    skipped = []
+    for path in candidates:
+        found = problems(path)
+        if found is None:
+            log.info("%s has no manifest (an older segany's or a hand-made checkpoint): taken unverified", path)
+            return path
+        if not found:
+            if skipped:
+                log.warning("resume: %s verifies; %d newer checkpoint(s) skipped", path, len(skipped))
+            return path
+        log.warning("resume: skipping %s, it does not match its manifest: %s", path, "; ".join(found))
+        skipped.append(f"{path}: {'; '.join(found)}")
+    raise CheckpointError(
+        "resume: no checkpoint matches its manifest:\n  " + "\n  ".join(skipped) + "\nresume=null starts afresh"
+    )
 
 
 def resolve_checkpoint(path) -> Optional[str]:

@@ -5,6 +5,8 @@
     load_model(checkpoint, model_cfg, trust_checkpoint=False) -> (Sam, description)    (load.py)
     save_official(model, path), export(checkpoint, out)  the release's .pth + <name>.json (write.py)
     torch_load(path, trust=False), CheckpointError       the trust rule: a checkpoint is data (trust.py)
+    save_with_manifest(obj, path), write_manifest(dir), verify_checkpoint(path)
+                                                         sizes + hashes of its files (manifest.py)
 
 build_sam(checkpoint=...) builds through load.model_of; mae.py is the encoder's MAE init and
 infer.py the architecture of a state dict that stores none. Writing training checkpoints
@@ -13,6 +15,7 @@ atomically and resuming from them are Lightning plugins: segany/training/checkpo
 
 from segany.modeling.checkpoint.load import load_model, untrained_like
 from segany.modeling.checkpoint.mae import load_mae_encoder
+from segany.modeling.checkpoint.manifest import save_with_manifest, verify_checkpoint, write_manifest
 from segany.modeling.checkpoint.read import Checkpoint, read_checkpoint, to_official
 from segany.modeling.checkpoint.trust import CheckpointError, torch_load
 from segany.modeling.checkpoint.write import architecture, export, save_official
@@ -26,7 +29,10 @@ __all__ = [
     "load_model",
     "read_checkpoint",
     "save_official",
+    "save_with_manifest",
     "to_official",
     "torch_load",
     "untrained_like",
+    "verify_checkpoint",
+    "write_manifest",
 ]

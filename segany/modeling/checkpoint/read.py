@@ -35,6 +35,7 @@ from timm.models.vision_transformer_sam import checkpoint_filter_fn as sam_check
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from segany.modeling.checkpoint.infer import infer_architecture
+from segany.modeling.checkpoint.manifest import verify_checkpoint
 from segany.modeling.checkpoint.trust import CheckpointError, dcp_reader, load_distributed, torch_load
 from segany.modeling.lora import has_lora, lora_spec, merge_lora
 
@@ -192,9 +193,12 @@ def read_distributed_weights(path, trust: bool = False) -> Dict[str, torch.Tenso
 
 
 def read_checkpoint(path, *, prefix: Optional[str] = None, trust: bool = False) -> Checkpoint:
-    """Any supported checkpoint (file or sharded directory) -> `Checkpoint`. `trust=True`
-    unpickles whatever the file holds: only for a file you trust, never a default."""
+    """Any supported checkpoint (file or sharded directory) -> `Checkpoint`, verified first
+    against its manifest when it has one (manifest.py). `trust=True` unpickles whatever the
+    file holds: only for a file you trust, never a default."""
     path = str(path)
+    if os.path.exists(path):
+        verify_checkpoint(path)  # a manifest that does not match: refused before anything is read
     if os.path.isdir(path):
         tensors = read_distributed_weights(path, trust)
         meta_file = Path(path) / LIGHTNING_META
