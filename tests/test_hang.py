@@ -14,7 +14,7 @@ from pathlib import Path
 from helpers import compose
 from hydra.utils import instantiate
 
-from segany.callbacks.watchdog import EXIT_CODE, HangWatchdog
+from segany.callbacks.watchdog import EXIT_CODE, HangWatchdog, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT, GRACE = 10, 5
@@ -97,3 +97,21 @@ def test_requeue_under_slurm_at_most_max_requeues(tmp_path, monkeypatch):
         dog._requeue()
     assert calls.read_text().splitlines() == ["requeue 4242", "requeue 4242"]
     assert sorted(p.parent.name for p in (tmp_path / "hangs").glob("*/requeued")) == ["a", "b"]
+
+
+def _report(rank, progress):
+    return dict(rank=rank, host="h", pid=rank, step=progress[0], phase="p", progress=list(progress), seconds=12.0)
+
+
+def test_summary_names_the_ranks_behind_when_none_is_seen_in_a_collective():
+    """Under NCCL a rank waiting for a peer blocks later in the step (its next GPU
+    synchronisation), not in the collective: the rank that hung is the one behind."""
+    reports = [_report(0, (7, 7, 3)), _report(1, (7, 7, 1)), _report(2, (8, 7, 4))]
+    for r in reports:
+        r.update(waiting=False, call=None, at="train.py:1 in f")
+    text = summary(reports, world_size=4, timeout_s=10)
+    assert text.splitlines()[0] == (
+        "hang: no training progress for 10 s; rank(s) [1] are behind the others (the ranks that hung, "
+        "most likely); no report from rank(s) [3]: dead, stuck holding the GIL, or not on this file system"
+    )
+    assert text.splitlines()[2] == "  rank 1 (h pid 1): step 7, p for 12 s, at train.py:1 in f"

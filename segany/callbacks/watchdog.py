@@ -17,7 +17,9 @@ passes, on each rank:
   2. its Python stacks (faulthandler, every thread) to stderr and rank<r>.stack;
   3. it waits up to `grace_s` for the other ranks' reports (the run directory is on a file
      system all nodes share, as resuming needs anyway) and logs which ranks hung: those not
-     in a collective while the others wait in one;
+     in a collective while the others wait in one, else those behind the others in the step
+     (NCCL's collectives are asynchronous: a rank waiting for a peer blocks later, at its next
+     synchronisation with the GPU, not in the collective);
   4. under SLURM the lowest reporting rank runs `scontrol requeue $SLURM_JOB_ID`, at most
      `max_requeues` times per run (counted in hangs/);
   5. os._exit(EXIT_CODE).
@@ -81,8 +83,12 @@ def summary(reports: list, world_size: int, timeout_s: float) -> str:
     stuck = [r["rank"] for r in reports if not r["waiting"]]
     waiting = [r["rank"] for r in reports if r["waiting"]]
     missing = sorted(set(range(world_size)) - {r["rank"] for r in reports})
+    least = min((r["progress"] for r in reports), default=None)
+    behind = [r["rank"] for r in reports if r["progress"] == least]
     if stuck and waiting:
         head = f"rank(s) {stuck} hung (not in a collective) while rank(s) {waiting} wait for them"
+    elif len(behind) < len(reports):  # NCCL: the others ran on to a later point before blocking
+        head = f"rank(s) {behind} are behind the others (the ranks that hung, most likely)"
     elif stuck:
         head = f"rank(s) {stuck} made no progress (none waits in a collective)"
     else:
@@ -103,15 +109,20 @@ class HangWatchdog(pl.Callback):
     def __init__(self, timeout_s: float = 1500, grace_s: float = 30, requeue: bool = True, max_requeues: int = 3):
         self.timeout_s, self.grace_s = float(timeout_s), float(grace_s)
         self.requeue, self.max_requeues = bool(requeue), int(max_requeues)
-        self._mark = None  # (deadline, phase, step, time.time() when it began)
+        self._batch = -1  # the training batch index last started
+        self._mark = None  # (deadline, phase, (step, batch, order), time.time() when it began)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     # -- progress ----------------------------------------------------------------------
-    def _arm(self, trainer, phase: str, fallback: bool = False) -> None:
+    def _arm(self, trainer, phase: str, order: int = 4, batch: int = -1, fallback: bool = False) -> None:
+        """A new deadline; (global step, batch, order in the step: 1 training step, 2 backward,
+        3 optimiser step, 4 after the batch) orders the ranks' progress, the same on every rank."""
         if self._thread is None:
             return
-        self._mark = (time.monotonic() + self.timeout_s, phase, trainer.global_step, time.time())
+        self._batch = batch if batch >= 0 else self._batch
+        progress = (trainer.global_step, self._batch, order)
+        self._mark = (time.monotonic() + self.timeout_s, phase, progress, time.time())
         if fallback:  # faulthandler's timer starts a thread per call: once per batch is enough
             faulthandler.dump_traceback_later(self.timeout_s + self.grace_s + 60, exit=True)
 
@@ -125,16 +136,17 @@ class HangWatchdog(pl.Callback):
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="segany-hang-watchdog", daemon=True)
         self._thread.start()
-        self._arm(trainer, "starting to train", fallback=True)
+        self._batch = -1
+        self._arm(trainer, "starting to train", order=0, fallback=True)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._arm(trainer, "in the training step", fallback=True)
+        self._arm(trainer, "in the training step", order=1, batch=batch_idx, fallback=True)
 
     def on_before_backward(self, trainer, pl_module, loss):
-        self._arm(trainer, "in backward")
+        self._arm(trainer, "in backward", order=2)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self._arm(trainer, "in the optimiser step")
+        self._arm(trainer, "in the optimiser step", order=3)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._arm(trainer, "between steps (data, logging, checkpoint, validation)")
@@ -160,10 +172,10 @@ class HangWatchdog(pl.Callback):
             if self._mark is not None and time.monotonic() > self._mark[0]:
                 self._fire(*self._mark[1:])
 
-    def _fire(self, phase: str, step: int, since: float) -> None:
+    def _fire(self, phase: str, progress: tuple, since: float) -> None:
         frame = sys._current_frames().get(self._main)
-        report = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "step": step}
-        report.update(phase=phase, seconds=time.time() - since)
+        report = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "step": progress[0]}
+        report.update(phase=phase, progress=list(progress), seconds=time.time() - since)
         report.update(where(frame) if frame is not None else {"waiting": False, "call": None, "at": "?"})
         self.dir.mkdir(parents=True, exist_ok=True)
         me = self.dir / f"rank{self.rank}"
