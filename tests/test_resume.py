@@ -125,8 +125,11 @@ def test_sigkill_during_a_checkpoint_write_leaves_last_loadable(tmp_path):
     assert p.returncode == -9, p.stderr
     c = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert c["step"] == 1 and torch.equal(c["w"], torch.arange(100000.0))
-    leftovers = [f.name for f in tmp_path.iterdir() if f.name != "last.ckpt"]
+    leftovers = [f.name for f in tmp_path.iterdir() if f.name not in ("last.ckpt", "last.ckpt.manifest.json")]
     assert all(".tmp" in f for f in leftovers)  # the partial write never took the name
+    from segany.modeling.checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(tmp_path / "last.ckpt")  # and its manifest is still the first one's
 
 
 def test_interrupted_directory_swap_falls_back_to_the_old_one(tmp_path):
