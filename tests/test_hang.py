@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from helpers import compose
 from hydra.utils import instantiate
@@ -115,3 +116,18 @@ def test_summary_names_the_ranks_behind_when_none_is_seen_in_a_collective():
         "most likely); no report from rank(s) [3]: dead, stuck holding the GIL, or not on this file system"
     )
     assert text.splitlines()[2] == "  rank 1 (h pid 1): step 7, p for 12 s, at train.py:1 in f"
+
+
+def test_an_exception_out_of_fit_stops_the_watchdog(tmp_path):
+    """Lightning calls no teardown hook after an exception; a caller that catches it (a test, a
+    notebook) must not be killed a timeout later."""
+    trainer = SimpleNamespace(global_step=0, global_rank=0, world_size=1, default_root_dir=str(tmp_path))
+    trainer.strategy = SimpleNamespace(broadcast=lambda x: x)
+    dog = HangWatchdog(timeout_s=1, grace_s=0)
+    dog.on_train_start(trainer, None)
+    thread = dog._thread
+    dog.on_exception(trainer, None, RuntimeError("out of fit"))
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    time.sleep(1.5)  # past the deadline, still alive, and no report
+    assert not list(tmp_path.rglob("rank0.json"))

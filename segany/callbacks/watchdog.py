@@ -24,7 +24,8 @@ passes, on each rank:
      `max_requeues` times per run (counted in hangs/);
   5. os._exit(EXIT_CODE).
 A main thread that holds the GIL (stuck in C code) stops this thread too: faulthandler's own
-timer, armed at timeout + grace + 60 s, then dumps that process and exits it. faulthandler
+timer, armed at timeout + grace + 60 s, then dumps that process and exits it (code 1, no
+requeue: srun ends the job step, the collective timeout ends the other ranks). faulthandler
 also dumps on fatal signals (SIGSEGV; SIGABRT, which NCCL's timeout sends) and on SIGUSR2,
 for a look at a live run (`scancel --signal=USR2 JOBID`). Work done inside one step (a long
 ZeroShotValidation, the first step's compilation) must fit in `timeout_s`.
@@ -106,6 +107,8 @@ def summary(reports: list, world_size: int, timeout_s: float) -> str:
 
 
 class HangWatchdog(pl.Callback):
+    FALLBACK_S = 60  # faulthandler's timer: this long after the watchdog's own report would be due
+
     def __init__(self, timeout_s: float = 1500, grace_s: float = 30, requeue: bool = True, max_requeues: int = 3):
         self.timeout_s, self.grace_s = float(timeout_s), float(grace_s)
         self.requeue, self.max_requeues = bool(requeue), int(max_requeues)
@@ -124,14 +127,14 @@ class HangWatchdog(pl.Callback):
         progress = (trainer.global_step, self._batch, order)
         self._mark = (time.monotonic() + self.timeout_s, phase, progress, time.time())
         if fallback:  # faulthandler's timer starts a thread per call: once per batch is enough
-            faulthandler.dump_traceback_later(self.timeout_s + self.grace_s + 60, exit=True)
+            faulthandler.dump_traceback_later(self.timeout_s + self.grace_s + self.FALLBACK_S, exit=True, file=2)
 
     def on_train_start(self, trainer, pl_module):
         start = trainer.strategy.broadcast(time.strftime("%Y%m%d-%H%M%S"))  # one directory per start
         self.dir = Path(trainer.default_root_dir) / "hangs" / start
         self.rank, self.world_size = trainer.global_rank, trainer.world_size
-        faulthandler.enable(all_threads=True)
-        faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
+        faulthandler.enable(file=2, all_threads=True)  # the process's stderr, whatever sys.stderr is now
+        faulthandler.register(signal.SIGUSR2, file=2, all_threads=True, chain=False)
         self._main = threading.main_thread().ident
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="segany-hang-watchdog", daemon=True)
@@ -158,7 +161,7 @@ class HangWatchdog(pl.Callback):
         self._arm(trainer, "saving a checkpoint")
 
     def on_exception(self, trainer, pl_module, exception):
-        self._arm(trainer, f"stopping after {type(exception).__name__}")  # a teardown that hangs is one too
+        self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown hook then; a caller may go on
 
     def teardown(self, trainer, pl_module, stage):
         if self._thread is not None:
