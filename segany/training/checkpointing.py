@@ -24,6 +24,9 @@ A write that runs out of space (ENOSPC) raises `DiskFullError` naming the direct
 bytes the checkpoint needs and the bytes free; the previous checkpoint is intact (the new one
 was never renamed over it, its temporary file or directory is removed).
 
+Both refuse to write a state dict holding a NaN or inf (`refuse_nonfinite`, naming the key;
+the sharded one after all ranks agree): the checkpoint already there stays.
+
 Here, not in segany.modeling.checkpoint, because both classes are Lightning plugins: the
 modeling layer (and `import segany`) stays free of pytorch_lightning (tests/test_layers.py).
 """
@@ -53,6 +56,7 @@ from segany.modeling.checkpoint.trust import (
     torch_load,
     unsafe_error,
 )
+from segany.training.nonfinite import NonFiniteError, first_nonfinite
 from segany.utils.io import OLD_SUFFIX, remove, replace_dir
 
 __all__ = [
@@ -73,6 +77,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint: storage_options are not supported")
+        refuse_nonfinite(first_nonfinite(checkpoint.get("state_dict") or {}), path)
         if "://" in str(path):  # object stores: Lightning's own (transactional) write
             return super().save_checkpoint(checkpoint, path)
         try:
@@ -102,6 +107,9 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
+        bad = first_nonfinite(checkpoint.get("state_dict") or {})  # this rank's shards; every rank refuses together
+        if self.reduce(torch.tensor(float(bad is not None), device=self.root_device), reduce_op="sum"):
+            refuse_nonfinite(bad or "a tensor of another rank's shard", path)
         tmp = path.with_name(path.name + ".tmp")
         if self.global_rank == 0:
             remove(tmp)
@@ -163,6 +171,15 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                 module, optimizer, optim_state_dict=optim_state[key], options=StateDictOptions(cpu_offload=True)
             )
         return torch_load(path / LIGHTNING_META, trust)
+
+
+def refuse_nonfinite(bad: Optional[str], path) -> None:
+    """Checkpoints never hold non-finite weights: `bad` (segany.training.nonfinite.first_nonfinite
+    of the state dict) names the first such key; the write does not start."""
+    if bad is not None:
+        raise NonFiniteError(
+            f"refusing to write checkpoint {path}: state_dict key {bad}; what is already at that path is kept"
+        )
 
 
 def _attempt(fn, *args) -> Optional[BaseException]:

@@ -25,6 +25,7 @@ from torch import nn
 from segany.evaluation.protocol import ClickProtocol, interactive_eval
 from segany.training.embedding_cache import EmbeddingCache
 from segany.training.losses import SamLoss
+from segany.training.nonfinite import NonFiniteGuard
 from segany.training.optim import SamOptim
 from segany.training.prompting import INIT, MASK, POINT, PromptConfig
 from segany.training.schedule import WarmupStepDecay
@@ -65,7 +66,9 @@ class SamModule(pl.LightningModule):
     seed: every training step reseeds torch's RNGs from (seed, global step, rank), so the
     prompts, dropout and drop path of step k are the same whether or not the run was
     interrupted and resumed before it (no RNG state needs to travel in checkpoints);
-    validation reseeds from (seed, "val") so its numbers are comparable across a run."""
+    validation reseeds from (seed, "val") so its numbers are comparable across a run.
+    nonfinite: a NonFiniteGuard (nonfinite.py; on when None): a step with a non-finite loss or
+    gradient norm is skipped on every rank and counted, a few in a row stop the run."""
 
     def __init__(
         self,
@@ -82,6 +85,7 @@ class SamModule(pl.LightningModule):
         sharding: Optional[ShardingConfig] = None,
         seed: int = 0,
         embedding_cache: Optional[EmbeddingCache] = None,
+        nonfinite: Optional[NonFiniteGuard] = None,
     ):
         super().__init__()
         self.model = model
@@ -113,6 +117,9 @@ class SamModule(pl.LightningModule):
         if self.seed < 0:
             raise ValueError(f"seed={seed!r}: must be >= 0 (it seeds numpy's SeedSequence)")
         self._faults: dict = {}
+        if nonfinite is not None and not isinstance(nonfinite, NonFiniteGuard):
+            raise TypeError(f"module.nonfinite: expected a NonFiniteGuard (its node's _target_), got {type(nonfinite)}")
+        self.nonfinite = nonfinite if nonfinite is not None else NonFiniteGuard()
         self._val_drawn = 0
         self._rounds: dict = {}  # split -> (3, T) sums since the last validation end: IoU, loss, valid masks
         self._val_kinds: list = []  # per round, the kinds it had in this validation's batches
@@ -217,6 +224,7 @@ class SamModule(pl.LightningModule):
         acc = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         # CPU and every CUDA device; micro-batches of one accumulated step get their own streams
         torch.manual_seed(self.step_seed(self.global_step, stream=2 + batch_idx % acc))
+        self.nonfinite.images(batch.get("image_id"))
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -229,6 +237,10 @@ class SamModule(pl.LightningModule):
             if self.embedding_cache is not None:  # images embedded by this rank so far: from the cache / computed
                 logs["perf/cache_hits"] = float(self.embedding_cache.hits)
                 logs["perf/cache_misses"] = float(self.embedding_cache.misses)
+            if self.nonfinite.enabled:  # steps skipped for a non-finite loss / gradient norm, this run so far
+                logs["train/skipped_nonfinite"] = float(self.nonfinite.skipped)
+                if self.nonfinite.grad_norm is not None:  # before clipping, the last optimiser step's
+                    logs["train/grad_norm"] = self.nonfinite.grad_norm
             self.log_dict(logs, on_step=True, batch_size=B)
 
     def on_validation_epoch_start(self):
@@ -310,6 +322,18 @@ class SamModule(pl.LightningModule):
         opt, sched = self.optim(self.model, max_steps=max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.nonfinite.observe(loss)  # the loss Lightning back-propagates, each micro-batch
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """The non-finite guard first (nonfinite.py): a skipped step's gradients are dropped, nothing
+        to clip; else Lightning's clipping, as without this hook."""
+        if self.nonfinite.enabled and self.nonfinite.check(self, optimizer):
+            return
+        self.clip_gradients(
+            optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+        )
+
     def lr_scheduler_step(self, scheduler, metric=None) -> None:
         """The schedule follows trainer.max_steps (shrunk by TimeBudget, or changed on resume)."""
         for fn in getattr(scheduler, "lr_lambdas", ()):
@@ -320,3 +344,7 @@ class SamModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["segany_config"] = self.run_config
+        checkpoint["segany_nonfinite"] = self.nonfinite.state_dict()  # the skip counters go on after a resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("segany_nonfinite", {}))
