@@ -257,6 +257,78 @@ def test_interrupted_swap_old_directory_is_a_candidate(tmp_path):
     assert train.resume_path(_resume_cfg(tmp_path)) == str(ckpts / "last.ckpt.old")
 
 
+# two gloo ranks, each writing its own shard of a DTensor; `fail` = "meta.pt" makes rank 0's
+# write of Lightning's meta.pt (after the collective save, on rank 0 alone) hit ENOSPC
+TWO_RANKS = """
+import errno, os, sys, datetime
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from lightning_fabric.plugins.environments import LightningEnvironment
+import pytorch_lightning.strategies.model_parallel as mp
+from segany.training.checkpointing import AtomicModelParallelStrategy, DiskFullError
+
+rank, path, fail = int(os.environ["RANK"]), sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+env = LightningEnvironment()
+env.set_global_rank(rank)
+env.set_world_size(2)
+s = AtomicModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+s.cluster_environment = env
+s.parallel_devices = [torch.device("cpu")] * 2
+mesh = init_device_mesh("cpu", (2,))
+w = distribute_tensor(torch.arange(4096.0).reshape(64, 64), mesh, [Shard(0)])
+if fail == "meta.pt" and rank == 0:
+    real_save = torch.save
+    def save(obj, f, *a, **k):
+        if str(f).endswith("meta.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    mp.torch.save = save
+try:
+    s.save_checkpoint({"state_dict": {"w": w}, "optimizer_states": [], "global_step": 1}, path)
+    print("saved")
+except DiskFullError as e:
+    print("DiskFullError:", e)
+"""
+
+
+def _two_ranks(tmp_path, path, fail):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), WORLD_SIZE="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(path), fail],
+            cwd=ROOT,
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r), OMP_NUM_THREADS="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    return [o[0] for o in outs]
+
+
+def test_two_ranks_one_manifest_entry_per_shard_and_a_full_disk_on_one_rank(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert _two_ranks(tmp_path, last, "none") == ["saved\n", "saved\n"]
+    files = json.loads((last / "manifest.json").read_text())["files"]
+    assert sorted(files) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert verify_checkpoint(last)
+    before = _tree(last)
+    # rank 0 alone runs out of space (meta.pt): both ranks stop with the message, none waits forever
+    outs = _two_ranks(tmp_path, last, "meta.pt")
+    for out in outs:
+        assert out.startswith(f"DiskFullError: [Errno 28] no space left in {last.parent} for checkpoint last.ckpt")
+        assert f"needs at least {4096 * 4} bytes" in out  # both ranks' halves of the 64x64 fp32 tensor
+    assert _tree(last) == before and not (last.parent / "last.ckpt.tmp").exists()
+
+
 # ----------------------------------------------------------------- disk full
 
 

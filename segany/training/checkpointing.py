@@ -131,7 +131,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         if not worst:
             return
         if worst == 2:  # the whole checkpoint's size: every rank's shard
-            needed = int(self.reduce(torch.tensor(float(needed), dtype=torch.float64, device=self.root_device), "sum"))
+            total = torch.tensor(float(needed), dtype=torch.float64, device=self.root_device)
+            needed = int(self.reduce(total, reduce_op="sum"))
         if self.global_rank == 0:
             remove(tmp)
         if worst == 2:
