@@ -49,7 +49,7 @@ def test_a_hung_rank_is_named_and_every_rank_dumps_and_exits(tmp_path):
     cmd = [sys.executable, "train.py", f"paths.root_dir={tmp_path}", f"data.root={tmp_path}/data", *SMALL]
     cmd += ["strategy=ddp", "trainer.devices=2", "trainer.max_steps=5", f"hang_timeout_s={TIMEOUT}"]
     cmd += [
-        f"+callbacks.watchdog.grace_s={GRACE}",
+        f"callbacks.watchdog.grace_s={GRACE}",
         "+callbacks.hang._target_=tests._kill.HangAt",
         "+callbacks.hang.step=2",
     ]

@@ -215,7 +215,7 @@ def test_hung_rank_requeues_and_resumes(slurm, tmp_path):
             "callbacks.checkpoint.every_n_train_steps=2",
             "strategy=ddp",
             "hang_timeout_s=10",
-            "+callbacks.watchdog.grace_s=5",
+            "callbacks.watchdog.grace_s=5",
             "+callbacks.hang._target_=tests._kill.HangAt",
             "+callbacks.hang.step=3",
             "+callbacks.hang.rank=1",
