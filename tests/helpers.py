@@ -1,5 +1,8 @@
 """Helpers shared by the tests (importable as ``from helpers import ...``: tests/ is on pytest's pythonpath)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +12,17 @@ from hydra import initialize_config_dir
 from segany.utils.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(*overrides: str, expect_rc: int = 0, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python train.py *overrides` in a subprocess from the repository root (wandb offline, full
+    Hydra errors, one thread), its exit status checked against `expect_rc`."""
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
+    p = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert p.returncode == expect_rc, (p.returncode, p.stdout[-2000:], p.stderr[-4000:])
+    return p
 
 
 def compose(*overrides: str, name: str = "train", return_hydra_config: bool = False):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_train
 from omegaconf import OmegaConf
 
 import segany
@@ -51,16 +52,7 @@ LOG = "segany.training.checkpointing"
 
 
 def _train(root, data, *args, expect_rc=0):
-    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-    p = subprocess.run(
-        [sys.executable, "train.py", f"paths.root_dir={root}", f"data.root={data}", *SMALL, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == expect_rc, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+    p = run_train(f"paths.root_dir={root}", f"data.root={data}", *SMALL, *args, expect_rc=expect_rc)
     return p.stdout + p.stderr
 
 

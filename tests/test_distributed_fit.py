@@ -7,7 +7,6 @@ evaluate.py with no model overrides."""
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_train
 
 import segany
 from tests._official import build_official_tiny_sam
@@ -43,16 +43,7 @@ SMALL = [
 
 
 def _train(root, *args):
-    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-    p = subprocess.run(
-        [sys.executable, "train.py", f"paths.root_dir={root}", f"data.root={root}/data", *SMALL, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    p = run_train(f"paths.root_dir={root}", f"data.root={root}/data", *SMALL, *args)
     return p.stdout + p.stderr
 
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import run_train
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,17 +33,7 @@ SMALL = [
 
 
 def _train(root, *args, expect_rc=0):
-    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-    p = subprocess.run(
-        [sys.executable, "train.py", f"paths.root_dir={root}", f"data.root={root}/../data", *SMALL, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == expect_rc, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
-    return p
+    return run_train(f"paths.root_dir={root}", f"data.root={root}/../data", *SMALL, *args, expect_rc=expect_rc)
 
 
 def _state(ckpt):
