@@ -86,12 +86,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def recipe(experiment: str, model: str | None, pr: int, mr: int, cpu: bool):
+def recipe(experiment: str, model: str | None, pr: int, mr: int, cpu: bool, strategy: str | None = None):
     """The recipe's composed config with the check's rounds (and model, for --size tiny: its own
-    image size); no MAE init file needed; fp32 on the CPU."""
+    image size, and strategy, as `strategy=ddp` on the command line); no MAE init file needed;
+    fp32 on the CPU."""
     register_resolvers()
     over = [f"experiment={experiment}", "model.encoder_init=null", f"prompting.point_rounds={pr}"]
     over += [f"prompting.mask_rounds={mr}"] + ([f"model={model}"] if model else [])
+    over += [f"strategy={strategy}"] if strategy else []
     fsdp = experiment == "vit_h_sa1b"  # the recipe that selects strategy=fsdp
     if fsdp:  # one rank, whatever the launcher's environment says
         over += ["trainer.strategy.data_parallel_size=1"]
@@ -169,15 +171,13 @@ def model_flops(cfg, batch: dict) -> int:
 
 def train_run(name: str, spec: tuple, steps: tuple, device: torch.device, peak: float, tmp: str) -> dict:
     experiment, model, img, masks, pr, mr = spec
-    cfg = recipe(experiment, model, pr, mr, cpu=device.type == "cpu")
+    ddp = name.startswith("ddp")
+    cfg = recipe(experiment, model, pr, mr, cpu=device.type == "cpu", strategy="ddp" if ddp else None)
     warmup, timed = steps
     torch.manual_seed(0)
     batch = toy_batch(1, masks, img, generator=torch.Generator().manual_seed(0))
     module = build_module(cfg)
-    if name.startswith("ddp"):
-        strategy = instantiate(OmegaConf.load(ROOT / "configs" / "strategy" / "ddp.yaml").trainer.strategy)
-    else:
-        strategy = instantiate(cfg.trainer.strategy)  # the recipe's (FSDP2, data_parallel_size = 1 rank)
+    strategy = instantiate(cfg.trainer.strategy)  # DDP, or the recipe's FSDP2 with data_parallel_size = 1 rank
     timer = StepTimer(device, warmup, timed)
     trainer = instantiate(
         cfg.trainer,
