@@ -290,6 +290,7 @@ def test_save_official_round_trip(pair, tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.slow  # ~45 s on 2 CPU cores; the small-size parity tests above run by default
 def test_vit_b_matches_official_registry(tmp_path):
     """The release's own builder at full size: keys, counts, round trip and the 1024-px embedding."""
     torch.manual_seed(0)
