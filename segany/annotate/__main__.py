@@ -21,6 +21,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder of SA-1B-format shards (resumed if it exists)")
     p.add_argument("--model", default="vit_tiny", help="size when the checkpoint stores none / no checkpoint")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
+        help="fp32 (the release's masks), bf16 (torch.autocast) or auto (bf16 where the device has bf16 units)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--annotator", default="anonymous", help="name stored with every mask")
     p.add_argument("--shard-size", type=int, default=10, help="images per output shard (folder input)")
@@ -59,6 +65,7 @@ def main(argv=None) -> int:
         semi=args.semi,
         semi_settings={"points_per_side": args.semi_points_per_side},
         cache=args.cache,
+        precision=args.precision,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}/" + (f"?token={token}" if token else "")

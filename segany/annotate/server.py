@@ -131,6 +131,7 @@ def create_app(
     semi: bool = False,
     semi_settings: Optional[dict] = None,
     cache: int = 16,
+    precision: str = "fp32",
 ) -> FastAPI:
     """The app on the images of `images` (a folder or a shard spec, read by segany.engine.plan_jobs),
     the model of `checkpoint` (segany.modeling.checkpoint.load_model; `model` only when it stores no architecture)
@@ -140,7 +141,7 @@ def create_app(
     app = FastAPI(title="segany annotate", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, _invalid)
     imgs = Images(images, shard_size, cache=cache)
-    net = Model(checkpoint, model, device, trust_checkpoint, cache=cache)
+    net = Model(checkpoint, model, device, trust_checkpoint, cache=cache, precision=precision)
     store = ShardStore(out)
     imgs.check_output(store)
     history: dict = {}  # image index -> previous annotation lists (this session's undo)

@@ -28,6 +28,7 @@ from segany.data.decode import decode_image
 from segany.engine.cli import load as load_engine_model
 from segany.engine.sources import plan_jobs
 from segany.inference import SamPredictor
+from segany.utils.precision import check_precision
 
 
 @dataclass
@@ -116,7 +117,11 @@ class Model:
     being embedded (by a request or the prefetch) is embedded once: other requests for it wait
     for that result; it leaves `_pending` when it enters the cache."""
 
-    def __init__(self, checkpoint: Optional[str], variant: str, device="cpu", trust_checkpoint=False, cache: int = 4):
+    def __init__(
+        self, checkpoint: Optional[str], variant: str, device="cpu", trust_checkpoint=False, cache: int = 4,
+        precision: str = "fp32",
+    ):  # fmt: skip
+        self.precision = check_precision(precision, "--precision")  # SamPredictor's: fp32 | bf16 | auto
         args = dict(checkpoint=checkpoint, model=variant, trust_checkpoint=trust_checkpoint, device=device)
         self.args = SimpleNamespace(**args)  # what segany.engine.cli.load reads
         self._lock = threading.Lock()
@@ -141,7 +146,7 @@ class Model:
         """Embed load_image() with `model`; the result enters the cache (if the model is still
         current), and a failure is not kept: the next request for image i tries again."""
         try:
-            predictor = SamPredictor(model)
+            predictor = SamPredictor(model, precision=self.precision)
             predictor.set_image(load_image())
         except BaseException:
             with self._lock:
@@ -192,7 +197,7 @@ class Model:
         """points: [(x, y, label)] px, label 1 = object / 0 = background; box: xyxy px.
         -> masks (C, H, W) bool, scores (C,); C = 3 with multimask, else 1."""
         model, features, original_size, input_size = self.embedding(i, image)
-        predictor = SamPredictor(model)
+        predictor = SamPredictor(model, precision=self.precision)
         predictor.features, predictor.original_size, predictor.input_size = features, original_size, input_size
         predictor.is_image_set = True
         coords = np.array([[p[0], p[1]] for p in points], np.float32) if points else None
