@@ -6,7 +6,7 @@ import argparse
 import secrets
 import sys
 
-from segany.utils.cli import add_checkpoint_args
+from segany.utils.cli import add_checkpoint_args, add_precision_arg
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -21,12 +21,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder of SA-1B-format shards (resumed if it exists)")
     p.add_argument("--model", default="vit_tiny", help="size when the checkpoint stores none / no checkpoint")
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "auto"],
-        help="fp32 (the release's masks), bf16 (torch.autocast) or auto (bf16 where the device has bf16 units)",
-    )
+    add_precision_arg(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--annotator", default="anonymous", help="name stored with every mask")
     p.add_argument("--shard-size", type=int, default=10, help="images per output shard (folder input)")

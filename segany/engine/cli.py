@@ -15,7 +15,7 @@ import logging
 import sys
 
 from segany.engine.annotate import MAX_AREA_FRAC, SA1B_SETTINGS
-from segany.utils.cli import add_checkpoint_args
+from segany.utils.cli import add_checkpoint_args, add_precision_arg
 
 log = logging.getLogger("segany.engine")
 
@@ -37,12 +37,7 @@ def parser() -> argparse.ArgumentParser:
         add_checkpoint_args(s, "train.py .ckpt, FSDP checkpoint directory or SAM .pth (none: untrained)")
         s.add_argument("--model", default="vit_tiny", help="size when the checkpoint stores none / no checkpoint")
         s.add_argument("--device", default="auto")
-        s.add_argument(
-            "--precision",
-            default="fp32",
-            choices=["fp32", "bf16", "auto"],
-            help="fp32 (the release's masks), bf16 (torch.autocast) or auto (bf16 where the device has bf16 units)",
-        )
+        add_precision_arg(s)
         s.add_argument("--shard-size", type=int, default=1000, help="images per output shard (folder input)")
         s.add_argument("--rank", type=int, default=None)
         s.add_argument("--world-size", type=int, default=None)

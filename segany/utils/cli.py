@@ -20,6 +20,8 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from segany.utils.precision import PRECISIONS
+
 # the overrides Lightning appends when it re-launches the script for DDP ranks 1..n-1
 # (lightning_fabric/strategies/launchers/subprocess_script.py, _hydra_subprocess_cmd); they may
 # repeat keys the user set, and the user's part was already checked in rank 0
@@ -147,4 +149,15 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, path_help: Optional[str
         "--trust-checkpoint",
         action="store_true",
         help="unpickle arbitrary Python objects in the checkpoint (only for a file you trust)",
+    )
+
+
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """`--precision fp32|bf16|auto` (segany/utils/precision.py), fp32 by default: the spelling of
+    every inference command line."""
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="fp32 (the release's masks), bf16 (torch.autocast) or auto (bf16 where the device has bf16 units)",
     )
