@@ -1,0 +1,7 @@
+"""`python -m segany.export CHECKPOINT OUT [--format ...]`: see segany.export."""
+
+import sys
+
+from segany.export import main
+
+sys.exit(main())
