@@ -12,6 +12,7 @@ from typing import Any, ContextManager, Optional, Tuple
 import numpy as np
 import torch
 
+from segany.modeling.hq import MaskDecoderHQ
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.transforms import ResizeLongestSide
 from segany.utils.precision import check_precision, resolve_precision
@@ -47,6 +48,11 @@ class SamPredictor:
     Text (segany, SAM paper §7.5): ``clip`` (a ``segany.modeling.clip.ClipEncoder``, also
     settable as the attribute) encodes ``predict(text="a wheel")`` for a model built with
     ``text_embed_dim`` = the CLIP width.
+
+    HQ-SAM (a model built with ``hq_token=True``): ``set_image`` also keeps the encoder's early
+    block features (``interm_features``, (B, embed_dim, h, w)); ``predict(..., hq_token_only=...)``
+    as the HQ-SAM release's predictor: one mask per prompt (SAM's chosen mask + the HQ mask, or
+    the HQ mask alone).
     """
 
     def __init__(self, sam_model: Any, clip: Any = None, precision: str = "fp32") -> None:
@@ -91,8 +97,13 @@ class SamPredictor:
         self.original_size = tuple(original_image_size)
         self.input_size = tuple(transformed_image.shape[-2:])
         x = self.model.preprocess(transformed_image)  # (B, 3, S, S) normalised, padded
+        encoder = self.model.image_encoder
         with autocast_context(self.precision, self.device):
-            self.features = self.model.image_encoder(x).float()  # (B, 256, S/16, S/16)
+            if getattr(encoder, "interm_index", None) is None:
+                self.features = encoder(x).float()  # (B, 256, S/16, S/16)
+            else:  # HQ-SAM: and the early block's features (B, embed_dim, S/16, S/16)
+                self.features, interm = encoder.forward_interm(x)
+                self.features, self.interm_features = self.features.float(), interm.float()
         self.is_image_set = True
 
     def get_image_embedding(self) -> torch.Tensor:
@@ -105,6 +116,7 @@ class SamPredictor:
         """Forget the current image."""
         self.is_image_set = False
         self.features: Optional[torch.Tensor] = None
+        self.interm_features: Optional[torch.Tensor] = None  # HQ-SAM's early encoder features
         self.original_size: Optional[Tuple[int, ...]] = None
         self.input_size: Optional[Tuple[int, ...]] = None
         # kept for attribute compatibility with the official predictor
@@ -125,6 +137,7 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         text: Optional[str] = None,
+        hq_token_only: bool = False,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict masks for one prompt set, in original-image pixel coordinates.
 
@@ -133,7 +146,8 @@ class SamPredictor:
         text: a phrase, encoded by ``self.clip`` (combinable with the others).
 
         Returns masks (C, H, W) (bool, or float logits if ``return_logits``),
-        iou predictions (C,) and low-res logits (C, 4h, 4w); C = 3 if multimask else 1.
+        iou predictions (C,) and low-res logits (C, 4h, 4w); C = 3 if multimask else 1
+        (HQ-SAM: C = 1, see the class; hq_token_only is ignored by SAM).
         """
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
@@ -156,7 +170,14 @@ class SamPredictor:
                 raise ValueError("predict(text=...) needs a CLIP model: SamPredictor(model, clip=build_clip(...))")
             text_emb = self.clip.encode_text([text]).to(self.device)  # (1, D)
         masks, iou, low_res = self.predict_torch(
-            coords, labels, boxes, masks_in, multimask_output, return_logits=return_logits, text=text_emb
+            coords,
+            labels,
+            boxes,
+            masks_in,
+            multimask_output,
+            return_logits=return_logits,
+            text=text_emb,
+            hq_token_only=hq_token_only,
         )
         return tuple(t[0].detach().cpu().numpy() for t in (masks, iou, low_res))  # type: ignore[return-value]
 
@@ -170,6 +191,7 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         text: Optional[torch.Tensor] = None,
+        hq_token_only: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predict masks for N prompt sets already in the resized-input frame.
 
@@ -179,7 +201,9 @@ class SamPredictor:
         Returns masks (N, C, H, W) (bool unless ``return_logits``), iou predictions
         (N, C) and low-res logits (N, C, 4h, 4w).
         """
-        low_res, iou = self.predict_low_res(point_coords, point_labels, boxes, mask_input, multimask_output, text=text)
+        low_res, iou = self.predict_low_res(
+            point_coords, point_labels, boxes, mask_input, multimask_output, text=text, hq_token_only=hq_token_only
+        )
         masks = self.upsample(low_res)  # (N, C, H, W)
         if not return_logits:
             masks = masks > self.model.mask_threshold
@@ -195,6 +219,7 @@ class SamPredictor:
         multimask_output: bool = True,
         min_iou: Optional[float] = None,
         text: Optional[torch.Tensor] = None,
+        hq_token_only: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``predict_torch`` without the upsampling: low-res logits (N, C, 4h, 4w) and iou
         predictions (N, C), float32 in either precision.
@@ -212,7 +237,8 @@ class SamPredictor:
         with autocast_context(self.precision, self.device):
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input, **extra)
             # sparse: (N, T, 256); dense: (N, 256, h, w)
-            low_res, iou = self._decode(sparse, dense, multimask_output, min_iou)  # (N, C, 4h, 4w), (N, C)
+            # -> (N, C, 4h, 4w), (N, C)
+            low_res, iou = self._decode(sparse, dense, multimask_output, min_iou, hq_token_only)
         return low_res.float(), iou.float()
 
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
@@ -220,25 +246,41 @@ class SamPredictor:
         return self.model.postprocess_masks(low_res, self.input_size, self.original_size)
 
     def _decode(
-        self, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool, min_iou: Optional[float] = None
+        self,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask_output: bool,
+        min_iou: Optional[float] = None,
+        hq_token_only: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run the mask decoder; with B > 1 images, each image gets its own N/B rows."""
         image_pe = self.model.prompt_encoder.get_dense_pe()  # (1, 256, h, w)
         n_images = self.features.shape[0]
         decoder = self.model.mask_decoder
-        if n_images == 1 and isinstance(decoder, MaskDecoder) and sparse.shape[0] > 1:
+        hq = isinstance(decoder, MaskDecoderHQ)
+        if hq or (n_images == 1 and isinstance(decoder, MaskDecoder) and sparse.shape[0] > 1):
             # rows are independent: decode a few at a time, so that each (rows, hw, C) activation stays
             # small enough for the allocator to reuse its memory (large buffers are mapped and
-            # page-faulted afresh on every allocation, which costs as much as the arithmetic here)
+            # page-faulted afresh on every allocation, which costs as much as the arithmetic here);
+            # segany's decoder groups the rows of B > 1 images itself (then one call)
             hw_c = self.features[0].numel()
-            step = max(1, CHUNK_BYTES // (4 * hw_c))
+            step = max(1, CHUNK_BYTES // (4 * hw_c)) if n_images == 1 else sparse.shape[0]
             sel = slice(1, None) if multimask_output else slice(0, 1)
             keep = None if min_iou is None else (lambda iou_all: (iou_all[:, sel] > min_iou).any(1))
+            extra = {}
+            if hq:  # the per-image HQ features, once for every chunk: (B, C/8, 4h, 4w)
+                if self.interm_features is None:
+                    raise RuntimeError("an HQ-SAM model needs the early encoder features: set the image again")
+                extra = {"hq_features": decoder.hq_features(self.features, self.interm_features)}
             outs = [
-                decoder.predict_masks(self.features, image_pe, sparse[i : i + step], dense[i : i + step], keep=keep)
+                decoder.predict_masks(
+                    self.features, image_pe, sparse[i : i + step], dense[i : i + step], keep=keep, **extra
+                )
                 for i in range(0, sparse.shape[0], step)
             ]
             masks, iou = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+            if hq:
+                return decoder.select(masks, iou, multimask_output, hq_token_only)
             return masks[:, sel], iou[:, sel]
         if n_images == 1:
             return decoder(

@@ -9,7 +9,7 @@ tested minor range): the attention's `forward` reads timm's attribute names.
 """
 
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -86,7 +86,10 @@ class RelPosBlock(Block):
 
 
 class ImageEncoderViT(VisionTransformerSAM):
-    """(B, 3, S, S) normalised, padded image -> (B, out_chans, S/16, S/16) embedding."""
+    """(B, 3, S, S) normalised, padded image -> (B, out_chans, S/16, S/16) embedding.
+
+    interm_index: the block whose output `forward_interm` also returns (HQ-SAM fuses the first
+    global-attention block's); None for SAM."""
 
     def __init__(
         self,
@@ -100,6 +103,7 @@ class ImageEncoderViT(VisionTransformerSAM):
         out_chans: int = 256,
         drop_path_rate: float = 0.0,
         grad_checkpointing: bool = False,
+        interm_index: Optional[int] = None,
         **timm_kwargs,
     ) -> None:
         super().__init__(
@@ -125,7 +129,16 @@ class ImageEncoderViT(VisionTransformerSAM):
         )
         self.img_size = img_size
         self.out_chans = out_chans
+        self.interm_index = interm_index
         self.set_grad_checkpointing(grad_checkpointing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)  # (B, out_chans, S/16, S/16)
+
+    def forward_interm(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> the embedding (B, out_chans, S/16, S/16) and block `interm_index`'s output
+        (B, embed_dim, S/16, S/16) (None when interm_index is None), in one pass."""
+        if self.interm_index is None:
+            return self.forward(x), None
+        x, (interm,) = self.forward_intermediates(x, indices=[self.interm_index])
+        return x, interm

@@ -65,6 +65,12 @@ class MaskDecoder(nn.Module):
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
         )
+        return self.select(masks, iou_pred, multimask_output)
+
+    def select(
+        self, masks: torch.Tensor, iou_pred: torch.Tensor, multimask_output: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """predict_masks' every-token output -> forward's: tokens 1.. with multimask_output, else token 0."""
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sel], iou_pred[:, sel]
 
@@ -81,15 +87,36 @@ class MaskDecoder(nn.Module):
         keep: iou_pred (N, 4) -> (N,) bool. When given, the masks (the upscaling, a quarter of
         the decoder's work) are computed only for the kept rows, the others are NaN: a filter
         on the predicted IoU (the automatic mask generator's first one) needs no mask."""
+        hs, src, iou_pred, rows = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, keep
+        )
+        h, w = image_embeddings.shape[-2:]
+        masks = self.upscale_masks(src, self.hypernetworks(hs), h, w)  # (N|R, 4, 4h, 4w)
+        return scatter_rows(masks, rows, iou_pred.shape[0]), iou_pred
+
+    def output_tokens(self) -> torch.Tensor:
+        """The learned output tokens put before the prompt tokens: IoU, then the mask tokens, (1+4, C)."""
+        return torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+
+    def run_transformer(
+        self,
+        image_embeddings: torch.Tensor,  # (B, C, h, w)
+        image_pe: torch.Tensor,  # (1, C, h, w)
+        sparse_prompt_embeddings: torch.Tensor,  # (N, T, C), N = B*M
+        dense_prompt_embeddings: torch.Tensor,  # (N, C, h, w)
+        keep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """-> output tokens hs (N|R, O+T, C), image tokens src (N|R, hw, C), iou_pred (N, 4), and the
+        kept rows (R,) (None: every row); O = len(output_tokens())."""
         n = sparse_prompt_embeddings.shape[0]
         b, _, h, w = image_embeddings.shape
         if n % b != 0:
             raise ValueError(f"{n} prompt rows cannot be grouped over {b} images")
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)  # (5, C)
+        output_tokens = self.output_tokens()  # (O, C)
         tokens = torch.cat(
             [output_tokens.unsqueeze(0).expand(n, -1, -1).to(sparse_prompt_embeddings.dtype), sparse_prompt_embeddings],
             dim=1,
-        )  # (N, 5+T, C)
+        )  # (N, O+T, C)
 
         dense = dense_prompt_embeddings
         if b == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
@@ -101,34 +128,53 @@ class MaskDecoder(nn.Module):
             # every prompt row gets its own copy of its image's embedding (the transformer updates it)
             src = image_embeddings if n == b else image_embeddings.repeat_interleave(n // b, dim=0)
             src = src + dense  # (N, C, h, w)
-        hs, src = self.transformer(src, image_pe, tokens)  # (N, 5+T, C), (N, hw, C)
+        hs, src = self.transformer(src, image_pe, tokens)  # (N, O+T, C), (N, hw, C)
         iou_pred = self.iou_prediction_head(hs[:, 0])  # (N, 4)
         rows = None if keep is None else keep(iou_pred).nonzero()[:, 0]  # (R,)
         if rows is not None:
             hs, src = hs[rows], src[rows]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # (N|R, 4, C)
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )  # (N|R, 4, C/8)
-        masks = self.upscale_masks(src, hyper_in, h, w)  # (N|R, 4, 4h, 4w)
-        if rows is not None:
-            masks = masks.new_full((n, *masks.shape[1:]), float("nan")).index_copy_(0, rows, masks)
-        return masks, iou_pred
+        return hs, src, iou_pred, rows
+
+    def hypernetworks(self, hs: torch.Tensor) -> torch.Tensor:
+        """Output tokens (N, O+T, C) -> the mask tokens' hypernetwork weights (N, 4, C/8)."""
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # (N, 4, C)
+        return torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
 
     def upscale_masks(self, src: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Mask logits = hyper_in . output_upscaling(image tokens), per pixel, in sub-pixel form.
 
         src (N, hw, C) image tokens, hyper_in (N, K, C/8) -> (N, K, 4h, 4w); equal to
         ``hyper_in @ output_upscaling(src as (N, C, h, w))`` flattened over pixels."""
+        return subpixel_logits(self.upscaled_rows(src), hyper_in, h, w)
+
+    def upscaled_rows(self, src: torch.Tensor) -> torch.Tensor:
+        """output_upscaling in sub-pixel form: image tokens (N, hw, C) -> (N, 16hw, C/8), row
+        (token t = (i, j), block (a, b), sub-block (a2, b2)) = pixel (4i+2a+a2, 4j+2b+b2)."""
         up1, norm, act1, up2, act2 = self.output_upscaling
-        n, k = src.shape[0], hyper_in.shape[1]
         x = _subpixel_convt(src, up1)  # (N, hw, 4, C/4)
         x = act1(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))
-        x = act2(_subpixel_convt(x.flatten(1, 2), up2))  # (N, hw*4, 4, C/8)
-        # position (token t=(i, j), block (a, b), sub-block (a2, b2)) = pixel (4i+2a+a2, 4j+2b+b2)
-        logits = x.flatten(1, 2) @ hyper_in.transpose(1, 2)  # (N, hw*16, K)
-        logits = logits.view(n, h, w, 2, 2, 2, 2, k)  # (N, i, j, a, b, a2, b2, K)
-        return logits.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, k, 4 * h, 4 * w)
+        return act2(_subpixel_convt(x.flatten(1, 2), up2)).flatten(1, 2)  # (N, hw*16, C/8)
+
+
+def subpixel_logits(x: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Upscaled rows x (N, 16hw, C/8) (MaskDecoder.upscaled_rows) . hyper_in (N, K, C/8) -> (N, K, 4h, 4w)."""
+    n, k = x.shape[0], hyper_in.shape[1]
+    logits = x @ hyper_in.transpose(1, 2)  # (N, hw*16, K)
+    logits = logits.view(n, h, w, 2, 2, 2, 2, k)  # (N, i, j, a, b, a2, b2, K)
+    return logits.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, k, 4 * h, 4 * w)
+
+
+def rows_to_image(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Upscaled rows (N, 16hw, D) (MaskDecoder.upscaled_rows) -> the image (N, D, 4h, 4w) they hold."""
+    n, d = x.shape[0], x.shape[-1]
+    return x.view(n, h, w, 2, 2, 2, 2, d).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, d, 4 * h, 4 * w)
+
+
+def scatter_rows(masks: torch.Tensor, rows: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """Masks of the kept rows (R, ...) -> (n, ...), NaN in the rows not kept (rows None: as they are)."""
+    if rows is None:
+        return masks
+    return masks.new_full((n, *masks.shape[1:]), float("nan")).index_copy_(0, rows, masks)
 
 
 def _subpixel_convt(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:

@@ -4,6 +4,10 @@ Beyond the release's API (`forward(batched_input, multimask_output)`, `preproces
 `postprocess_masks`), `decode` runs the decoder for B images x M prompts in one call.
 Nothing here is under `no_grad`: the same module trains. `assemble(cfg)`: a fresh Sam of
 architecture `cfg` (segany.modeling.variants.SamConfig).
+
+HQ-SAM (`cfg.hq_token`, segany.modeling.hq): the decoder is a `MaskDecoderHQ` and the encoder
+also gives an early block's features (`encode_image(..., return_interm=True)`), which `decode`
+and the decoder take as `interm_embeddings`.
 """
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -13,11 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segany.modeling.constants import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
+from segany.modeling.hq import MaskDecoderHQ
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
 from segany.modeling.transformer import TwoWayTransformer
-from segany.modeling.variants import SamConfig
+from segany.modeling.variants import SamConfig, hq_dims
 
 
 class Sam(nn.Module):
@@ -88,9 +93,17 @@ class Sam(nn.Module):
             return masks
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised, padded -> (B, 256, S/16, S/16)."""
-        return self.image_encoder(images)
+    @property
+    def hq(self) -> bool:
+        """An HQ-SAM model (its decoder has the HQ token)."""
+        return isinstance(self.mask_decoder, MaskDecoderHQ)
+
+    def encode_image(self, images: torch.Tensor, return_interm: bool = False):
+        """(B, 3, S, S) normalised, padded -> (B, 256, S/16, S/16); with return_interm, the pair
+        (embedding, early block features (B, embed_dim, S/16, S/16)), the latter None unless HQ."""
+        if not return_interm:
+            return self.image_encoder(images)
+        return self.image_encoder.forward_interm(images)
 
     def decode(
         self,
@@ -101,10 +114,15 @@ class Sam(nn.Module):
         mask_inputs: Optional[torch.Tensor] = None,  # (B, M, 4h, 4w) logits
         multimask_output: Optional[bool] = True,
         text: Optional[torch.Tensor] = None,  # (B, M, D) CLIP embeddings (text_embed_dim > 0)
+        interm_embeddings: Optional[torch.Tensor] = None,  # (B, embed_dim, h, w) HQ: encode_image(.., True)[1]
+        hq_token_only: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """B images x M prompts in one call -> masks (B, M, K, 4h, 4w), iou_pred (B, M, K).
 
         K = 3 with multimask_output, 1 without, 4 (every mask token) with None.
+        HQ-SAM: K = 1 with multimask_output True or False (SAM's chosen mask + the HQ mask, or the
+        HQ mask alone with hq_token_only, as the release's predictor); with None every token's
+        mask, SAM's 4 then the HQ one: masks (B, M, 5, 4h, 4w), iou_pred (B, M, 4) (SAM's tokens).
         """
         ref = next((t for t in (point_labels, boxes, mask_inputs, text) if t is not None), None)
         if ref is None:
@@ -120,27 +138,32 @@ class Sam(nn.Module):
             text=None if text is None else text.flatten(0, 1),
         )
         image_pe = self.prompt_encoder.get_dense_pe()
-        if multimask_output is None:
-            masks, iou = self.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
-        else:
-            masks, iou = self.mask_decoder(image_embeddings, image_pe, sparse, dense, multimask_output)
+        hq = {"interm_embeddings": interm_embeddings} if self.hq else {}
+        masks, iou = self.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense, **hq)
+        if multimask_output is not None:
+            select = {"hq_token_only": hq_token_only} if self.hq else {}
+            masks, iou = self.mask_decoder.select(masks, iou, multimask_output, **select)
         return masks.unflatten(0, (b, m)), iou.unflatten(0, (b, m))
 
-    def forward(self, batched_input: List[Dict[str, Any]], multimask_output: bool) -> List[Dict[str, torch.Tensor]]:
+    def forward(
+        self, batched_input: List[Dict[str, Any]], multimask_output: bool, hq_token_only: bool = False
+    ) -> List[Dict[str, torch.Tensor]]:
         """The release's API: a list of per-image dicts with 'image' (3, h, w) resized 0-255,
         'original_size', and optional 'point_coords' (M, P, 2), 'point_labels' (M, P),
         'boxes' (M, 4), 'mask_inputs' (M, 1, 4h, 4w). Images are encoded in one batch;
-        prompts are decoded per image since their layouts may differ."""
+        prompts are decoded per image since their layouts may differ. hq_token_only: HQ-SAM's
+        (its release's API), ignored by SAM."""
         images = torch.stack([self.preprocess(x["image"]) for x in batched_input])
-        embeddings = self.encode_image(images)
+        embeddings, interms = self.encode_image(images, return_interm=True)
         outputs = []
-        for record, embedding in zip(batched_input, embeddings):
+        for i, (record, embedding) in enumerate(zip(batched_input, embeddings)):
             points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
             sparse, dense = self.prompt_encoder(
                 points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
             )
+            hq = {"hq_token_only": hq_token_only, "interm_embeddings": interms[i : i + 1]} if self.hq else {}
             low_res, iou = self.mask_decoder(
-                embedding.unsqueeze(0), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+                embedding.unsqueeze(0), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output, **hq
             )
             masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
             outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res})
@@ -161,6 +184,7 @@ def assemble(cfg: SamConfig) -> Sam:
         out_chans=cfg.prompt_embed_dim,
         drop_path_rate=cfg.drop_path_rate,
         grad_checkpointing=cfg.grad_checkpointing,
+        interm_index=hq_dims(cfg)[0] if cfg.hq_token else None,
     )
     prompt_encoder = PromptEncoder(
         embed_dim=cfg.prompt_embed_dim,
@@ -176,13 +200,18 @@ def assemble(cfg: SamConfig) -> Sam:
         mlp_dim=cfg.decoder_mlp_dim,
         dropout=cfg.decoder_dropout,
     )
-    mask_decoder = MaskDecoder(
+    decoder_args = dict(
         transformer_dim=cfg.prompt_embed_dim,
         transformer=transformer,
         num_multimask_outputs=cfg.num_multimask_outputs,
         iou_head_depth=cfg.iou_head_depth,
         iou_head_hidden_dim=cfg.iou_head_hidden_dim,
     )
+    if cfg.hq_token:
+        _, compress, hidden = hq_dims(cfg)
+        mask_decoder = MaskDecoderHQ(vit_dim=cfg.embed_dim, compress_dim=compress, hidden_dim=hidden, **decoder_args)
+    else:
+        mask_decoder = MaskDecoder(**decoder_args)
     model = Sam(image_encoder, prompt_encoder, mask_decoder)
     model.config = cfg
     return model

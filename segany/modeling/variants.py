@@ -3,7 +3,7 @@
 names a checkpoint's size and rebuilds its architecture) and build_sam (which reads checkpoints)."""
 
 from dataclasses import asdict, dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,15 @@ class SamConfig:
     # segany's text prompt (SAM paper §7.5): width of the CLIP embedding given as a prompt token;
     # 0 = off (the release's architecture; official checkpoints load unchanged)
     text_embed_dim: int = 0
+    # HQ-SAM (Ke et al. 2023): an extra output token whose mask reads the SAM decoder's upscaled
+    # embedding fused with early encoder features (segany.modeling.hq). False = the release's SAM.
+    # None below = the HQ-SAM release's value: the first global-attention block's output is fused;
+    # compress_vit_feat's hidden width = prompt_embed_dim; embedding_encoder's / embedding_maskfeature's
+    # hidden width = prompt_embed_dim // 4. (The fused features' width is the encoder's embed_dim.)
+    hq_token: bool = False
+    hq_interm_block: Optional[int] = None
+    hq_compress_dim: Optional[int] = None
+    hq_hidden_dim: Optional[int] = None
     # training switches (the release has none; the paper uses drop path and decoder dropout 0.1)
     drop_path_rate: float = 0.0
     decoder_dropout: float = 0.0
@@ -60,4 +69,20 @@ def sam_config(variant: str, **overrides) -> SamConfig:
     bad = [i for i in fields["global_attn_indexes"] if not 0 <= i < fields["depth"]]
     if bad:
         raise ValueError(f"global_attn_indexes {bad} out of range for depth {fields['depth']}")
+    block = fields["hq_interm_block"]
+    if block is not None and not 0 <= block < fields["depth"]:
+        raise ValueError(f"hq_interm_block {block} out of range for depth {fields['depth']}")
     return SamConfig(**fields)
+
+
+def hq_dims(cfg: SamConfig) -> Tuple[int, int, int]:
+    """-> (encoder block whose output HQ-SAM fuses, compress_vit_feat hidden width, embedding_encoder /
+    embedding_maskfeature hidden width), the release's values where `cfg` leaves them None."""
+    block = cfg.hq_interm_block
+    if block is None:
+        if not cfg.global_attn_indexes:
+            raise ValueError("hq_token=True with no global-attention block: set hq_interm_block")
+        block = cfg.global_attn_indexes[0]
+    compress = cfg.prompt_embed_dim if cfg.hq_compress_dim is None else cfg.hq_compress_dim
+    hidden = cfg.prompt_embed_dim // 4 if cfg.hq_hidden_dim is None else cfg.hq_hidden_dim
+    return block, compress, hidden

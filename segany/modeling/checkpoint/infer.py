@@ -13,6 +13,11 @@ What the shapes give (segany key names; S = img_size, p = patch size, g = S / p)
   mask_decoder.mask_tokens.weight (m + 1, D)  num_multimask_outputs m
   mask_decoder.iou_prediction_head.layers.<k> iou_head_depth, iou_head_hidden_dim
   prompt_encoder.text_proj.0.weight (D, E)    text_embed_dim E (segany's text prompt; absent: 0)
+  mask_decoder.hf_token / hf_mlp / compress_vit_feat / embedding_encoder / embedding_maskfeature
+                                              hq_token (HQ-SAM; any of them present: True)
+  mask_decoder.compress_vit_feat.0.weight (C, H, 2, 2)   hq_compress_dim H (None when D, the release)
+  mask_decoder.embedding_encoder.0.weight (D, H', 2, 2)  hq_hidden_dim H' (None when D / 4, the release)
+  (which block HQ-SAM fuses is in no shape: the release's, the first global-attention block)
 
 One number is not in any shape: the decoder's head count (its attention projections are
 D x D whatever the split). It is taken as D / 32, the release's head width (256 / 8), which
@@ -27,6 +32,7 @@ from typing import Dict, Optional
 
 import torch
 
+from segany.modeling.hq import HQ_KEYS
 from segany.modeling.variants import VARIANTS
 
 DECODER_HEAD_WIDTH = 32  # the release: 256-wide decoder, 8 heads
@@ -37,6 +43,18 @@ _ENC = "image_encoder."
 def _count(state_dict: Dict[str, torch.Tensor], pattern: str) -> int:
     found = {int(m.group(1)) for k in state_dict if (m := re.fullmatch(pattern, k))}
     return max(found) + 1 if found else 0
+
+
+def _hq_architecture(sd: Dict[str, torch.Tensor], prompt_dim: int) -> dict:
+    """HQ-SAM's fields: hq_token when any HQ key is there; its widths where their first tensor is
+    (a file missing one is built by the release's widths, and its strict load names the key)."""
+    if not any(k.startswith(HQ_KEYS) for k in sd):
+        return {"hq_token": False}
+    compress = sd.get("mask_decoder.compress_vit_feat.0.weight")
+    hidden = sd.get("mask_decoder.embedding_encoder.0.weight")
+    compress = None if compress is None or compress.shape[1] == prompt_dim else int(compress.shape[1])
+    hidden = None if hidden is None or hidden.shape[1] == prompt_dim // 4 else int(hidden.shape[1])
+    return {"hq_token": True, "hq_compress_dim": compress, "hq_hidden_dim": hidden}
 
 
 def infer_architecture(sd: Dict[str, torch.Tensor]) -> Optional[dict]:
@@ -73,6 +91,7 @@ def infer_architecture(sd: Dict[str, torch.Tensor]) -> Optional[dict]:
             if "prompt_encoder.text_proj.0.weight" in sd
             else 0,
         }
+        arch.update(_hq_architecture(sd, prompt_dim))
     except (KeyError, IndexError):
         return None
     if depth == 0 or head_dim == 0 or embed_dim % head_dim:

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from segany.modeling.checkpoint.read import Checkpoint, read_checkpoint
 from segany.modeling.checkpoint.trust import CheckpointError
+from segany.modeling.hq import HQ_KEYS
 from segany.modeling.prompt_encoder import TEXT_KEYS
 from segany.modeling.sam import Sam, assemble
 from segany.modeling.variants import TRAINING_SWITCHES, SamConfig, sam_config
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 # build_sam keywords a stored model node may hold that are not architecture
 _NOT_ARCHITECTURE = ("checkpoint", "trust_checkpoint", "encoder_init", "lora", *TRAINING_SWITCHES)
 _ENCODER_SIZE = ("embed_dim", "depth", "num_heads", "global_attn_indexes")
+_HQ_FIELDS = ("hq_token", "hq_interm_block", "hq_compress_dim", "hq_hidden_dim")
+# parts a request may add to a checkpoint that has none of them, freshly initialised:
+# the config fields that add them, the model keys they bring, and what is logged
+_ADDABLE = (
+    (lambda cfg: cfg.text_embed_dim > 0, ("text_embed_dim",), TEXT_KEYS, "text token"),
+    (lambda cfg: cfg.hq_token, _HQ_FIELDS, HQ_KEYS, "HQ-SAM parts (HQ training starts from SAM)"),
+)
 
 
 def check_fits(expected: Dict[str, torch.Tensor], given: Dict[str, torch.Tensor], path: str) -> None:
@@ -83,9 +91,12 @@ def config_for(ck: Optional[Checkpoint], variant: Optional[str], overrides: dict
         for k in _ENCODER_SIZE
         if variant is not None and getattr(asked, k) != getattr(stored, k)
     ][:1]
-    # the text token may be added to a checkpoint without one (fresh weights; the rest loads strictly)
-    adds_text = overrides.get("text_embed_dim", 0) > 0 and stored.text_embed_dim == 0
-    kept = TRAINING_SWITCHES + (("text_embed_dim",) if adds_text else ())
+    # the text token / the HQ parts may be added to a checkpoint without them (fresh weights; the
+    # rest loads strictly)
+    kept = TRAINING_SWITCHES
+    for has, fields, _, _ in _ADDABLE:
+        if has(asked) and not has(stored):
+            kept += fields
     conflicts += [
         f"{k}={getattr(asked, k)}" for k in overrides if k not in kept and getattr(asked, k) != getattr(stored, k)
     ]
@@ -100,13 +111,15 @@ def config_for(ck: Optional[Checkpoint], variant: Optional[str], overrides: dict
 
 def model_of(ck: Checkpoint, variant: Optional[str] = None, **overrides) -> Sam:
     """The model of checkpoint `ck`: built with `config_for(ck, variant, overrides)`, its weights
-    loaded strictly. A text token the model has and the checkpoint lacks stays freshly initialised."""
+    loaded strictly. A text token or HQ-SAM parts the model has and the checkpoint wholly lacks stay
+    freshly initialised (a checkpoint with some of them and not all is refused, naming what is missing)."""
     model = assemble(config_for(ck, variant, overrides))
     sd = ck.state_dict
-    fresh = {k: v for k, v in model.state_dict().items() if k.startswith(TEXT_KEYS)}
-    if fresh and not any(k.startswith(TEXT_KEYS) for k in sd):
-        log.info("%s has no text token: added with fresh weights", ck.path)
-        sd = {**sd, **fresh}
+    for _, _, keys, what in _ADDABLE:
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith(keys)}
+        if fresh and not any(k.startswith(keys) for k in sd):
+            log.info("%s has no %s: added with fresh weights", ck.path, what)
+            sd = {**sd, **fresh}
     load_weights(model, sd, ck.path)
     return model
 
