@@ -3,6 +3,10 @@
 
     python -m segany.export runs/vit_h_sa1b_123/checkpoints/last.ckpt sam_vit_h.pth
 
+--format safetensors writes the same release-named weights as OUT.safetensors (+ OUT.json);
+--format hf a transformers SamModel directory OUT (config.json + model.safetensors) that
+`transformers.SamModel.from_pretrained(OUT)` and `segany.build_sam(checkpoint=OUT)` load.
+
 Reads whatever `segany.modeling.checkpoint.read_checkpoint` reads: a single-file Lightning
 checkpoint, a sharded torch.distributed.checkpoint directory (FSDP2; only the model's tensors,
 no process group), or a plain state_dict (release or segany names), as data; --trust-checkpoint
@@ -16,6 +20,7 @@ import logging
 import sys
 
 from segany.modeling.checkpoint import CheckpointError, export
+from segany.modeling.checkpoint.write import FORMATS
 from segany.utils.cli import add_checkpoint_args
 
 __all__ = ["export", "main"]
@@ -27,11 +32,25 @@ def main(argv=None) -> int:
     p.add_argument("out", help="output .pth (release SAM format); the architecture goes to <name>.json beside it")
     p.add_argument("--prefix", default=None, help="key prefix before 'image_encoder.' (default: detected)")
     p.add_argument("--variant", default=None, help="check against build_sam(VARIANT) (default: the checkpoint's own)")
+    p.add_argument(
+        "--format",
+        default="pth",
+        choices=FORMATS,
+        help="pth: the release's .pth (default); safetensors: the same weights as OUT.safetensors; "
+        "hf: a transformers SamModel directory OUT",
+    )
     add_checkpoint_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        export(a.checkpoint, a.out, prefix=a.prefix, variant=a.variant, trust_checkpoint=a.trust_checkpoint)
+        export(
+            a.checkpoint,
+            a.out,
+            prefix=a.prefix,
+            variant=a.variant,
+            trust_checkpoint=a.trust_checkpoint,
+            format=a.format,
+        )
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

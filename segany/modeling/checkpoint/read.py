@@ -8,7 +8,12 @@ It reads, as data (trust.py):
     checkpoint (segany_config included). Only the model's tensors are read (not the
     optimiser state), in one process, no process group needed;
   * a state_dict `.pth`: the release's SAM, or export / save_official output, whose
-    architecture is the build_sam node in `<name>.json` beside it.
+    architecture is the build_sam node in `<name>.json` beside it;
+  * a `.safetensors` weights file (release or segany names), its architecture likewise in
+    `<name>.json` beside it (or read from its shapes);
+  * a Hugging Face `transformers.SamModel` directory: `config.json` (model_type "sam") and
+    `model.safetensors` or its shards (`model.safetensors.index.json`); key names and
+    architecture mapped by hf.py, without importing transformers.
 
 -> `Checkpoint`: the SAM weights under segany key names, and the build_sam config node the
 checkpoint stores. A checkpoint that stores none (a released .pth) gets the architecture its
@@ -34,6 +39,7 @@ import torch
 from timm.models.vision_transformer_sam import checkpoint_filter_fn as sam_checkpoint_filter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from segany.modeling.checkpoint.hf import SAFETENSORS, is_hf_dir, read_hf, read_safetensors
 from segany.modeling.checkpoint.infer import infer_architecture
 from segany.modeling.checkpoint.manifest import verify_checkpoint
 from segany.modeling.checkpoint.trust import CheckpointError, dcp_reader, load_distributed, torch_load
@@ -54,13 +60,13 @@ class Checkpoint:
     path: str
     state_dict: Dict[str, torch.Tensor]  # segany key names; the SAM model only when it was found
     model_config: Optional[dict]  # build_sam keywords the checkpoint stores (no _target_), or None
-    kind: str  # "lightning" (.ckpt file) | "distributed" (DCP directory) | "state_dict" (.pth)
+    kind: str  # "lightning" (.ckpt) | "distributed" (DCP directory) | "state_dict" (.pth, .safetensors) | "hf"
     step: Optional[int] = None
     inferred: bool = False  # model_config read from the tensor shapes, not stored in the checkpoint
 
     @property
     def description(self) -> str:
-        if self.kind == "state_dict":
+        if self.kind in ("state_dict", "hf"):
             return f"{'official ' if self.model_config is None or self.inferred else ''}{self.path}"
         return f"{self.path} (step {self.step})"
 
@@ -199,11 +205,16 @@ def read_checkpoint(path, *, prefix: Optional[str] = None, trust: bool = False) 
     path = str(path)
     if os.path.exists(path):
         verify_checkpoint(path)  # a manifest that does not match: refused before anything is read
-    if os.path.isdir(path):
+    if is_hf_dir(path):  # config.json and no DCP .metadata
+        (tensors, config), meta, kind = read_hf(path), {}, "hf"
+    elif os.path.isdir(path):
         tensors = read_distributed_weights(path, trust)
         meta_file = Path(path) / LIGHTNING_META
         meta = torch_load(meta_file, trust) if meta_file.is_file() else {}
         config, kind = _stored_config(meta, path), "distributed"
+    elif os.path.isfile(path) and path.endswith(SAFETENSORS):
+        tensors, meta, kind = read_safetensors(path), {}, "state_dict"
+        config = _sidecar(path)
     elif os.path.isfile(path):
         meta = torch_load(path, trust)
         tensors = _tensor_dict(meta, path)

@@ -3,27 +3,35 @@
 line is `python -m segany.export`). Both write through `write_official`: fp32, CPU, release key
 names (`mlp.lin1/lin2`), atomically (segany.utils.io), loadable by `segment_anything`; the
 architecture goes as `<name>.json` beside the weights (the release's builder loads the .pth
-strictly, no room for extra keys), read back by `read_checkpoint`.
+strictly, no room for extra keys), read back by `read_checkpoint`. `export(..., format=)`
+also writes the same weights as a `.safetensors` file (release names, the same `<name>.json`
+beside it: `write_safetensors`) or as a transformers SamModel directory (config.json +
+model.safetensors: `write_hf`; key and architecture mapping in hf.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save as safetensors_bytes
 
+from segany.modeling.checkpoint.hf import HF_CONFIG, HF_WEIGHTS, SAFETENSORS, hf_config, to_hf
 from segany.modeling.checkpoint.load import check_fits, config_for
 from segany.modeling.checkpoint.read import ANCHOR, read_checkpoint, sidecar_path, to_official
 from segany.modeling.checkpoint.trust import CheckpointError
 from segany.modeling.lora import merge_lora
 from segany.modeling.sam import assemble
 from segany.modeling.variants import TRAINING_SWITCHES, SamConfig
-from segany.utils.io import atomic_torch_save, atomic_write_json
+from segany.utils.io import atomic_torch_save, atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
+
+FORMATS = ("pth", "safetensors", "hf")  # export's --format: the release .pth (default), a .safetensors, SamModel
 
 
 def architecture(config: SamConfig) -> dict:
@@ -45,6 +53,39 @@ def write_official(
     return official
 
 
+def _fp32(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+
+
+def _save_safetensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
+    # metadata format "pt": what transformers' from_pretrained asks of a safetensors file
+    data = safetensors_bytes(tensors, metadata={"format": "pt"})
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def write_safetensors(
+    state_dict: Dict[str, torch.Tensor], path: str, config: Optional[SamConfig]
+) -> Dict[str, torch.Tensor]:
+    """As `write_official`, in safetensors: release names, fp32, `<name>.json` beside it."""
+    official = to_official(_fp32(state_dict))
+    _save_safetensors(official, path)
+    if config is not None:
+        atomic_write_json(sidecar_path(path), architecture(config), indent=1)
+    return official
+
+
+def write_hf(state_dict: Dict[str, torch.Tensor], out_dir: str, config: SamConfig) -> Dict[str, torch.Tensor]:
+    """segany-named SAM weights -> a transformers SamModel directory `out_dir`: config.json +
+    model.safetensors, which `SamModel.from_pretrained(out_dir)` loads (hf.py's mapping)."""
+    tensors = to_hf(_fp32(state_dict), config)
+    hf = hf_config(config)  # refuses what SamModel cannot hold, before anything is written
+    os.makedirs(out_dir, exist_ok=True)
+    _save_safetensors(tensors, os.path.join(out_dir, HF_WEIGHTS))
+    atomic_write_json(os.path.join(out_dir, HF_CONFIG), hf, indent=2)
+    return tensors
+
+
 def save_official(model: nn.Module, path: str) -> None:
     """Write `model` as a release-format SAM .pth with its architecture beside it.
     LoRA adapters (`build_sam(lora=...)`) are merged into the weights they adapt."""
@@ -59,12 +100,16 @@ def export(
     prefix: Optional[str] = None,
     variant: Optional[str] = None,
     trust_checkpoint: bool = False,
+    format: str = "pth",
 ) -> Dict[str, torch.Tensor]:
     """Write `checkpoint`'s SAM weights (a train.py .ckpt, an FSDP directory, a state_dict) to
-    `out` in the release format, checked against the architecture the checkpoint stores or its
-    shapes show (`variant` may only repeat it; it is the size to check against when neither
+    `out` in `format` (FORMATS: the release .pth; a .safetensors file, `.safetensors` added to
+    `out` when it lacks it; "hf": a SamModel directory `out`), checked against the architecture
+    the checkpoint stores or its shapes show (`variant` may only repeat it; it is the size to check against when neither
     tells one); returns what was written. `prefix`: the key prefix before `image_encoder.`
     when the file holds several models."""
+    if format not in FORMATS:
+        raise ValueError(f"export format {format!r}: choose one of {FORMATS}")
     ck = read_checkpoint(checkpoint, prefix=prefix, trust=trust_checkpoint)
     if ANCHOR not in ck.state_dict:
         raise CheckpointError(
@@ -80,6 +125,12 @@ def export(
     with torch.device("meta"):
         expected = assemble(arch).state_dict()
     check_fits(expected, ck.state_dict, ck.path)
-    written = write_official(ck.state_dict, out, arch)
+    if format == "safetensors":
+        out = out if out.endswith(SAFETENSORS) else out + SAFETENSORS
+        written = write_safetensors(ck.state_dict, out, arch)
+    elif format == "hf":
+        written = write_hf(ck.state_dict, out, arch)
+    else:
+        written = write_official(ck.state_dict, out, arch)
     log.info("%s -> %s (%d tensors)", checkpoint, out, len(written))
     return written
