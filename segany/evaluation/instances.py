@@ -6,6 +6,12 @@ detector's score and category are kept.
 Detections: a COCO results json (``[{image_id, category_id, bbox [x, y, w, h], score}, ...]``,
 e.g. ViTDet-H's on COCO/LVIS val), or ``gt_boxes`` — the ground-truth boxes with score 1, an
 oracle detector for data without one (the synthetic demo).
+
+With instances.boundary_dilation_ratio, also the boundary IoU (boundary.py) and the spurious
+components of the masks matched to a ground-truth object, per COCO size bin of the object's area.
+Matching as COCOeval's at IoU 0.5: per image and category, detections by decreasing score each
+take the unmatched non-crowd object of highest mask IoU >= 0.5. This is the mean boundary IoU of
+true positives at the original resolution (the masks COCOeval scores), not the paper's Boundary AP.
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
+from segany.data.decode import decode_mask
+from segany.evaluation.boundary import boundary_dilation, boundary_iou, spurious_components
 from segany.evaluation.coco_metrics import coco_ground_truth, mask_ap
+from segany.evaluation.protocol import AREA_BINS
 from segany.evaluation.registry import ImageTask, register
 from segany.evaluation.sources import EvalImage
 from segany.inference import SamPredictor
@@ -81,15 +91,59 @@ def segment_boxes(
     return out
 
 
+def match_detections(dets: list, anns: list, iou_threshold: float = 0.5) -> list:
+    """COCOeval's greedy matching at one IoU on one image: dets [{segmentation, score,
+    category_id}], anns (COCO annotations) -> [(det index, ann index)]: by decreasing score, each
+    detection takes the unmatched non-crowd annotation of its category with the highest mask IoU
+    >= iou_threshold."""
+    objects = [j for j, a in enumerate(anns) if not a.get("iscrowd", 0)]
+    if not dets or not objects:
+        return []
+    ious = mask_utils.iou(
+        [d["segmentation"] for d in dets], [anns[j]["segmentation"] for j in objects], [0] * len(objects)
+    )  # (D, G)
+    taken, pairs = set(), []
+    for i in sorted(range(len(dets)), key=lambda i: -dets[i]["score"]):  # stable, as COCOeval's mergesort
+        best, best_iou = None, iou_threshold
+        for g, j in enumerate(objects):
+            same = anns[j]["category_id"] == dets[i]["category_id"]
+            if same and j not in taken and ious[i, g] >= best_iou:
+                best, best_iou = j, ious[i, g]
+        if best is not None:
+            taken.add(best)
+            pairs.append((i, best))
+    return pairs
+
+
+def matched_scores(masks: np.ndarray, dets: list, anns: list, dilation: int) -> dict:
+    """(N, H, W) bool masks of dets on one image -> {"biou", "spurious", "area"}: a list entry per
+    matched (detection, annotation) pair (match_detections), area = the annotation's."""
+    pairs = match_detections(dets, anns)
+    if not pairs:
+        return {"biou": [], "spurious": [], "area": []}
+    pred = torch.from_numpy(masks[[i for i, _ in pairs]])
+    gt = torch.from_numpy(np.stack([decode_mask(anns[j]["segmentation"]) for _, j in pairs]))
+    area = [float(anns[j].get("area", gt[n].sum())) for n, (_, j) in enumerate(pairs)]
+    return {
+        "biou": boundary_iou(pred, gt, dilation).tolist(),
+        "spurious": spurious_components(pred, gt).tolist(),
+        "area": area,
+    }
+
+
 def instances_part(
     predictor,
     images: Iterable[EvalImage],
     detections: Optional[dict],
     refine: bool = True,
     multimask_first: bool = False,
+    dilation_ratio: Optional[float] = None,
 ) -> dict:
-    """{"images", "gt", "dets"} of a rank's share; detections None = gt_boxes."""
+    """{"images", "gt", "dets"} of a rank's share, and with dilation_ratio "matched"
+    (matched_scores' lists over the share); detections None = gt_boxes."""
     out = {"images": [], "gt": [], "dets": []}
+    if dilation_ratio is not None:
+        out["matched"] = {"biou": [], "spurious": [], "area": []}
     for ev in images:
         h, w = ev.size
         out["images"].append({"id": ev.image_id, "height": h, "width": w, "key": ev.key})
@@ -102,10 +156,15 @@ def instances_part(
         predictor.set_image(ev.image)
         masks = segment_boxes(predictor, xyxy, refine, multimask_first)
         rles = [coco_encode_rle(r) for r in mask_to_rle_pytorch(torch.from_numpy(masks))]
-        out["dets"] += [
+        scored = [
             {"image_id": ev.image_id, "category_id": d["category_id"], "score": d["score"], "segmentation": r}
             for d, r in zip(dets, rles)
         ]
+        out["dets"] += scored
+        if dilation_ratio is not None:
+            m = matched_scores(masks, scored, ev.anns, boundary_dilation(h, w, dilation_ratio))
+            for key, v in m.items():
+                out["matched"][key] += v
     predictor.reset_image()
     return out
 
@@ -118,19 +177,51 @@ def instances_merge(parts: list) -> dict:
     out = mask_ap(gt, [d for p in parts for d in p["dets"]])
     out["num_images"] = len(images)
     out["num_detections"] = int(sum(len(p["dets"]) for p in parts))
+    if all("matched" in p for p in parts):
+        matched = {k: [v for p in parts for v in p["matched"][k]] for k in ("biou", "spurious", "area")}
+        out.update(matched_summary(matched))
+    return out
+
+
+def matched_summary(matched: dict) -> dict:
+    """{"biou", "spurious", "area"} lists of the matched pairs -> mbiou, spurious (means) and
+    num_matched, overall and per COCO area bin of the annotation (mbiou_small, ...)."""
+    area = np.asarray(matched["area"], float)
+    out = {}
+    for suffix, (lo, hi) in {"": (0.0, float("inf")), **{f"_{n}": r for n, r in AREA_BINS.items()}}.items():
+        sel = (area >= lo) & (area < hi)
+        for key, name in (("biou", "mbiou"), ("spurious", "spurious")):
+            v = np.asarray(matched[key], float)[sel]
+            out[f"{name}{suffix}"] = float(v.mean()) if v.size else float("nan")
+        out[f"num_matched{suffix}"] = int(sel.sum())
     return out
 
 
 @register("instances")
 class InstancesTask(ImageTask):
     """cfg.instances: detections (a COCO results json, read once for all datasets, or gt_boxes),
-    min_score, refine, multimask_first."""
+    min_score, refine, multimask_first, boundary_dilation_ratio (null: no boundary IoU of the matches)."""
 
     every_image = True  # COCOeval's image set: a detection on an image without ground truth is a false positive
     description = (
-        "Boxes from {detections} prompt SAM (refine={refine}: a second pass, best mask + box); mask AP by COCOeval."
+        "Boxes from {detections} prompt SAM (refine={refine}: a second pass, best mask + box); mask AP by COCOeval. "
+        "mBIoU: mean boundary IoU (Cheng et al. 2021; d = boundary_dilation_ratio ({boundary_dilation_ratio}) x the "
+        "image diagonal) of the masks matched to an object at mask IoU >= 0.5 (COCOeval's greedy rule; not Boundary "
+        "AP), by the object's area; spurious: their 8-connected components that miss the object."
     )
-    columns = ("AP", "AP50", "AP75", "APs", "APm", "APl", "num_images")
+    columns = (
+        "AP",
+        "AP50",
+        "AP75",
+        "APs",
+        "APm",
+        "APl",
+        "mbiou",
+        "mbiou_(small|medium|large)",
+        "spurious",
+        "num_matched",
+        "num_images",
+    )
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -140,7 +231,8 @@ class InstancesTask(ImageTask):
         p = self.cfg.instances
         if p.detections != "gt_boxes" and self._detections is None:
             self._detections = load_detections(p.detections, p.min_score)
-        return instances_part(SamPredictor(self.model), images, self._detections, p.refine, p.multimask_first)
+        ratio = p.get("boundary_dilation_ratio")
+        return instances_part(SamPredictor(self.model), images, self._detections, p.refine, p.multimask_first, ratio)
 
     def merge(self, parts: list) -> dict:
         return instances_merge(parts)

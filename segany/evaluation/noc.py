@@ -9,7 +9,10 @@ twice, the ignore region excluded); after each click SamPredictor.predict gets a
 the previous click's low-res logits of the chosen mask as mask_input, and multimask_output on the
 first click only; the chosen mask is the one of highest predicted IoU (the only one after click 1).
 IoU as RITM's get_iou: intersection and union outside the ignore region. Every object gets all
-max_clicks clicks (RITM's mIoU analysis mode); NoC does not depend on it.
+max_clicks clicks (RITM's mIoU analysis mode); NoC does not depend on it. With
+noc.boundary_dilation_ratio, after each click also the boundary IoU (boundary.py; the inner
+boundaries of the whole masks, counted outside the ignore region as the IoU) and the spurious
+components (of the prediction outside the ignore region, 8-connected, sharing no pixel with the object).
 
 NoC and NoF exactly as RITM's compute_noc_metric: an object's NoC@t is the first click whose IoU
 is >= t, or max_clicks when none is; NoF@t counts the objects whose NoC@t equals max_clicks (so an
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from segany.data.decode import decode_mask
+from segany.evaluation.boundary import boundary_dilation, inner_boundary, spurious_components
 from segany.evaluation.clicks import Clicker
 from segany.evaluation.grabcut import GrabCutSegmenter
 from segany.evaluation.registry import ImageTask, register
@@ -67,22 +71,38 @@ class SamSegmenter:
 
 
 @torch.no_grad()
-def object_ious(segmenter, gt: np.ndarray, ignore: np.ndarray, max_clicks: int) -> list:
-    """IoU after each of max_clicks clicks on one object of the segmenter's current image; the
-    segmenter's predict(clicks, state) -> (prediction, state) gets state None at click 1."""
+def object_scores(segmenter, gt: np.ndarray, ignore: np.ndarray, max_clicks: int, dilation=None) -> dict:
+    """After each of max_clicks clicks on one object of the segmenter's current image: {"iou": [...]},
+    and with dilation (boundary IoU's d in pixels) "biou" and "spurious" [...]; the segmenter's
+    predict(clicks, state) -> (prediction, state) gets state None at click 1."""
     clicker = Clicker(gt, ignore)
-    pred, state, ious = None, None, []
+    pred, state = None, None
+    out = {"iou": []} if dilation is None else {"iou": [], "biou": [], "spurious": []}
+    gt_boundary = None if dilation is None else inner_boundary(torch.from_numpy(gt), dilation).numpy()
     for _ in range(max_clicks):
         clicker.click(pred)
         pred, state = segmenter.predict(clicker.clicks, state)
-        ious.append(iou_outside(pred, gt, ignore))
-    return ious
+        out["iou"].append(iou_outside(pred, gt, ignore))
+        if dilation is not None:
+            pred_b = np.asarray(pred, bool)
+            boundary = inner_boundary(torch.from_numpy(pred_b), dilation).numpy()
+            out["biou"].append(iou_outside(boundary, gt_boundary, ignore))
+            out["spurious"].append(int(spurious_components(pred_b & ~ignore, gt)[0]))
+    return out
 
 
-def noc_part(segmenters: dict, images: Iterable[EvalImage], max_clicks: int) -> dict:
+def object_ious(segmenter, gt: np.ndarray, ignore: np.ndarray, max_clicks: int) -> list:
+    """IoU after each of max_clicks clicks on one object (object_scores' "iou")."""
+    return object_scores(segmenter, gt, ignore, max_clicks)["iou"]
+
+
+def noc_part(segmenters: dict, images: Iterable[EvalImage], max_clicks: int, dilation_ratio=None) -> dict:
     """Every segmenter (name -> segmenter) on the same objects -> {"ious": {name: [[IoU after
-    click 1..max_clicks] per object]}, "keys": [image key per object], "num_images"}."""
+    click 1..max_clicks] per object]}, "keys": [image key per object], "num_images"}; with
+    dilation_ratio (boundary IoU's d / image diagonal) also "bious" and "spurious" like "ious"."""
+    fine = ("bious", "spurious") if dilation_ratio is not None else ()
     out = {"ious": {name: [] for name in segmenters}, "keys": [], "num_images": 0}
+    out.update({key: {name: [] for name in segmenters} for key in fine})
     for ev in images:
         objects = [a for a in ev.anns if not a.get("iscrowd", 0)]
         ignore = np.zeros(ev.size, bool)
@@ -93,17 +113,21 @@ def noc_part(segmenters: dict, images: Iterable[EvalImage], max_clicks: int) -> 
         if not objects:
             continue
         gts = [decode_mask(a["segmentation"]) for a in objects]
+        d = boundary_dilation(*ev.size, dilation_ratio) if fine else None
         for name, seg in segmenters.items():
             seg.set_image(ev.image)
-            out["ious"][name] += [object_ious(seg, gt, ignore, max_clicks) for gt in gts]
+            scores = [object_scores(seg, gt, ignore, max_clicks, d) for gt in gts]
+            for key, src in (("ious", "iou"), ("bious", "biou"), ("spurious", "spurious"))[: 1 + len(fine)]:
+                out[key][name] += [s[src] for s in scores]
         out["keys"] += [ev.key] * len(objects)
     for seg in segmenters.values():
         seg.reset_image()
     return out
 
 
-def noc_metrics(ious: np.ndarray, thresholds: Sequence[float], max_clicks: int) -> dict:
-    """(N, K) IoU per object and click -> {NoC@t, NoF@t, miou@k, num_objects} (RITM's rules)."""
+def noc_metrics(ious: np.ndarray, thresholds: Sequence[float], max_clicks: int, bious=None, spurious=None) -> dict:
+    """(N, K) IoU per object and click -> {NoC@t, NoF@t, miou@k, num_objects} (RITM's rules);
+    with (N, K) boundary IoUs and spurious component counts also mbiou@k and spurious@k (means)."""
     out = {}
     ious = np.asarray(ious, np.float64).reshape(-1, max_clicks)
     for t in thresholds:
@@ -114,6 +138,11 @@ def noc_metrics(ious: np.ndarray, thresholds: Sequence[float], max_clicks: int) 
         out[f"NoF@{name}"] = int((noc == max_clicks).sum())
     for k in range(1, max_clicks + 1):
         out[f"miou@{k}"] = float(ious[:, k - 1].mean()) if len(ious) else float("nan")
+    for name, v in (("mbiou", bious), ("spurious", spurious)):
+        if v is not None:
+            v = np.asarray(v, np.float64).reshape(-1, max_clicks)
+            for k in range(1, max_clicks + 1):
+                out[f"{name}@{k}"] = float(v[:, k - 1].mean()) if len(v) else float("nan")
     out["num_objects"] = int(len(ious))
     return out
 
@@ -134,15 +163,26 @@ def noc_settings(p) -> tuple:
 
 @register("noc")
 class NocTask(ImageTask):
-    """cfg.noc: max_clicks, iou_thresholds, baselines (grabcut: cfg.noc.grabcut; untrained: the
-    model's architecture, freshly initialised); cfg.max_images bounds the images per dataset."""
+    """cfg.noc: max_clicks, iou_thresholds, boundary_dilation_ratio (null: no boundary IoU / spurious
+    components), baselines (grabcut: cfg.noc.grabcut; untrained: the model's architecture, freshly
+    initialised); cfg.max_images bounds the images per dataset."""
 
     description = (
         "RITM's interactive benchmark: NoC@t for t in {iou_thresholds} (clicks to reach the IoU, {max_clicks} "
         "when never), NoF (objects at {max_clicks}), mIoU after k clicks; RITM's clicker, previous low-res "
-        "logits as mask prompt, multimask on click 1 only; IoU at the image's resolution outside the ignore region."
+        "logits as mask prompt, multimask on click 1 only; IoU at the image's resolution outside the ignore region. "
+        "mBIoU: boundary IoU (Cheng et al. 2021; d = boundary_dilation_ratio ({boundary_dilation_ratio}) x the image "
+        "diagonal) likewise; spurious: the prediction's 8-connected components that miss the object."
     )
-    columns = (r"NoC@\d+", r"NoF@\d+", "miou@(1|2|3|5|10|20)", "num_objects", "num_images")
+    columns = (
+        r"NoC@\d+",
+        r"NoF@\d+",
+        "miou@(1|2|3|5|10|20)",
+        "mbiou@(1|2|3|5|10|20)",
+        "spurious@(1|5|20)",
+        "num_objects",
+        "num_images",
+    )
     plots = (Plot("noc_miou_vs_clicks.png", "number of clicks", "mIoU", y=r"miou@(\d+)"),)
 
     def _baselines(self) -> dict:
@@ -161,14 +201,17 @@ class NocTask(ImageTask):
 
     def part_images(self, dataset: str, images: Iterable[EvalImage]) -> dict:
         segmenters = {"model": SamSegmenter(SamPredictor(self.model)), **self._baselines()}
-        return noc_part(segmenters, images, noc_settings(self.cfg.noc)[0])
+        ratio = self.cfg.noc.get("boundary_dilation_ratio")
+        return noc_part(segmenters, images, noc_settings(self.cfg.noc)[0], ratio)
 
     def merge(self, parts: list) -> dict:
         max_clicks, thresholds = noc_settings(self.cfg.noc)
 
         def metrics(name: str) -> dict:
             ious = [r for p in parts for r in p["ious"][name]]
-            out = noc_metrics(np.array(ious).reshape(-1, max_clicks), thresholds, max_clicks)
+            fine = [k for k in ("bious", "spurious") if all(k in p for p in parts)]
+            fine = {k: [r for p in parts for r in p[k][name]] for k in fine}
+            out = noc_metrics(np.array(ious).reshape(-1, max_clicks), thresholds, max_clicks, **fine)
             out["num_images"] = int(sum(p["num_images"] for p in parts))
             return out
 

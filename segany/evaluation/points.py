@@ -3,9 +3,10 @@ over ranks, and the mean over datasets (the paper averages its 23 datasets this 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from segany.evaluation.protocol import ClickProtocol, interactive_eval, original_areas, summarize
+from segany.evaluation.protocol import AREA_BINS, ClickProtocol, interactive_eval, original_areas, summarize
 from segany.evaluation.registry import EvalTask, register
 from segany.evaluation.report import Plot
 from segany.utils.cli import RENAMED
@@ -17,7 +18,8 @@ def points_part(
 ) -> dict:
     """Per-mask IoUs of this rank's share of the datamodule's validation split and the masks'
     areas in original-image pixels (protocol.original_areas): {"iou": {"k": [...]},
-    "iou_oracle": {"k": [...]}, "area": [...], "num_images": n} (json-safe keys), and with
+    "iou_oracle": {"k": [...]}, "area": [...], "num_images": n} (json-safe keys), with the
+    protocol's boundary_dilation_ratio also "biou" and "spurious" {"k": [...]}, and with
     references (name -> model, run on the same batches) their {"iou", "iou_oracle"} under
     "references". A crowd region (COCO iscrowd=1, a RITM set's ignore band) is never a target:
     a datamodule that would batch them as masks (include_crowd=true) is refused."""
@@ -29,7 +31,8 @@ def points_part(
     loader = dm.val_dataloader()
     dm.val_dataset.set_topology(rank, world)  # the loader iterates the dataset lazily
     models = {"model": model, **(references or {})}
-    per_mask = {n: {key: {str(k): [] for k in protocol.clicks} for key in ("iou", "iou_oracle")} for n in models}
+    keys = ("iou", "iou_oracle") + (("biou", "spurious") if protocol.boundary_dilation_ratio is not None else ())
+    per_mask = {n: {key: {str(k): [] for k in protocol.clicks} for key in keys} for n in models}
     areas, images = [], 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -37,7 +40,7 @@ def points_part(
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         for name, m in models.items():
             res = interactive_eval(m, batch, protocol)
-            for key in ("iou", "iou_oracle"):
+            for key in keys:
                 for k in protocol.clicks:
                     per_mask[name][key][str(k)] += res[key][k]
         areas += original_areas(batch)[batch["valid"]].tolist()  # the order of res's lists
@@ -46,15 +49,36 @@ def points_part(
     return dict(out, references=per_mask) if per_mask else out
 
 
+def fine_summary(per_mask: dict, area=None) -> dict:
+    """Concatenated per-mask {"biou": {k: [...]}, "spurious": {k: [...]}} -> mbiou@k (mean
+    boundary IoU) and spurious@k (mean number of spurious components per mask), and with areas
+    the same per COCO area bin (protocol.AREA_BINS): mbiou@k_small, spurious@k_small, ..."""
+    out = {}
+    bins = {"": None}
+    if area is not None:
+        a = np.asarray(area, float)
+        bins.update({f"_{name}": (a >= lo) & (a < hi) for name, (lo, hi) in AREA_BINS.items()})
+    for suffix, sel in bins.items():
+        for key, name in (("biou", "mbiou"), ("spurious", "spurious")):
+            for k, v in per_mask[key].items():
+                v = np.asarray(v, float) if sel is None else np.asarray(v, float)[sel]
+                out[f"{name}@{k}{suffix}"] = float(v.mean()) if v.size else float("nan")
+    return out
+
+
 def points_merge(parts: list) -> dict:
     """Rank parts of one dataset -> {miou@k, miou_oracle@k, num_masks, num_images}, and per
-    area bin (miou@k_small, ..., num_masks_small, ...) when the parts carry areas; the parts'
+    area bin (miou@k_small, ..., num_masks_small, ...) when the parts carry areas, and
+    fine_summary's mbiou@k, spurious@k (per bin too) when they carry "biou"; the parts'
     references (points_part) the same under "references": {name: metrics}."""
     keys = list(parts[0]["iou"])
-    merged = {name: {int(k): [v for p in parts for v in p[name][k]] for k in keys} for name in ("iou", "iou_oracle")}
+    names = ("iou", "iou_oracle") + (("biou", "spurious") if all("biou" in p for p in parts) else ())
+    merged = {name: {int(k): [v for p in parts for v in p[name][k]] for k in keys} for name in names}
     if all("area" in p for p in parts):
         merged["area"] = [a for p in parts for a in p["area"]]
     out = summarize(merged)
+    if "biou" in merged:
+        out.update(fine_summary(merged, merged.get("area")))
     out["num_images"] = int(sum(p["num_images"] for p in parts))
     refs = {
         n: points_merge([{**p["references"][n], **{k: p[k] for k in ("area", "num_images") if k in p}} for p in parts])
@@ -65,7 +89,8 @@ def points_merge(parts: list) -> dict:
 
 @register("points")
 class PointsTask(EvalTask):
-    """cfg.points: clicks, multimask_first, use_prev_mask, first_click, baselines ([untrained]: the
+    """cfg.points: clicks, multimask_first, use_prev_mask, first_click, boundary_dilation_ratio (null:
+    no boundary IoU / spurious components), baselines ([untrained]: the
     model's architecture, freshly initialised); batches of the datamodule's validation loader (its
     own workers), cfg.max_batches per rank."""
 
@@ -74,7 +99,9 @@ class PointsTask(EvalTask):
         "Interactive single-point mIoU: click 1 at the mask centre (first_click={first_click}), then on the "
         "largest error; default = most confident of 3 masks, oracle = best. By size: COCO's area bins "
         "(small < 32^2, medium < 96^2, large) of the GT mask's area in original-image pixels (input-frame "
-        "area x original / input size); the table shows them at 1 click."
+        "area x original / input size); the table shows them at 1 click. mBIoU: boundary IoU (Cheng et al. 2021) of "
+        "the default mask, d = boundary_dilation_ratio ({boundary_dilation_ratio}) x the input frame's diagonal; "
+        "spurious: its 8-connected components that miss the GT mask, per mask."
     )
     columns = (
         r"miou@\d+",
@@ -82,6 +109,10 @@ class PointsTask(EvalTask):
         "num_masks",
         "miou@1_(small|medium|large)",
         "num_masks_(small|medium|large)",
+        r"mbiou@\d+",
+        "mbiou@1_(small|medium|large)",
+        "spurious@1",
+        "spurious@1_(small|medium|large)",
     )
     plots = (
         Plot("points_miou_vs_clicks.png", "number of points", "mIoU", y=r"miou@(\d+)", oracle=r"miou_oracle@(\d+)"),
@@ -103,6 +134,7 @@ class PointsTask(EvalTask):
             use_prev_mask=p.use_prev_mask,
             first_click=p.first_click,
             seed=self.cfg.seed,
+            boundary_dilation_ratio=p.get("boundary_dilation_ratio"),
         )
 
     def references(self) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segany.evaluation.boundary import boundary_dilation, boundary_iou, spurious_components
 from segany.evaluation.clicks import Clicker, random_click
 from segany.evaluation.metrics import mask_iou
 from segany.modeling.constants import PAD, POS
@@ -36,6 +37,7 @@ class ClickProtocol:
     use_prev_mask: bool = True
     first_click: str = "center"  # "center" (distance-transform maximum) | "random" (uniform in the mask)
     seed: int = 0  # random first clicks: drawn from (seed, image id)
+    boundary_dilation_ratio: Optional[float] = None  # set: boundary IoU and spurious components too (boundary.py)
 
     def __post_init__(self):
         self.clicks = tuple(int(c) for c in self.clicks)
@@ -56,7 +58,9 @@ def _inside(batch: dict, S: int, device) -> torch.Tensor:
 def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Optional[torch.Tensor] = None) -> dict:
     """Run the protocol on one batch. Returns {"iou": {k: [per-mask IoU]}, "iou_oracle":
     {k: [...]}, "count": valid masks, "pred_first": (B, N, S, S) bool default prediction
-    after click 1, "clicks_first": (B, N, 2) (x, y) of click 1}."""
+    after click 1, "clicks_first": (B, N, 2) (x, y) of click 1}; with boundary_dilation_ratio also
+    the default prediction's "biou" and "spurious" {k: [...]} (boundary.py), on the masks of the IoU,
+    d from each image's input-frame diagonal."""
     masks, valid = batch["masks"], batch["valid"]
     B, N, S, _ = masks.shape
     R, dev = B * N, masks.device
@@ -82,6 +86,11 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
         "iou_oracle": {k: [] for k in protocol.clicks},
         "count": int(v_np.sum()),
     }
+    if protocol.boundary_dilation_ratio is not None:
+        res.update(biou={k: [] for k in protocol.clicks}, spurious={k: [] for k in protocol.clicks})
+        ratio = protocol.boundary_dilation_ratio
+        dil = torch.tensor([boundary_dilation(h, w, ratio) for h, w in batch["input_size"].tolist()])
+        dil = dil.repeat_interleave(N)  # (R,): d of each mask's image
     for k in range(1, max(protocol.clicks) + 1):
         c = np.zeros((R, 2), np.float32)
         l = np.full((R,), PAD, np.int64)
@@ -129,6 +138,9 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
         if k in res["iou"]:
             res["iou"][k] = true_iou[rows, default][v].tolist()
             res["iou_oracle"][k] = oracle[v].tolist()
+            if "biou" in res:
+                res["biou"][k] = boundary_iou(pred[v], gt[v], dil[v.cpu()]).tolist()
+                res["spurious"][k] = spurious_components(pred_np[v_np], gt_np[v_np]).tolist()
     return res
 
 
