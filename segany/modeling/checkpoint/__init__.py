@@ -1,9 +1,14 @@
 """Checkpoints in and out, in one place:
 
-    read_checkpoint(path, trust=False) -> Checkpoint     a train.py .ckpt, an FSDP directory or a
-                                                         SAM .pth: weights + architecture (read.py)
+    read_checkpoint(path, trust=False) -> Checkpoint     a train.py .ckpt, an FSDP directory, a
+                                                         SAM .pth or .safetensors, or a transformers
+                                                         SamModel directory: weights + architecture (read.py)
     load_model(checkpoint, model_cfg, trust_checkpoint=False) -> (Sam, description)    (load.py)
-    save_official(model, path), export(checkpoint, out)  the release's .pth + <name>.json (write.py)
+    save_official(model, path), export(checkpoint, out)  the release's .pth + <name>.json (write.py);
+                                                         export(..., format="safetensors" | "hf"): the
+                                                         same weights as .safetensors, or a SamModel directory
+    to_hf / from_hf, hf_config / sam_arch                segany <-> transformers.SamModel key names and
+                                                         architecture, as data (hf.py)
     torch_load(path, trust=False), CheckpointError       the trust rule: a checkpoint is data (trust.py)
     save_with_manifest(obj, path), write_manifest(dir), verify_checkpoint(path)
                                                          sizes + hashes of its files (manifest.py)
