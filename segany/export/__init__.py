@@ -6,6 +6,9 @@
 --format safetensors writes the same release-named weights as OUT.safetensors (+ OUT.json);
 --format hf a transformers SamModel directory OUT (config.json + model.safetensors) that
 `transformers.SamModel.from_pretrained(OUT)` and `segany.build_sam(checkpoint=OUT)` load.
+--format onnx a directory OUT with encoder.onnx and decoder.onnx (the release's ONNX decoder
+interface) for `segany.inference.OnnxPredictor`, checked against the PyTorch model first
+(segany/export/onnx_model.py; --fp16, --check-images, --no-check, --atol, --min-iou).
 
 Reads whatever `segany.modeling.checkpoint.read_checkpoint` reads: a single-file Lightning
 checkpoint, a sharded torch.distributed.checkpoint directory (FSDP2; only the model's tensors,
@@ -19,6 +22,7 @@ import argparse
 import logging
 import sys
 
+from segany.export.onnx_model import add_onnx_args, run_onnx
 from segany.modeling.checkpoint import CheckpointError, export
 from segany.modeling.checkpoint.write import FORMATS
 from segany.utils.cli import add_checkpoint_args
@@ -35,14 +39,17 @@ def main(argv=None) -> int:
     p.add_argument(
         "--format",
         default="pth",
-        choices=FORMATS,
+        choices=(*FORMATS, "onnx"),
         help="pth: the release's .pth (default); safetensors: the same weights as OUT.safetensors; "
-        "hf: a transformers SamModel directory OUT",
+        "hf: a transformers SamModel directory OUT; onnx: a directory OUT of two ONNX files",
     )
     add_checkpoint_args(p)
+    add_onnx_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if a.format == "onnx":
+            return run_onnx(a)
         export(
             a.checkpoint,
             a.out,
