@@ -227,6 +227,22 @@ def test_predictor_many_rows_and_iou_filter(pair):
     assert torch.isnan(low_f[~kept]).all()
 
 
+def test_predictor_batch_of_images_equals_one_by_one(pair):
+    """set_torch_image with B = 2 images, 2 x M prompt rows: each image's rows as on their own."""
+    _, ours, _ = pair
+    torch.manual_seed(5)
+    images = torch.rand(2, 3, 256, 192) * 255
+    coords, labels, _ = prompts()
+    p = SamPredictor(ours)
+    p.set_torch_image(images, (256, 192))
+    _, iou, low = p.predict_torch(coords.repeat(2, 1, 1), labels.repeat(2, 1), multimask_output=True)
+    for b in range(2):
+        p.set_torch_image(images[b : b + 1], (256, 192))
+        _, iou_b, low_b = p.predict_torch(coords, labels, multimask_output=True)
+        torch.testing.assert_close(low[3 * b : 3 * b + 3], low_b, atol=ATOL, rtol=0)
+        torch.testing.assert_close(iou[3 * b : 3 * b + 3], iou_b, atol=ATOL, rtol=0)
+
+
 def test_sam_checkpoint_with_hq_token_adds_fresh_hq_parts(tmp_path):
     """A SAM release .pth + hq_token=True: the SAM weights load as they are, the HQ parts start
     fresh (how HQ training starts: the seed's initialisation). (SAM's own masks change: the HQ token
@@ -309,3 +325,21 @@ def test_export_of_vit_b_loads_in_the_reference_registry(tmp_path, capsys):
         "image_encoder.blocks.11.mlp.lin2.weight",
     ):
         torch.testing.assert_close(theirs[k], written[k], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_vit_b_predictor_matches_reference(tmp_path):
+    """Full size (vit_b, 1024 px): a release-layout vit_b HQ file is inferred as vit_b + hq_token, and
+    SamPredictor gives the reference predictor's masks."""
+    ref = reference_hq(img_size=1024, embed_dim=768, depth=12, num_heads=12, global_attn=(2, 5, 8, 11), window=14)
+    path = tmp_path / "sam_hq_vit_b.pth"
+    torch.save(ref.state_dict(), path)
+    ours = build_sam(checkpoint=str(path)).eval()
+    assert (ours.config.embed_dim, ours.config.hq_token, ours.image_encoder.interm_index) == (768, True, 2)
+    image = make_test_image(300, 400)
+    p_r, p = hq.SamPredictor(ref), SamPredictor(ours)
+    p_r.set_image(image)
+    p.set_image(image)
+    kw = dict(point_coords=np.array([[200.0, 70.0]]), point_labels=np.array([1]), box=np.array([150, 20, 290, 190]))
+    for a, b in zip(p.predict(**kw, return_logits=True), p_r.predict(**kw, return_logits=True)):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
