@@ -134,6 +134,9 @@ class HfArm:
         self.boxes = inputs["input_boxes"].to(device)
         self.gt = gt_low.flatten(0, 1)[:, None].float().to(device)  # (B*N, 1, 256, 256)
 
+    def opt_params(self) -> list:
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
     def step(self, seed: int) -> float:
         out = self.model(pixel_values=self.pixel_values, input_boxes=self.boxes, multimask_output=False)
         pred = out.pred_masks.flatten(0, 2)[:, None]  # (B, N, 1, h, w) -> (B*N, 1, h, w)
@@ -158,6 +161,9 @@ class SeganyArm:
         ).train()
         self.opt = self.module.configure_optimizers()["optimizer"]
         self.batch = batch
+
+    def opt_params(self) -> list:
+        return [p for g in self.opt.param_groups for p in g["params"]]
 
     def step(self, seed: int) -> float:
         torch.manual_seed(seed)  # the prompts of the step (SamModule reseeds per step, too)
@@ -280,6 +286,8 @@ def main(argv=None):
     )
     print(f"  inputs: SamProcessor pixel_values vs segany's normalisation max |diff| {diff:.1e}, boxes {box_diff:.1e}")
     mem = "peak MB above the step's start " + ("(CUDA allocated)" if device.type == "cuda" else "(CPU, profiled step)")
+    trainable = ", ".join(f"{a.label} {sum(p.numel() for p in a.opt_params()) / 1e6:.3f} M" for a in arms)
+    print(f"  parameters in the optimiser: {trainable}")
     print(f"  {'arm':28s} {'s/step':>8s} {'steps/s':>8s} {'vs hf':>6s}  {mem if any(peaks.values()) else ''}")
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = med[arms[0].label]
