@@ -85,8 +85,19 @@ def _from_pretrained(path):
 def test_demo_size_export_runs_in_transformers_as_in_segany(tmp_path):
     ours = _ours(**DEMO)
     out = _exported(ours, tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     _assert_same_outputs(ours, _from_pretrained(out), DEMO["img_size"])
+
+
+def test_exported_processor_preprocesses_as_segany(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = _ours(**DEMO)
+    processor = transformers.SamProcessor.from_pretrained(str(_exported(ours, tmp_path)))
+    s = DEMO["img_size"]
+    img = torch.randint(0, 256, (s, s * 2 // 3, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    theirs = processor(images=img.numpy(), return_tensors="pt")["pixel_values"]  # at its size: no resampling
+    mine = ours.preprocess(img.permute(2, 0, 1).float())  # normalised, zero-padded bottom / right
+    torch.testing.assert_close(theirs, mine[None], atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

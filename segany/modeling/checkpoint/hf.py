@@ -30,7 +30,8 @@ prompt_encoder.text_proj / text_embed) and HQ-SAM's token (`hq_token`), which Sa
 cannot hold: refused. pixel_mean /
 pixel_std are not weights on either side (SamModel's image processor normalises).
 
-Architecture: `hf_config(SamConfig)` / `sam_arch(config.json dict)`; what SamModel can set and
+Architecture: `hf_config(SamConfig)` / `sam_arch(config.json dict)` (and, written beside them,
+`hf_preprocessor(SamConfig)`: the SamImageProcessor settings of segany's pre-processing); what SamModel can set and
 segany cannot (a setting other than the release's: non-gelu encoder, no qkv bias, mlp_dim !=
 4 x hidden_size, attention_downsample_rate != 2, ...) is refused naming the field. One HF
 setting is accepted though segany computes it otherwise: the decoder's layer_norm_eps 1e-6
@@ -50,11 +51,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from segany.modeling.checkpoint.trust import CheckpointError
+from segany.modeling.constants import PIXEL_MEAN, PIXEL_STD
 from segany.modeling.variants import SamConfig
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+HF_PREPROCESSOR = "preprocessor_config.json"  # SamImageProcessor's: what SamProcessor.from_pretrained reads
 MODEL_TYPE = "sam"
 SAFETENSORS = ".safetensors"
 TIED = ("prompt_encoder.shared_embedding.positional_embedding", "shared_image_embedding.positional_embedding")
@@ -244,6 +247,29 @@ def hf_config(cfg: SamConfig) -> dict:
         "mask_decoder_config": decoder,
         "initializer_range": 0.02,
         "tie_word_embeddings": True,
+    }
+
+
+def hf_preprocessor(cfg: SamConfig) -> dict:
+    """The SamImageProcessor settings of segany's pre-processing at this size: longest side
+    resized to img_size, zero padding at the bottom / right to img_size x img_size, the
+    release's mean and std (on 0-1 pixels), masks at a quarter of that."""
+    s, low = cfg.img_size, cfg.img_size // 4
+    return {
+        "image_processor_type": "SamImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"longest_edge": s},
+        "resample": 2,  # bilinear
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [m / 255 for m in PIXEL_MEAN],
+        "image_std": [d / 255 for d in PIXEL_STD],
+        "do_pad": True,
+        "pad_size": {"height": s, "width": s},
+        "mask_size": {"longest_edge": low},
+        "mask_pad_size": {"height": low, "width": low},
     }
 
 

@@ -20,7 +20,15 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
-from segany.modeling.checkpoint.hf import HF_CONFIG, HF_WEIGHTS, SAFETENSORS, hf_config, to_hf
+from segany.modeling.checkpoint.hf import (
+    HF_CONFIG,
+    HF_PREPROCESSOR,
+    HF_WEIGHTS,
+    SAFETENSORS,
+    hf_config,
+    hf_preprocessor,
+    to_hf,
+)
 from segany.modeling.checkpoint.load import check_fits, config_for
 from segany.modeling.checkpoint.read import ANCHOR, read_checkpoint, sidecar_path, to_official
 from segany.modeling.checkpoint.trust import CheckpointError
@@ -77,12 +85,14 @@ def write_safetensors(
 
 def write_hf(state_dict: Dict[str, torch.Tensor], out_dir: str, config: SamConfig) -> Dict[str, torch.Tensor]:
     """segany-named SAM weights -> a transformers SamModel directory `out_dir`: config.json +
-    model.safetensors, which `SamModel.from_pretrained(out_dir)` loads (hf.py's mapping)."""
+    model.safetensors, which `SamModel.from_pretrained(out_dir)` loads (hf.py's mapping), and
+    preprocessor_config.json, for `SamProcessor.from_pretrained(out_dir)`."""
     tensors = to_hf(_fp32(state_dict), config)
     hf = hf_config(config)  # refuses what SamModel cannot hold, before anything is written
     os.makedirs(out_dir, exist_ok=True)
     _save_safetensors(tensors, os.path.join(out_dir, HF_WEIGHTS))
     atomic_write_json(os.path.join(out_dir, HF_CONFIG), hf, indent=2)
+    atomic_write_json(os.path.join(out_dir, HF_PREPROCESSOR), hf_preprocessor(config), indent=2)
     return tensors
 
 
