@@ -3,6 +3,8 @@
 (its outputs, and from_pretrained's loading report), its SamConfig defaults, and the release's
 segment_anything builder (strict load of the exported weights)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -272,3 +274,14 @@ def test_a_dcp_directory_with_a_config_json_is_not_taken_for_samodel(tmp_path):
     assert hfmap.is_hf_dir(tmp_path)
     (tmp_path / ".metadata").write_bytes(b"")
     assert not hfmap.is_hf_dir(tmp_path)
+
+
+def test_reading_a_samodel_directory_needs_no_transformers(tmp_path):
+    out = _write_hf(tmp_path)
+    code = (
+        "import sys, segany; m = segany.build_sam(checkpoint=sys.argv[1]); "
+        "assert m.config.img_size == 256; print(sorted(k for k in sys.modules if k.split('.')[0] == 'transformers'))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
