@@ -12,7 +12,7 @@ a (2d+1)^2 square: done here as two 1-D running sums (cumsum) of the complement,
 the masks' device.
 
 A spurious component is an 8-connected component of the prediction with no pixel in the ground
-truth (scipy.ndimage.label, all masks of a stack in one call).
+truth (cv2.connectedComponents, as segany.inference.amg_utils uses it).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 from typing import Sequence, Union
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor
 
 from segany.evaluation.metrics import iou_from_counts
@@ -75,22 +75,15 @@ def boundary_iou(pred: Tensor, gt: Tensor, dilation: Union[int, Sequence[int], T
     return iou_from_counts(inter, union, empty)
 
 
-_PLANE_8 = np.zeros((3, 3, 3), bool)
-_PLANE_8[1] = True  # 8-connectivity within each (H, W) plane, none across the stack
-
-
 def spurious_components(pred, gt) -> np.ndarray:
     """(R, H, W) or (H, W) bool prediction and ground truth (numpy or torch) -> (R,) int64: the
     number of 8-connected components of each prediction that share no pixel with its ground truth."""
-    pred = torch.as_tensor(pred).cpu().numpy().astype(bool) if torch.is_tensor(pred) else np.asarray(pred, bool)
-    gt = torch.as_tensor(gt).cpu().numpy().astype(bool) if torch.is_tensor(gt) else np.asarray(gt, bool)
-    pred, gt = pred.reshape(-1, *pred.shape[-2:]), gt.reshape(-1, *gt.shape[-2:])
-    labels, n = ndimage.label(pred, _PLANE_8)  # (R, H, W) int32: components numbered 1..n over the stack
-    if n == 0:
-        return np.zeros(len(pred), np.int64)
-    on = labels > 0
-    owner = np.zeros(n + 1, np.int64)  # the mask each component lies in
-    owner[labels[on]] = np.nonzero(on)[0]
-    touches = np.zeros(n + 1, bool)
-    touches[labels[on & gt]] = True
-    return np.bincount(owner[1:][~touches[1:]], minlength=len(pred)).astype(np.int64)
+    pred = pred.cpu().numpy() if torch.is_tensor(pred) else np.asarray(pred)
+    gt = gt.cpu().numpy() if torch.is_tensor(gt) else np.asarray(gt)
+    pred, gt = pred.reshape(-1, *pred.shape[-2:]), gt.reshape(-1, *gt.shape[-2:]).astype(bool)
+    out = np.zeros(len(pred), np.int64)
+    for r in range(len(pred)):  # cv2's labelling: ~10 ms per 1024^2 mask on one core
+        n, labels = cv2.connectedComponents(np.ascontiguousarray(pred[r], np.uint8), connectivity=8)
+        touches = np.bincount(labels[gt[r]], minlength=n) > 0  # (n,): component 0 is the background
+        out[r] = n - 1 - int(touches[1:].sum())
+    return out
