@@ -272,6 +272,26 @@ def test_sam_checkpoint_with_hq_token_adds_fresh_hq_parts(tmp_path):
     assert not build_sam("vit_tiny", checkpoint=str(path)).hq
 
 
+def test_hq_keywords_reach_the_model_and_come_back_from_the_file(tmp_path):
+    """hq_interm_block / hq_compress_dim / hq_hidden_dim: in the modules; a saved model's sidecar
+    keeps all three, and without it the widths are read from the tensor shapes (the block is in
+    no shape: the release's, the first global-attention block)."""
+    model = build_sam("vit_tiny", hq_token=True, hq_interm_block=1, hq_compress_dim=96, hq_hidden_dim=40)
+    dec = model.mask_decoder
+    assert model.image_encoder.interm_index == 1
+    assert tuple(dec.compress_vit_feat[0].weight.shape) == (192, 96, 2, 2)
+    assert tuple(dec.embedding_encoder[0].weight.shape) == (256, 40, 2, 2)
+    assert tuple(dec.embedding_maskfeature[0].weight.shape) == (40, 32, 3, 3)
+    path = tmp_path / "hq.pth"
+    segany.save_official(model, str(path))
+    assert build_sam(checkpoint=str(path)).config == model.config
+    (tmp_path / "hq.json").unlink()
+    cfg = build_sam(checkpoint=str(path)).config
+    assert (cfg.hq_token, cfg.hq_interm_block, cfg.hq_compress_dim, cfg.hq_hidden_dim) == (True, None, 96, 40)
+    with pytest.raises(ValueError, match="hq_interm_block 6 out of range"):
+        build_sam("vit_tiny", hq_token=True, hq_interm_block=6)
+
+
 def test_hq_file_missing_a_tensor_names_the_key(pair, tmp_path):
     ref, _, _ = pair
     sd = ref.state_dict()
