@@ -93,6 +93,7 @@ def test_one_dilation_per_row():
     got = boundary_iou(pred, gt, torch.tensor(d))
     for r in range(4):
         assert got[r].item() == pytest.approx(boundary_iou(pred[r : r + 1], gt[r : r + 1], d[r]).item())
+    assert torch.equal(boundary_iou(pred, gt, torch.tensor(d), chunk=1), got)  # chunks change nothing
     with pytest.raises(ValueError, match="3 dilations for 4 masks"):
         boundary_iou(pred, gt, [1, 2, 3])
 
