@@ -4,6 +4,7 @@ boundary_iou/utils/boundary_utils.py: cv2.erode of the zero-padded mask) on rand
 components against scipy.ndimage.label, and the new keys of the points, noc and instances
 results."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import torch
 from segany.evaluation.boundary import boundary_dilation, boundary_iou, inner_boundary, spurious_components
 
 ROOT = Path(__file__).resolve().parents[1]
+# real DAVIS-345 (RITM's packaging) in ../shared/data beside the checkout (SEGANY_SHARED_DATA overrides)
+SHARED = Path(os.environ.get("SEGANY_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DAVIS = str(SHARED / "DAVIS")
 
 
 def reference_boundary(mask: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarray:
@@ -84,6 +88,19 @@ def test_matches_the_reference_mask_to_boundary_on_random_masks():
         assert np.array_equal(inner_boundary(torch.from_numpy(gt), d).numpy(), want), (case, h, w, d)
         got = boundary_iou(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None], d).item()
         assert got == pytest.approx(reference_boundary_iou(gt, pred, ratio), abs=1e-6), case
+
+
+@pytest.mark.skipif(not os.path.isdir(DAVIS), reason=f"real DAVIS-345 masks not found at {DAVIS}")
+def test_matches_the_reference_on_davis_masks():
+    names = sorted(os.listdir(os.path.join(DAVIS, "gt")))[::115]  # 3 of the 345 masks, at their resolution
+    for name in names:
+        gt = cv2.imread(os.path.join(DAVIS, "gt", name)).max(axis=2) > 0
+        pred = np.roll(gt, (3, -5), (0, 1))
+        d = boundary_dilation(*gt.shape)
+        want = reference_boundary(gt.astype(np.uint8)) > 0
+        assert np.array_equal(inner_boundary(torch.from_numpy(gt), d).numpy(), want), name
+        got = boundary_iou(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None], d).item()
+        assert got == pytest.approx(reference_boundary_iou(gt, pred), abs=1e-6), name
 
 
 def test_one_dilation_per_row():
