@@ -135,8 +135,11 @@ class MaskDecoderHQ(MaskDecoder):
         x = self.upscaled_rows(src)  # (R, 16hw, C/8): SAM's upscaled embedding, sub-pixel order
         masks_sam = subpixel_logits(x, self.hypernetworks(hs), h, w)  # (R, 4, 4h, 4w)
         hyper_hq = self.hf_mlp(hs[:, 1 + self.num_mask_tokens])  # (R, C/8)
-        image_of_row = torch.arange(n, device=hs.device) // (n // b) if rows is None else rows // (n // b)
-        feat = hq_features if b == 1 else hq_features[image_of_row]  # (1|R, C/8, 4h, 4w)
+        if b == 1:
+            feat = hq_features  # (1, C/8, 4h, 4w), broadcast over the rows
+        else:  # row r belongs to image r // M
+            row = torch.arange(n, device=hs.device) if rows is None else rows
+            feat = hq_features[row // (n // b)]  # (R, C/8, 4h, 4w)
         emb_hq = self.embedding_maskfeature(rows_to_image(x, h, w)) + feat  # (R, C/8, 4h, 4w)
         masks_hq = (hyper_hq.unsqueeze(1) @ emb_hq.flatten(2)).view(-1, 1, 4 * h, 4 * w)  # (R, 1, 4h, 4w)
         return scatter_rows(torch.cat([masks_sam, masks_hq], dim=1), rows, n), iou_pred
