@@ -135,6 +135,7 @@ class PointsTask(EvalTask):
             first_click=p.first_click,
             seed=self.cfg.seed,
             boundary_dilation_ratio=p.get("boundary_dilation_ratio"),
+            hq_output=p.get("hq_output", "sum"),
         )
 
     def references(self) -> dict:

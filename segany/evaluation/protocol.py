@@ -38,6 +38,8 @@ class ClickProtocol:
     first_click: str = "center"  # "center" (distance-transform maximum) | "random" (uniform in the mask)
     seed: int = 0  # random first clicks: drawn from (seed, image id)
     boundary_dilation_ratio: Optional[float] = None  # set: boundary IoU and spurious components too (boundary.py)
+    hq_output: str = "sum"  # HQ-SAM models: every SAM token's mask + the HQ mask ("sum", the release predictor's
+    # default) or the HQ mask alone ("hq", its hq_token_only); default / oracle still chosen by SAM's tokens
 
     def __post_init__(self):
         self.clicks = tuple(int(c) for c in self.clicks)
@@ -45,6 +47,8 @@ class ClickProtocol:
             raise ValueError(f"evaluation.clicks={list(self.clicks)}: positive click counts")
         if self.first_click not in ("center", "random"):
             raise ValueError(f"first_click={self.first_click!r}: expected 'center' or 'random'")
+        if self.hq_output not in ("sum", "hq"):
+            raise ValueError(f"hq_output={self.hq_output!r}: expected 'sum' or 'hq'")
 
 
 def _inside(batch: dict, S: int, device) -> torch.Tensor:
@@ -55,16 +59,36 @@ def _inside(batch: dict, S: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Optional[torch.Tensor] = None) -> dict:
+def interactive_eval(
+    model,
+    batch: dict,
+    protocol: ClickProtocol,
+    embeddings: Optional[torch.Tensor] = None,
+    interm: Optional[torch.Tensor] = None,
+) -> dict:
     """Run the protocol on one batch. Returns {"iou": {k: [per-mask IoU]}, "iou_oracle":
     {k: [...]}, "count": valid masks, "pred_first": (B, N, S, S) bool default prediction
     after click 1, "clicks_first": (B, N, 2) (x, y) of click 1}; with boundary_dilation_ratio also
     the default prediction's "biou" and "spurious" {k: [...]} (boundary.py), on the masks of the IoU,
-    d from each image's input-frame diagonal."""
+    d from each image's input-frame diagonal. An HQ-SAM model also needs its encoder's early
+    features ``interm`` with given embeddings (computed here otherwise); see hq_output."""
     masks, valid = batch["masks"], batch["valid"]
     B, N, S, _ = masks.shape
     R, dev = B * N, masks.device
-    emb = model.image_encoder(batch["image"]) if embeddings is None else embeddings
+    hq = bool(getattr(model, "hq", False))
+    if embeddings is None:
+        emb, interm = (
+            model.encode_image(batch["image"], return_interm=True)
+            if hq
+            else (model.image_encoder(batch["image"]), None)
+        )
+    else:
+        emb = embeddings
+    if hq and interm is None:
+        raise ValueError(
+            "interactive_eval: an HQ-SAM model needs interm (the encoder's early features) with embeddings"
+        )
+    hq_feat = model.mask_decoder.hq_features(emb, interm) if hq else None  # (B, C/8, 4h, 4w)
     pe = model.prompt_encoder.get_dense_pe()
     inside = _inside(batch, S, dev)[:, None].expand(B, N, S, S).reshape(R, S, S)
     gt = masks.reshape(R, S, S) & inside
@@ -111,7 +135,12 @@ def interactive_eval(model, batch: dict, protocol: ClickProtocol, embeddings: Op
         labels = torch.cat((labels, torch.from_numpy(l).to(dev)[:, None]), 1)
 
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_in)
-        low, iou_pred = model.mask_decoder.predict_masks(emb, pe, sparse, dense)  # (R, 4, 4h, 4w), (R, 4)
+        if hq_feat is None:
+            low, iou_pred = model.mask_decoder.predict_masks(emb, pe, sparse, dense)  # (R, 4, 4h, 4w), (R, 4)
+        else:  # (R, 5, ..): SAM's 4 tokens + HQ -> 4 candidates, each SAM's + HQ's (or HQ's alone)
+            low, iou_pred = model.mask_decoder.predict_masks(emb, pe, sparse, dense, hq_features=hq_feat)
+            sam_low, hq_low = low[:, :4], low[:, 4:]
+            low = sam_low + hq_low if protocol.hq_output == "sum" else hq_low.expand_as(sam_low)
         low, iou_pred = low.float(), iou_pred.float()
         true_iou = torch.stack(
             [

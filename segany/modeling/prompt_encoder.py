@@ -163,10 +163,13 @@ class PromptEncoder(nn.Module):
         masks: Optional[torch.Tensor],
         tokens: Optional[tuple] = None,
         text: Optional[torch.Tensor] = None,
+        has_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> sparse (N, T, C), dense (N, C, h, w). ``text``: (N, text_embed_dim) CLIP embeddings
         (one text token per row). ``tokens``: (coords (N, T, 2), labels (N, T)[, text (N, D)])
-        already laid out by `prompt_tokens` (then points, boxes and text must be None)."""
+        already laid out by `prompt_tokens` (then points, boxes and text must be None).
+        ``has_mask`` (N,) bool with ``masks``: only these rows' mask input counts, the others get
+        the no-mask embedding (the release's ONNX decoder's ``has_mask_input``, per row)."""
         if tokens is not None and (points is not None or boxes is not None or text is not None):
             raise ValueError("PromptEncoder: pass tokens= or points/boxes/text, not both")
         tokens = tokens if tokens is not None else prompt_tokens(points, boxes, text)
@@ -176,11 +179,13 @@ class PromptEncoder(nn.Module):
             sparse = weight.new_zeros(n, 0, self.embed_dim)
         else:
             sparse = self.embed_tokens(*tokens)
-        if masks is not None:
-            dense = self._embed_masks(masks)
-        else:
-            h, w = self.image_embedding_size
-            dense = weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
+        h, w = self.image_embedding_size
+        no_mask = weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
+        if masks is None:
+            return sparse, no_mask
+        dense = self._embed_masks(masks)
+        if has_mask is not None:
+            dense = torch.where(has_mask[:, None, None, None], dense, no_mask.to(dense.dtype))
         return sparse, dense
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -68,7 +69,13 @@ class SamModule(pl.LightningModule):
     interrupted and resumed before it (no RNG state needs to travel in checkpoints);
     validation reseeds from (seed, "val") so its numbers are comparable across a run.
     nonfinite: a NonFiniteGuard (nonfinite.py; on when None): a step with a non-finite loss or
-    gradient norm is skipped on every rank and counted, a few in a row stop the run."""
+    gradient norm is skipped on every rank and counted, a few in a row stop the run.
+    trainable: regular expressions over the model's parameter names (``re.match``, e.g.
+    ``mask_decoder\\.hf_``); when given, only the parameters they match train, every other one
+    is frozen, and a part left with nothing to train counts as frozen (eval mode; a frozen image
+    encoder runs under no_grad). HQ-SAM (experiment=hq_sam) trains its HQ parts only this way.
+    An HQ-SAM model (model.hq_token) gets the encoder's early features with every embedding; the
+    embedding cache does not store them (refused)."""
 
     def __init__(
         self,
@@ -86,6 +93,7 @@ class SamModule(pl.LightningModule):
         seed: int = 0,
         embedding_cache: Optional[EmbeddingCache] = None,
         nonfinite: Optional[NonFiniteGuard] = None,
+        trainable: Optional[Sequence[str]] = None,
     ):
         super().__init__()
         self.model = model
@@ -105,6 +113,8 @@ class SamModule(pl.LightningModule):
         for part, frozen in self.freeze.items():
             if frozen:
                 getattr(self.model, part).requires_grad_(False)
+        if trainable is not None:
+            self._train_only(list(trainable))
         if all(self.freeze.values()):
             raise ValueError("module.freeze_*: all three parts frozen, nothing to train")
         self.val_protocol = ClickProtocol(clicks=tuple(val_clicks))
@@ -136,6 +146,29 @@ class SamModule(pl.LightningModule):
                 )
             if sharding is not None:
                 raise ValueError("module.embedding_cache.enabled=true is not supported with FSDP (module.sharding)")
+            if getattr(model, "hq", False):
+                raise ValueError(
+                    "module.embedding_cache.enabled=true with an HQ-SAM model (model.hq_token): the cache "
+                    "does not store the encoder's early features the HQ token reads"
+                )
+
+    def _train_only(self, patterns: list) -> None:
+        """module.trainable: freeze every parameter no pattern matches; a part with none left counts as frozen."""
+        try:
+            regexes = [re.compile(p) for p in patterns]
+        except re.error as e:
+            raise ValueError(f"module.trainable: {patterns!r} is not a list of regular expressions ({e})") from e
+        matched = set()
+        for name, param in self.model.named_parameters():
+            hit = [r.pattern for r in regexes if r.match(name)]
+            matched.update(hit)
+            param.requires_grad_(bool(hit) and param.requires_grad)
+        unmatched = [p for p in patterns if p not in matched]
+        if unmatched:
+            raise ValueError(f"module.trainable: {unmatched} match no parameter of the model (e.g. 'mask_decoder.hf_')")
+        for part in self.freeze:
+            if not any(p.requires_grad for p in getattr(self.model, part).parameters()):
+                self.freeze[part] = True
 
     def setup(self, stage: str) -> None:
         """With the embedding cache: refuse image-changing augmentations of the datamodule."""
@@ -165,15 +198,25 @@ class SamModule(pl.LightningModule):
                 getattr(self.model, part).eval()
         return self
 
-    def embed(self, images: torch.Tensor, keys=None) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, keys=None):
         """(B, 3, S, S) normalised -> (B, 256, S/16, S/16), once per image per step; with the
-        embedding cache on and the images' keys (the batch's image_id) given, from the cache."""
+        embedding cache on and the images' keys (the batch's image_id) given, from the cache.
+        An HQ-SAM model: the pair (embedding, early block features (B, embed_dim, S/16, S/16))."""
         if self.embedding_cache is not None and keys is not None:
             return self.embedding_cache.embed(self.model.image_encoder, images, keys)
+        encode = self.model.image_encoder.forward_interm if self.hq else self.model.image_encoder
         if self.freeze["image_encoder"]:
             with torch.no_grad():
-                return self.model.image_encoder(images)
-        return self.model.image_encoder(images)
+                return encode(images)
+        return encode(images)
+
+    @property
+    def hq(self) -> bool:
+        return bool(getattr(self.model, "hq", False))
+
+    def _split(self, embedded):
+        """embed()'s output -> (embedding, early features or None)."""
+        return embedded if self.hq else (embedded, None)
 
     def _global_count(self, n: torch.Tensor) -> torch.Tensor:
         n = n.detach().float()
@@ -190,8 +233,8 @@ class SamModule(pl.LightningModule):
     # ---------------------------------------------------------------- steps
     def training_step(self, batch: dict, batch_idx: int):
         B = batch["image"].shape[0]
-        emb = self.embed(batch["image"], batch.get("image_id"))
-        out = simulate(self.model, emb, batch, self.prompting, self.loss_fn)
+        emb, interm = self._split(self.embed(batch["image"], batch.get("image_id")))
+        out = simulate(self.model, emb, batch, self.prompting, self.loss_fn, interm=interm)
         world = self.trainer.world_size if self.trainer is not None else 1
         n_global = self._global_count(out["n_valid"]).clamp(min=1)
         # DDP/FSDP average gradients over ranks: x world makes it sum / global valid masks
@@ -253,14 +296,14 @@ class SamModule(pl.LightningModule):
         B = batch["image"].shape[0]
         # cache keys apart from training's: a split may reuse another split's keys for other images
         keys = None if batch.get("image_id") is None else [f"val/{k}" for k in batch["image_id"]]
-        emb = self.embed(batch["image"], keys)
-        out = simulate(self.model, emb, batch, self.prompting, self.loss_fn)
+        emb, interm = self._split(self.embed(batch["image"], keys))
+        out = simulate(self.model, emb, batch, self.prompting, self.loss_fn, interm=interm)
         self._add_rounds("val", out)
         for seen, kind in zip(self._val_kinds, out["schedule"]):
             seen.add(kind)
         n = out["n_valid"].float().clamp(min=1)
         logs = {"val/loss": out["loss"] / n, "val/iou_last": out["round_iou"][-1] / n}
-        ev = interactive_eval(self.model, batch, self.val_protocol, embeddings=emb)
+        ev = interactive_eval(self.model, batch, self.val_protocol, embeddings=emb, interm=interm)
         for k, v in ev["iou"].items():
             if ev["count"] > 0:
                 logs[f"val/miou@{k}"] = float(np.mean(v))

@@ -15,6 +15,11 @@ Per mask, ``num_rounds`` predictions (11 by default):
   mask rounds  no new point; only the previous logits as the mask prompt. One at a random
                position among the point rounds, one last.
 
+HQ-SAM's prompts (Ke et al. 2023, its train/train.py; ``experiment=hq_sam``): round 0 is a box,
+``init_points`` = 10 positive points uniform in the mask, or the GT mask with noise on its
+boundary region as the only prompt (``p_mask``), one third each; ``hq_output`` says which output
+of an HQ-SAM model the loss sees.
+
 From round 1 on, the previous round's unthresholded low-res logits (of the mask with the
 highest predicted IoU) are the mask prompt.
 
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from segany.modeling.constants import NEG, PAD, POS, TEXT
@@ -76,6 +82,12 @@ class PromptConfig:
     # "interior": uniform over the inner half of the larger error region (RITM); see error_points
     click_max_dist: int = 32  # "interior": distances are counted up to this many pixels (the loop's bound)
     later_round_weight: float = 1.0  # loss weight of each round after round 0 (1: every round alike, as SAM 2 sums)
+    init_points: int = 1  # round 0 point rows: this many positive points, uniform in the mask without replacement
+    # (1: the paper; HQ-SAM: 10); with more than 1 the point rows are not ambiguous (no multimask)
+    p_mask: float = 0.0  # round 0: share of the rows prompted by the noisy GT mask alone (HQ-SAM: 1/3), before p_box
+    mask_prompt_value: float = 255.0  # the mask prompt's foreground value (HQ-SAM feeds its 0/255 masks as logits)
+    hq_output: str = "hq"  # HQ-SAM models: the output the loss sees and that is fed back: "hq" (the HQ token's
+    # mask alone, HQ-SAM's training) | "sum" (SAM's + HQ's, the release predictor's default output)
 
     def __post_init__(self):
         def bad(key, why):
@@ -103,6 +115,12 @@ class PromptConfig:
             bad("later_round_weight", "must be >= 0")
         if self.click_max_dist < 1:
             bad("click_max_dist", "must be >= 1")
+        if self.init_points < 1:
+            bad("init_points", "must be >= 1")
+        if not 0.0 <= self.p_mask <= 1.0:
+            bad("p_mask", "a probability in [0, 1]")
+        if self.hq_output not in ("hq", "sum"):
+            bad("hq_output", "'hq' (the HQ token's mask, HQ-SAM's training) or 'sum' (SAM's + HQ's)")
 
     @property
     def num_rounds(self) -> int:
@@ -140,6 +158,29 @@ def sample_uniform(region: Tensor, generator: Optional[torch.Generator] = None):
     flat = u.view(R, H * W).argmax(dim=1)  # (R,)
     found = region.view(R, H * W).any(dim=1)
     return torch.stack((flat // W, flat % W), dim=1), found
+
+
+def sample_uniform_k(region: Tensor, k: int, generator: Optional[torch.Generator] = None):
+    """k distinct pixels uniformly at random from each row's region (without replacement: the
+    k largest of uniform noise restricted to it). region (R, H, W) bool -> yx (R, k, 2) long,
+    found (R, k) bool (False for the draws a region smaller than k cannot give; found ones first)."""
+    R, H, W = region.shape
+    u = torch.rand(region.shape, device=region.device, generator=generator)
+    u = u.masked_fill_(~region, -1.0)
+    val, flat = u.view(R, H * W).topk(k, dim=1)  # (R, k)
+    return torch.stack((flat // W, flat % W), dim=2), val >= 0
+
+
+def noisy_mask_prompt(masks: Tensor, size: int, value: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """HQ-SAM's mask prompt (its train/utils/misc.py ``masks_noise``): the GT at the decoder's mask
+    input size, with N(0, 1) noise added in its "incoherent" region (where the mask differs from
+    itself downsampled 8x and upsampled back, i.e. near its boundary), thresholded at 0.5.
+    masks (R, S, S) bool -> (R, 1, size, size) float in {0, value} (HQ-SAM: 0 / 255, fed as logits)."""
+    m = F.interpolate(masks[:, None].float(), (size, size), mode="bilinear", align_corners=False)  # (R, 1, s, s)
+    small = F.interpolate(m, (size // 8, size // 8), mode="bilinear", align_corners=False)
+    incoherent = (m - F.interpolate(small, (size, size), mode="bilinear", align_corners=False)).abs() >= 0.01
+    noise = torch.randn(m.shape, device=m.device, generator=generator)
+    return ((m + noise * incoherent) > 0.5).float() * value
 
 
 def pixel_to_input(yx: Tensor, res: int, img_size: int) -> Tensor:
@@ -181,14 +222,16 @@ class Prompts:
     """The prompts of R rows so far: round 0's point (point rows) or box (box rows), then the
     corrective clicks. ``tokens()`` lays them out as the predictor would send them."""
 
-    point: Tensor  # (R, 1, 2) round-0 point, (x, y) input frame (unused in box rows)
-    point_label: Tensor  # (R, 1) POS, or PAD in invalid rows
+    point: Tensor  # (R, k, 2) round-0 points (k = init_points), (x, y) input frame (unused in box rows)
+    point_label: Tensor  # (R, k) POS, PAD for the draws a small mask cannot give, all PAD in invalid rows
     box: Tensor  # (R, 4) noisy GT box xyxy (unused in point rows)
     is_box: Tensor  # (R,) bool
     clicks: Tensor  # (R, k, 2) corrective clicks
     click_labels: Tensor  # (R, k) POS / NEG, PAD in invalid rows
     text: Optional[Tensor] = None  # (R, D) CLIP embeddings (None: no text prompt at all)
     is_text: Optional[Tensor] = None  # (R,) bool: round 0 is the text token (a point row otherwise)
+    is_mask: Optional[Tensor] = None  # (R,) bool: round 0 is the noisy GT mask alone (a point row of PAD tokens)
+    mask: Optional[Tensor] = None  # (R, 1, 4h, 4w) that mask prompt (noisy_mask_prompt)
 
     def add(self, coords: Tensor, labels: Tensor) -> None:
         """Append one click per row: coords (R, 1, 2), labels (R, 1)."""
@@ -200,6 +243,12 @@ class Prompts:
         """Round 0 and no click yet: an ambiguous prompt in the point rows (multimask)."""
         return self.clicks.shape[1] == 0
 
+    @property
+    def ambiguous(self) -> Tensor:
+        """(R,) bool: the rows whose round-0 prompt is a single point (answered with 3 masks)."""
+        out = ~self.is_box if self.point.shape[1] == 1 else torch.zeros_like(self.is_box)
+        return out if self.is_mask is None else out & ~self.is_mask
+
     def tokens(self) -> tuple:
         """-> coords (R, k + 2, 2), labels (R, k + 2) [, text (R, D)]: point rows [p, c1..ck, PAD],
         box rows [c1..ck, TL, BR], text rows [T, c1..ck, PAD]
@@ -207,6 +256,9 @@ class Prompts:
         clicks = (self.clicks, self.click_labels)
         pts = prompt_tokens((torch.cat((self.point, clicks[0]), 1), torch.cat((self.point_label, clicks[1]), 1)), None)
         box = prompt_tokens(clicks if self.clicks.shape[1] else None, self.box)
+        if box[0].shape[1] < pts[0].shape[1]:  # k > 1 round-0 points: box rows padded to the point rows' length
+            extra = pts[0].shape[1] - box[0].shape[1]
+            box = (F.pad(box[0], (0, 0, 0, extra)), F.pad(box[1], (0, extra), value=PAD))
         coords = torch.where(self.is_box[:, None, None], box[0], pts[0])
         labels = torch.where(self.is_box[:, None], box[1], pts[1])
         if self.text is not None:
@@ -214,6 +266,8 @@ class Prompts:
             coords = torch.where(self.is_text[:, None, None], txt[0], coords)
             labels = torch.where(self.is_text[:, None], txt[1], labels)
         invalid = self.point_label[:, 0] == PAD
+        if self.is_mask is not None:  # mask rows have PAD points but are valid
+            invalid = invalid & ~self.is_mask
         labels = labels.masked_fill(invalid[:, None], PAD)
         if self.text is None or not bool((labels == TEXT).any()):
             return coords, labels
@@ -239,18 +293,32 @@ def initial_prompts(
     R, S, _ = masks.shape
     dev = masks.device
     is_box = torch.rand(R, device=dev, generator=generator) < cfg.p_box
-    yx, found = sample_uniform(masks, generator)
-    point = pixel_to_input(yx, S, S)[:, None]  # (R, 1, 2)
+    if cfg.init_points == 1:
+        yx, found = sample_uniform(masks, generator)
+        yx, found = yx[:, None], found[:, None]  # (R, 1, 2), (R, 1)
+    else:
+        yx, found = sample_uniform_k(masks, cfg.init_points, generator)  # (R, k, 2), (R, k)
+    point = pixel_to_input(yx.flatten(0, 1), S, S).view(R, -1, 2)  # (R, k, 2)
     box = noisy_boxes(boxes.float(), cfg.box_noise_frac, cfg.box_noise_max, size_hw, cfg.box_noise, generator)
-    is_text = None
+    is_text = is_mask = mask = None
     if text is not None and cfg.p_text > 0:
         is_text = (torch.rand(R, device=dev, generator=generator) < cfg.p_text) & has_text
         is_box = is_box & ~is_text
     else:
         text = None
-    ok = valid & (is_box | found | (is_text if is_text is not None else False))
-    label = torch.full((R, 1), POS, device=dev, dtype=torch.long).masked_fill(~ok[:, None], PAD)
-    return Prompts(point, label, box, is_box, point.new_zeros(R, 0, 2), label.new_zeros(R, 0), text, is_text)
+    if cfg.p_mask > 0:  # drawn first: the other rows split into boxes and points by p_box
+        is_mask = (torch.rand(R, device=dev, generator=generator) < cfg.p_mask) & valid
+        if is_text is not None:
+            is_mask = is_mask & ~is_text
+        is_box = is_box & ~is_mask
+        mask = noisy_mask_prompt(masks, S // 4, cfg.mask_prompt_value, generator)
+    ok = valid & (is_box | found[:, 0] | (is_text if is_text is not None else False))
+    label = torch.full(found.shape, POS, device=dev, dtype=torch.long)
+    label = label.masked_fill(~ok[:, None] | ~(found | is_box[:, None]), PAD)
+    if is_mask is not None:
+        label = label.masked_fill(is_mask[:, None], PAD)  # the mask alone: no point tokens
+    clicks = (point.new_zeros(R, 0, 2), label.new_zeros(R, 0))
+    return Prompts(point, label, box, is_box, *clicks, text, is_text, is_mask, mask)
 
 
 def chessboard_distance(region: Tensor, max_dist: int) -> Tensor:

@@ -63,7 +63,8 @@ class Unit:
     text (R, D) CLIP embeddings of its TEXT tokens or None; mask_in (R, 1, 4h, 4w) or None;
     target (R, H, W) bool at the loss resolution; region (B, H, W) bool where the loss counts
     (None: everywhere); valid (R,); multi_rows (R,) bool, the rows answered with the 3 multimask
-    tokens (None: every row single-mask)."""
+    tokens (None: every row single-mask). An HQ-SAM model answers every row with one mask
+    (``hq_output``; HQ-SAM trains single-mask)."""
 
     img: Tensor
     coords: Tensor
@@ -74,25 +75,33 @@ class Unit:
     region: Optional[Tensor]
     valid: Tensor
     multi_rows: Optional[Tensor]
+    has_mask: Optional[Tensor] = None  # (R,) bool: the rows whose mask_in counts (None: all, when given)
+    hq_output: str = "hq"  # HQ-SAM models: "hq" (the HQ token's mask) | "sum" (SAM's token 0 + HQ's)
 
 
-def _unit(model, loss_fn: SamLoss, emb: Tensor, pe: Tensor, u: Unit):
+def _unit(model, loss_fn: SamLoss, emb: Tensor, pe: Tensor, u: Unit, hq_feat: Optional[Tensor] = None):
     """One round for one chunk of rows (the checkpointed function).
 
     emb (B, C, h, w) (channels-last: the decoder's image tokens are then contiguous rows, as is
     the dense prompt embedding; ``emb[u.img]`` keeps the layout) and pe (1, C, h, w) are arguments
     of their own: torch.utils.checkpoint finds the device (its random state, for dropout in
     the recomputation, and its autocast) from the tensors among its arguments, not inside `u`.
+    hq_feat (B, C/8, 4h, 4w): an HQ-SAM model's per-image HQ features (MaskDecoderHQ.hq_features).
     Returns loss sum (scalar), fed-back logits (R, 1, 4h, 4w), binary prediction at the
     loss resolution (R, H, W), its IoU with the target (R,), per-row loss (R,).
     """
     tokens = (u.coords, u.labels) if u.text is None else (u.coords, u.labels, u.text)
-    sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=u.mask_in, tokens=tokens)
+    rows_with_mask = {} if u.has_mask is None else {"has_mask": u.has_mask}  # HQ-SAM's mask-prompt rows
+    sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=u.mask_in, tokens=tokens, **rows_with_mask)
     # each row's own image embedding, gathered inside the unit (recomputed, not stored, with
     # checkpoint_rounds: (R, C, h, w) is 64x an image's embedding)
-    masks, iou = model.mask_decoder.predict_masks(emb[u.img], pe, sparse, dense)
-    # masks (R, 4, 4h, 4w), iou (R, 4)
-    if u.multi_rows is None:
+    hq = {} if hq_feat is None else {"hq_features": hq_feat[u.img]}
+    masks, iou = model.mask_decoder.predict_masks(emb[u.img], pe, sparse, dense, **hq)
+    # masks (R, 4, 4h, 4w), iou (R, 4); HQ-SAM: masks (R, 5, ...), the HQ token's last
+    if hq_feat is not None:  # one mask per row; the IoU is SAM's token 0's (HQ-SAM trains no IoU head)
+        hq_mask = masks[:, 4:5]
+        cand, cand_iou = (hq_mask if u.hq_output == "hq" else masks[:, :1] + hq_mask), iou[:, :1]
+    elif u.multi_rows is None:
         cand, cand_iou = masks[:, :1], iou[:, :1]  # (R, 1, ...)
     else:  # multimask rows: tokens 1..3; single rows: token 0 three times (same min)
         idx = torch.where(
@@ -126,8 +135,10 @@ def simulate(
     loss_fn: SamLoss,
     generator: Optional[torch.Generator] = None,
     schedule: Optional[list] = None,
+    interm: Optional[Tensor] = None,
 ) -> dict:
-    """Run all rounds on a batch. embeddings (B, 256, h, w) from the image encoder.
+    """Run all rounds on a batch. embeddings (B, 256, h, w) from the image encoder; an HQ-SAM
+    model also needs interm (B, embed_dim, h, w), its early-block features (encode_image(.., True)).
 
     Returns {"loss": sum over rounds (after round 0 times cfg.later_round_weight) and valid masks
     (scalar, the caller normalises),
@@ -142,6 +153,11 @@ def simulate(
     size_hw = batch["input_size"].to(masks.device)  # (B, 2)
     pe = model.prompt_encoder.get_dense_pe()
     emb_cl = embeddings.contiguous(memory_format=torch.channels_last)  # (B, C, h, w), see _unit
+    hq_feat = None
+    if getattr(model, "hq", False):  # per image, once per step: (B, C/8, 4h, 4w)
+        if interm is None:
+            raise ValueError("an HQ-SAM model (model.hq_token) needs its encoder's early features: simulate(interm=)")
+        hq_feat = model.mask_decoder.hq_features(embeddings, interm)
     # the rows to decode: valid pairs only (all rows if none is valid, so that every rank
     # still runs the decoder and its gradient hooks fire; those rows add zero loss)
     rows = valid.reshape(-1).nonzero().squeeze(1)  # (R,) flat b*N + n
@@ -178,8 +194,8 @@ def simulate(
             text,
             has_text,
         )
-        multi = (~prompts.is_box) if cfg.multimask else None
-        mask_in, pred = None, None
+        multi = prompts.ambiguous if cfg.multimask and hq_feat is None else None
+        mask_in, pred, has_mask = prompts.mask, None, prompts.is_mask  # round 0: HQ-SAM's noisy mask rows
         for t, kind in enumerate(schedule):
             if kind == POINT:
                 where = None if region is None else region.index_select(0, img)
@@ -196,16 +212,20 @@ def simulate(
                 region=region,
                 valid=v,
                 multi_rows=multi if ambiguous else None,
+                has_mask=has_mask,
+                hq_output=cfg.hq_output,
             )
             if cfg.checkpoint_rounds and torch.is_grad_enabled():
-                loss, fb, pred, iou, row_loss = checkpoint(_unit, model, loss_fn, emb_cl, pe, unit, use_reentrant=False)
+                loss, fb, pred, iou, row_loss = checkpoint(
+                    _unit, model, loss_fn, emb_cl, pe, unit, hq_feat, use_reentrant=False
+                )
             else:
-                loss, fb, pred, iou, row_loss = _unit(model, loss_fn, emb_cl, pe, unit)
+                loss, fb, pred, iou, row_loss = _unit(model, loss_fn, emb_cl, pe, unit, hq_feat)
             total = total + (loss if t == 0 else cfg.later_round_weight * loss)
             round_loss[t] += row_loss.sum()
             round_iou[t] += torch.where(v, iou, 0.0).sum()
             if cfg.feed_back_mask:
-                mask_in = fb.detach() if cfg.detach_feedback else fb
+                mask_in, has_mask = (fb.detach() if cfg.detach_feedback else fb), None
     return {
         "loss": total,
         "round_loss": round_loss,
