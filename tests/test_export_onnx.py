@@ -236,10 +236,15 @@ def test_onnx_predictor_errors(exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_fp16_single_mask(exported, tmp_path):
-    """The full export as shipped (graph optimisation on), fp16 weights and the release's single mask."""
+def test_cli_fp16_single_mask(exported, tmp_path, monkeypatch):
+    """The full export as shipped (graph optimisation on), fp16 weights and the release's single mask,
+    the weights in external data files (as a model over 2 GB has them)."""
+    monkeypatch.setattr(om, "EXTERNAL_DATA_BYTES", 1000)
     out = tmp_path / "sam_fp16"
     assert main([str(exported["ckpt"]), str(out), "--format", "onnx", "--fp16", "--return-single-mask"]) == 0
+    names = ["decoder.onnx", "decoder.onnx.data", "encoder.onnx", "encoder.onnx.data"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert (out / "encoder.onnx").stat().st_size < 2**20  # the graph only
     ox = OnnxPredictor(out)
     image = _scene()
     ox.set_image(image)

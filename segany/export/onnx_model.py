@@ -350,6 +350,11 @@ def _reference_single(ref: SamPredictor, prompt: dict):
 
 
 # ----------------------------------------------------------------------------- the export
+def _written(d: Path) -> List[Path]:
+    """The files of an export in `d`: the two models and their external weights."""
+    return [d / n for f in (ENCODER_FILE, DECODER_FILE) for n in (f, f + ".data") if (d / n).is_file()]
+
+
 def check_model(sam: nn.Module) -> None:
     """What the ONNX graphs cover: the release's decoder and encoder (no HQ-SAM)."""
     if type(sam.mask_decoder) is not MaskDecoder or getattr(sam.image_encoder, "interm_index", None) is not None:
@@ -391,7 +396,7 @@ def export_onnx(
             try:
                 report = check_onnx(sam, tmp, images, atol=atol, min_iou=min_iou, fp16=fp16)
             except OnnxCheckError as e:  # an earlier export's files would pass for this one's
-                stale = [f for f in out.iterdir() if f.name.startswith((ENCODER_FILE, DECODER_FILE))]
+                stale = _written(out)
                 for f in stale:
                     f.unlink()
                 removed = f" (removed the earlier {', '.join(f.name for f in stale)})" if stale else ""
@@ -399,6 +404,9 @@ def export_onnx(
             report.check_s = time.perf_counter() - t0
             log.info("ONNX check passed (%s weights): %s", "fp16" if fp16 else "fp32", report.summary())
         report.out_dir, report.export_s = str(out), export_s
+        for f in _written(out):  # e.g. an earlier export's external weights that this one has not
+            if not (tmp / f.name).exists():
+                f.unlink()
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
             report.files[f.name] = (out / f.name).stat().st_size
