@@ -3,10 +3,11 @@
 ``export_onnx(model, OUT)`` writes the directory OUT with
 
     encoder.onnx  image (1, 3, h, w) float32 RGB on the 0-255 scale, already resized by
-                  ResizeLongestSide (max(h, w) = img_size; h, w dynamic) -> image_embeddings
-                  (1, 256, S/16, S/16). Normalisation and zero padding are in the graph.
+                  ResizeLongestSide (max(h, w) = S = img_size; h, w dynamic) -> image_embeddings
+                  (1, C, S/16, S/16), C = prompt_embed_dim (256 in the release). Normalisation
+                  and zero padding are in the graph.
     decoder.onnx  the release's SamOnnxModel interface (segment_anything/utils/onnx.py):
-                  image_embeddings (1, 256, S/16, S/16), point_coords (1, P, 2) float32 xy in the
+                  image_embeddings (1, C, S/16, S/16), point_coords (1, P, 2) float32 xy in the
                   resized frame, point_labels (1, P) float32 (-1 pad, 0 neg, 1 pos, 2/3 box
                   corners; P dynamic), mask_input (1, 1, S/4, S/4), has_mask_input (1,),
                   orig_im_size (2,) float32 (H, W) -> masks (1, K, H, W) logits, iou_predictions
@@ -16,17 +17,18 @@
 
 Each file carries its architecture in its metadata (``segany.*`` keys: img_size, mask threshold,
 return_single_mask, weights dtype), which ``segany.inference.OnnxPredictor`` reads. Torch's ONNX
-exporter (``torch.onnx.export(dynamo=True)``), opset ``OPSET``. ``fp16=True`` stores the weight
+exporter (``torch.onnx.export(dynamo=True)``), opset 18 (``OPSET``). ``fp16=True`` stores the weight
 tensors (those of ``FP16_MIN_NUMEL`` values or more) as float16, each followed by a Cast to float32:
 half the file, computed in float32 on every execution provider. The text token (segany's CLIP
-prompt) and HQ-SAM are not exported.
+prompt) and HQ-SAM are not exported. A model of over EXTERNAL_DATA_BYTES keeps its weights in
+``<file>.data`` beside the file (protobuf's 2 GB limit).
 
 Every export is checked unless ``check=False`` (`check_onnx`): onnxruntime (CPU) against the
 PyTorch ``SamPredictor`` on a few images (``check_images``; a synthetic scene without) and prompts
 (1 point, 3 points, a box, a box + a point + a mask input; multimask and single-mask outputs).
 Past ``TOLERANCES`` (max |delta| of the embedding, the mask logits and IoU predictions; the
 smallest IoU of the thresholded masks) it raises `OnnxCheckError` and nothing is left in OUT:
-the files are written to a temporary directory beside OUT and moved in only once checked.
+the files are written to a temporary directory in OUT and moved into place only once checked.
 """
 
 from __future__ import annotations
