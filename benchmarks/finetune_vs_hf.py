@@ -45,6 +45,10 @@ without warm-up) runs under ``torch.profiler`` with ``profile_memory``: the peak
 of its CPU allocation events (tensor bytes from torch's CPU allocator above the step's start, not
 the process RSS; blocks allocated before the step and freed in it are not subtracted, an
 overcount of at most those, e.g. the previous step's gradients).
+
+Time: wall seconds per step (synchronised on CUDA), median over the timed steps, and on the CPU also
+the process CPU time per step (``time.process_time``): with ``--threads 1`` the step's own compute,
+steadier than the wall time where other processes share the cores.
 """
 
 from __future__ import annotations
@@ -178,18 +182,18 @@ class SeganyArm:
 
 
 def timed(arm, seed: int, device) -> tuple:
-    """(seconds, CUDA bytes the step added at its peak or None, loss) of one step."""
+    """(wall seconds, process CPU seconds, CUDA bytes the step added at its peak or None, loss) of one step."""
     base = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = arm.step(seed)
     sync(device)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = None if base is None else torch.cuda.max_memory_allocated(device) - base
-    return dt, peak, loss
+    return dt, cpu, peak, loss
 
 
 def cpu_peak(arm, seed: int) -> int:
@@ -262,6 +266,7 @@ def main(argv=None):
         del sam
         profiled = device.type == "cpu" and not args.memory_off
         times = {a.label: [] for a in arms}
+        cpus = {a.label: [] for a in arms}
         peaks = {a.label: [] for a in arms}
         losses = {a.label: [] for a in arms}
         for r in range(args.warmup + args.rounds):
@@ -270,10 +275,11 @@ def main(argv=None):
                 if profiled and r == args.warmup - 1:  # the last warm-up step, under the profiler
                     peaks[a.label].append(cpu_peak(a, 1 + r))
                     continue
-                dt, peak, loss = timed(a, 1 + r, device)
+                dt, cpu, peak, loss = timed(a, 1 + r, device)
                 losses[a.label].append(loss)
                 if r >= args.warmup:
                     times[a.label].append(dt)
+                    cpus[a.label].append(cpu)
                     if peak is not None:
                         peaks[a.label].append(peak)
         if profiled and args.warmup == 0:  # an extra step
@@ -291,11 +297,17 @@ def main(argv=None):
     print(f"  {'arm':28s} {'s/step':>8s} {'steps/s':>8s} {'vs hf':>6s}  {mem if any(peaks.values()) else ''}")
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = med[arms[0].label]
+    cmed = {k: statistics.median(v) for k, v in cpus.items()}
     for a in arms:
         k = a.label
         pk = f"{max(peaks[k]) / MB:9.0f}" if peaks[k] else ""
         each = ", ".join(f"{t:.2f}" for t in times[k])
         print(f"  {k:28s} {med[k]:8.2f} {1 / med[k]:8.3f} {ref / med[k]:5.2f}x  {pk}   (steps: {each} s)")
+    if device.type == "cpu":  # with --threads 1: the step's compute, without the time other processes had the core
+        print("  process CPU time per step (median; vs hf):")
+        for k, v in cmed.items():
+            each = ", ".join(f"{t:.2f}" for t in cpus[k])
+            print(f"  {k:28s} {v:8.2f} s {cmed[arms[0].label] / v:5.2f}x   (steps: {each} s)")
     print("  losses (first, last step): " + "; ".join(f"{k} {v[0]:.3f} -> {v[-1]:.3f}" for k, v in losses.items()))
 
 
