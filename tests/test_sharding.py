@@ -208,7 +208,10 @@ def test_strategy_configs_compose_and_instantiate(monkeypatch):
     assert s._data_parallel_size == 256 and s._tensor_parallel_size == 1 and s._save_distributed_checkpoint
     cfg = instantiate(fsdp.module.sharding)
     assert isinstance(cfg, ShardingConfig)
-    assert cfg.param_dtype == "bf16" and cfg.reduce_dtype == "float32" and cfg.activation_checkpointing
+    # precision=auto (the recipe's): bf16 where this machine has bf16 units, fp32 parameters otherwise
+    expected = "bf16" if str(fsdp.trainer.precision).startswith("bf16") else None
+    assert cfg.param_dtype == expected and cfg.reduce_dtype == "float32" and cfg.activation_checkpointing
+    assert instantiate(compose("experiment=vit_h_sa1b", "precision=bf16").module.sharding).param_dtype == "bf16"
     assert fsdp.trainer.max_steps == 90000  # the experiment is untouched
     s = instantiate(ddp.trainer.strategy)
     assert isinstance(s, DDPStrategy) and ddp.module.sharding is None
