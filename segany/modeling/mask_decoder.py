@@ -158,16 +158,14 @@ class MaskDecoder(nn.Module):
 
 def subpixel_logits(x: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Upscaled rows x (N, 16hw, C/8) (MaskDecoder.upscaled_rows) . hyper_in (N, K, C/8) -> (N, K, 4h, 4w)."""
-    n, k = x.shape[0], hyper_in.shape[1]
-    logits = x @ hyper_in.transpose(1, 2)  # (N, hw*16, K)
-    logits = logits.view(n, h, w, 2, 2, 2, 2, k)  # (N, i, j, a, b, a2, b2, K)
-    return logits.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, k, 4 * h, 4 * w)
+    return rows_to_image(x @ hyper_in.transpose(1, 2), h, w)  # (N, hw*16, K) -> (N, K, 4h, 4w)
 
 
 def rows_to_image(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Upscaled rows (N, 16hw, D) (MaskDecoder.upscaled_rows) -> the image (N, D, 4h, 4w) they hold."""
     n, d = x.shape[0], x.shape[-1]
-    return x.view(n, h, w, 2, 2, 2, 2, d).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, d, 4 * h, 4 * w)
+    x = x.view(n, h, w, 2, 2, 2, 2, d)  # (N, i, j, a, b, a2, b2, D): pixel (4i+2a+a2, 4j+2b+b2)
+    return x.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(n, d, 4 * h, 4 * w)
 
 
 def scatter_rows(masks: torch.Tensor, rows: Optional[torch.Tensor], n: int) -> torch.Tensor:
