@@ -3,10 +3,9 @@ over ranks, and the mean over datasets (the paper averages its 23 datasets this 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from segany.evaluation.protocol import AREA_BINS, ClickProtocol, interactive_eval, original_areas, summarize
+from segany.evaluation.protocol import ClickProtocol, interactive_eval, original_areas, summarize
 from segany.evaluation.registry import EvalTask, register
 from segany.evaluation.report import Plot
 from segany.utils.cli import RENAMED
@@ -49,27 +48,10 @@ def points_part(
     return dict(out, references=per_mask) if per_mask else out
 
 
-def fine_summary(per_mask: dict, area=None) -> dict:
-    """Concatenated per-mask {"biou": {k: [...]}, "spurious": {k: [...]}} -> mbiou@k (mean
-    boundary IoU) and spurious@k (mean number of spurious components per mask), and with areas
-    the same per COCO area bin (protocol.AREA_BINS): mbiou@k_small, spurious@k_small, ..."""
-    out = {}
-    bins = {"": None}
-    if area is not None:
-        a = np.asarray(area, float)
-        bins.update({f"_{name}": (a >= lo) & (a < hi) for name, (lo, hi) in AREA_BINS.items()})
-    for suffix, sel in bins.items():
-        for key, name in (("biou", "mbiou"), ("spurious", "spurious")):
-            for k, v in per_mask[key].items():
-                v = np.asarray(v, float) if sel is None else np.asarray(v, float)[sel]
-                out[f"{name}@{k}{suffix}"] = float(v.mean()) if v.size else float("nan")
-    return out
-
-
 def points_merge(parts: list) -> dict:
     """Rank parts of one dataset -> {miou@k, miou_oracle@k, num_masks, num_images}, and per
     area bin (miou@k_small, ..., num_masks_small, ...) when the parts carry areas, and
-    fine_summary's mbiou@k, spurious@k (per bin too) when they carry "biou"; the parts'
+    mbiou@k, spurious@k (per bin too) when they carry "biou" (protocol.summarize); the parts'
     references (points_part) the same under "references": {name: metrics}."""
     keys = list(parts[0]["iou"])
     names = ("iou", "iou_oracle") + (("biou", "spurious") if all("biou" in p for p in parts) else ())
@@ -77,8 +59,6 @@ def points_merge(parts: list) -> dict:
     if all("area" in p for p in parts):
         merged["area"] = [a for p in parts for a in p["area"]]
     out = summarize(merged)
-    if "biou" in merged:
-        out.update(fine_summary(merged, merged.get("area")))
     out["num_images"] = int(sum(p["num_images"] for p in parts))
     refs = {
         n: points_merge([{**p["references"][n], **{k: p[k] for k in ("area", "num_images") if k in p}} for p in parts])

@@ -194,21 +194,23 @@ def _mean(v) -> float:
     return float(np.mean(v)) if len(v) else float("nan")
 
 
+# per-mask list (interactive_eval's keys) -> the metric of its mean
+METRICS = {"iou": "miou", "iou_oracle": "miou_oracle", "biou": "mbiou", "spurious": "spurious"}
+
+
 def summarize(per_mask: dict) -> dict:
-    """Concatenated per-mask lists {"iou": {k: [...]}, "iou_oracle": ..., optionally "area":
-    [...]} -> metrics: miou@k, miou_oracle@k, num_masks, and with areas the same per COCO
-    area bin (AREA_BINS): miou@k_small, miou_oracle@k_small, num_masks_small, ..."""
-    out = {}
-    for k, v in per_mask["iou"].items():
-        out[f"miou@{k}"] = _mean(v)
-        out[f"miou_oracle@{k}"] = _mean(per_mask["iou_oracle"][k]) if v else float("nan")
+    """Concatenated per-mask lists {"iou": {k: [...]}, "iou_oracle": ..., optionally "biou",
+    "spurious" and "area": [...]} -> metrics: miou@k, miou_oracle@k (mbiou@k, spurious@k: the
+    means, METRICS), num_masks, and with areas the same per COCO area bin (AREA_BINS):
+    miou@k_small, miou_oracle@k_small, num_masks_small, ..."""
+    lists = {name: per_mask[key] for key, name in METRICS.items() if key in per_mask}  # name -> {k: [...]}
+    out = {f"{name}@{k}": _mean(v) for name, per_k in lists.items() for k, v in per_k.items()}
     out["num_masks"] = len(next(iter(per_mask["iou"].values()), []))
     if "area" in per_mask:
         area = np.asarray(per_mask["area"], float)
-        for name, (lo, hi) in AREA_BINS.items():
+        for bin_name, (lo, hi) in AREA_BINS.items():
             sel = (area >= lo) & (area < hi)
-            for k, v in per_mask["iou"].items():
-                out[f"miou@{k}_{name}"] = _mean(np.asarray(v, float)[sel])
-                out[f"miou_oracle@{k}_{name}"] = _mean(np.asarray(per_mask["iou_oracle"][k], float)[sel])
-            out[f"num_masks_{name}"] = int(sel.sum())
+            for name, per_k in lists.items():
+                out.update({f"{name}@{k}_{bin_name}": _mean(np.asarray(v, float)[sel]) for k, v in per_k.items()})
+            out[f"num_masks_{bin_name}"] = int(sel.sum())
     return out
