@@ -53,16 +53,20 @@ def write_official(
 ) -> Dict[str, torch.Tensor]:
     """segany-named SAM weights -> `path` in the release format, and `architecture(config)`
     beside it as `<name>.json` (none when config is None); returns what was written."""
-    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    official = to_official(sd)
-    atomic_torch_save(official, path)
-    if config is not None:
-        atomic_write_json(sidecar_path(path), architecture(config), indent=1)
-    return official
+    return _write_release_named(state_dict, path, config, atomic_torch_save)
 
 
 def _fp32(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+
+
+def _write_release_named(state_dict, path: str, config: Optional[SamConfig], save) -> Dict[str, torch.Tensor]:
+    """fp32 release-named weights saved to `path` by `save(tensors, path)`, the architecture beside them."""
+    official = to_official(_fp32(state_dict))
+    save(official, path)
+    if config is not None:
+        atomic_write_json(sidecar_path(path), architecture(config), indent=1)
+    return official
 
 
 def _save_safetensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
@@ -76,11 +80,7 @@ def write_safetensors(
     state_dict: Dict[str, torch.Tensor], path: str, config: Optional[SamConfig]
 ) -> Dict[str, torch.Tensor]:
     """As `write_official`, in safetensors: release names, fp32, `<name>.json` beside it."""
-    official = to_official(_fp32(state_dict))
-    _save_safetensors(official, path)
-    if config is not None:
-        atomic_write_json(sidecar_path(path), architecture(config), indent=1)
-    return official
+    return _write_release_named(state_dict, path, config, _save_safetensors)
 
 
 def write_hf(state_dict: Dict[str, torch.Tensor], out_dir: str, config: SamConfig) -> Dict[str, torch.Tensor]:
