@@ -4,5 +4,6 @@ its paper uses, giving SAM's (B, 256, 64, 64) embedding at the release's input s
 released checkpoint layout to timm's key names and back (`from_release` / `to_release`) and reads the
 architecture from a released state dict's shapes (`release_args`). They are not yet wired into build_sam.
 
+    tiny_vit.py      MobileSAM (Zhang et al. 2023): TinyViT-5M, its last downsampling at stride 1
     efficientvit.py  EfficientViT-SAM (Zhang et al. 2024): EfficientViT-L with its SamNeck
 """
