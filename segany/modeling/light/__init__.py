@@ -5,5 +5,6 @@ released checkpoint layout to timm's key names and back (`from_release` / `to_re
 architecture from a released state dict's shapes (`release_args`). They are not yet wired into build_sam.
 
     tiny_vit.py      MobileSAM (Zhang et al. 2023): TinyViT-5M, its last downsampling at stride 1
+    rep_vit.py       EdgeSAM (Zhou et al. 2023): RepViT-M1, its stride-16 and stride-32 features fused
     efficientvit.py  EfficientViT-SAM (Zhang et al. 2024): EfficientViT-L with its SamNeck
 """
