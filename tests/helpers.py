@@ -51,3 +51,30 @@ def write_run_checkpoint(run_dir: Path, seed: int = 0) -> Path:
         path,
     )
     return path
+
+
+@torch.no_grad()
+def randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Every parameter and every state-carrying buffer random (BatchNorm running stats included), for the
+    light-encoder parity tests; TinyViT's attention-bias index buffers (derived from the window) are kept."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if name.endswith("running_var"):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        elif name.endswith("num_batches_tracked"):
+            t.fill_(int(torch.randint(1, 1000, (), generator=g)))
+        elif name.endswith("attention_bias_idxs") or name.endswith(".ab"):
+            continue  # derived from the window size
+        elif name.endswith("attention_biases"):
+            t.copy_(torch.randn(t.shape, generator=g))
+        elif t.ndim == 1 and name.endswith("weight"):  # BatchNorm / LayerNorm scale
+            t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
+        elif t.ndim == 1:  # biases, running means
+            t.copy_(0.2 * torch.randn(t.shape, generator=g))
+        else:  # conv / linear weights, fan-in scaled
+            t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
+
+
+def image(img_size: int, batch: int = 2) -> torch.Tensor:
+    """A seeded (batch, 3, img_size, img_size) normal image."""
+    return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))

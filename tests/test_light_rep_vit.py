@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from helpers import image, randomise
 
 from segany.modeling.light.rep_vit import (
     RELEASE_ANCHOR,
@@ -13,23 +14,6 @@ from segany.modeling.light.rep_vit import (
     to_release,
 )
 from tests.reference.edge_sam_rep_vit import RepViT
-
-
-@torch.no_grad()
-def randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter and every state-carrying buffer random (BatchNorm running stats included)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if name.endswith("running_var"):
-            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-        elif name.endswith("num_batches_tracked"):
-            t.fill_(int(torch.randint(1, 1000, (), generator=g)))
-        elif t.ndim == 1 and name.endswith("weight"):  # BatchNorm / LayerNorm scale
-            t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
-        elif t.ndim == 1:  # biases, running means
-            t.copy_(0.2 * torch.randn(t.shape, generator=g))
-        else:  # conv weights, fan-in scaled
-            t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
 
 
 def reference(img_size: int, arch: str = "m1", seed: int = 0) -> RepViT:
@@ -43,10 +27,6 @@ def converted(ref: RepViT, img_size: int) -> RepViTEncoder:
     enc = RepViTEncoder(img_size=img_size, **release_args(sd))
     enc.load_state_dict(from_release(sd), strict=True)
     return enc.eval()
-
-
-def image(img_size: int, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
 
 
 @torch.no_grad()
